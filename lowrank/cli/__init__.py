@@ -1,0 +1,90 @@
+"""The `lowrank` command: parses flags, sets up logging, and turns UserError into one line.
+
+Each subcommand lives in its own module under lowrank/cli/ with two functions:
+``register(subparsers)`` adds its parser and ``run(args) -> int`` does the work.
+Modules are imported lazily so `lowrank --help` stays fast and a missing optional
+dependency of one command does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from lowrank.errors import UserError
+
+# subcommand name -> (module, one-line help). Order is the pipeline's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("lowrank.cli.pipeline", "run the whole pipeline (SFT -> reward -> PPO -> merge -> export) on a model and data"),
+    "sft": ("lowrank.cli.sft", "supervised fine-tuning of a LoRA adapter"),
+    "reward": ("lowrank.cli.reward", "train a reward model (LoRA + score head) on preference pairs"),
+    "score": ("lowrank.cli.score", "print reward scores of prompt/response pairs"),
+    "ppo": ("lowrank.cli.ppo", "optimise the SFT policy against the reward model with PPO"),
+    "merge": ("lowrank.cli.merge", "merge adapters into the base and write a Hugging Face dir"),
+    "export": ("lowrank.cli.export", "write GGUF files for llama.cpp"),
+    "verify": ("lowrank.cli.verify", "check a GGUF file against the Hugging Face model it came from"),
+    "chat": ("lowrank.cli.chat", "chat in the terminal with a GGUF file or an adapter"),
+    "app": ("lowrank.cli.app", "a Gradio chat page over GGUF files and adapters"),
+}
+
+
+def _load(name: str):
+    module_name, _ = COMMANDS[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None  # command not built yet
+        raise
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
+        module = _load(name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.register(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Only build the parser of the command asked for: importing torch for every
+    # subcommand would make `lowrank chat --help` take seconds.
+    only = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"lowrank {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowrank {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Typed configs filled from a YAML recipe and/or command-line flags (flags win).
+
+Each stage defines one dataclass (SFTConfig, RewardConfig, PPOConfig, ...). Its
+fields become flags automatically: ``learning_rate: float = 2e-4`` gives
+``--learning-rate``; the comment written in ``field(metadata={"help": ...})`` is
+the flag's help. A field of type bool gets ``--name/--no-name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from lowrank.errors import UserError
+
+T = TypeVar("T")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(tp: Any) -> Any:
+    """The Python type a flag's string is parsed into (Optional[X] -> X)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else str
+    if origin in (list, tuple):
+        return list
+    return tp if tp in (int, float, str, bool) else str
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls`` plus ``--config FILE.yaml``.
+
+    Defaults are left as None so that we can tell which flags were given and let
+    them override the YAML file.
+    """
+    parser.add_argument("--config", type=Path, default=None, help="YAML recipe; flags override its values")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp = _scalar_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and default != "":
+            help_text = f"{help_text} (default: {default})"
+        if tp is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif tp is list:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text + " (comma-separated)",
+                                type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=None, help=help_text,
+                                metavar=f.name.upper())
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of field: value at the top level")
+    return data
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrides: Any) -> T:
+    """Fill ``cls`` from ``args.config`` (YAML), then flags given on the command line, then ``overrides``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    source = "config"
+    if args is not None and getattr(args, "config", None):
+        source = str(args.config)
+        data = load_yaml(args.config)
+        for key, value in data.items():
+            key = key.replace("-", "_")
+            if key not in names:
+                raise UserError(f"{source}: unknown field '{key}' for {cls.__name__}")
+            values[key] = value
+    if args is not None:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None:
+                values[name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    for name, value in list(values.items()):
+        tp = _scalar_type(hints[name])
+        try:
+            if tp is list and isinstance(value, str):
+                values[name] = [x.strip() for x in value.split(",") if x.strip()]
+            elif tp in (int, float) and not isinstance(value, bool) and value is not None:
+                values[name] = tp(value)
+            elif tp is bool and not isinstance(value, bool):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: field '{name}' must be {tp.__name__}, got {value!r}") from None
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a config (paths as strings) for lowrank.json and checkpoints."""
+    out = {}
+    for k, v in dataclasses.asdict(config).items():
+        out[k] = str(v) if isinstance(v, Path) else v
+    return out

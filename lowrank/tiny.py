@@ -1,0 +1,211 @@
+"""The embedded default model: a tiny LLaMA-architecture model with a real tokenizer, built offline.
+
+Nothing is downloaded. The tokenizer is trained here on lowrank/assets/corpus.txt:
+- ``"spm"``: a SentencePiece BPE model in the LLaMA-1/2 style (``<unk>``=0, ``<s>``=1,
+  ``</s>``=2, byte fallback, digits split, no text normalisation), loaded as
+  transformers' LlamaTokenizer, with no chat template (like a LLaMA-2 base).
+- ``"bpe"``: a byte-level BPE in the LLaMA-3 style (the LLaMA-3 pre-tokenizer regex,
+  ``<|begin_of_text|>`` added in front, ``<|eot_id|>`` ends a turn) with the built-in
+  ``llama3`` chat template.
+Weights are random (normal, std 0.02) from a seed, so a given set of arguments always
+gives the same files. `--model tiny` and `--model tiny-bpe` resolve here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+CORPUS = ASSETS / "corpus.txt"
+BUILDER_VERSION = 1  # bump when the output of build_tiny_model changes
+
+# The pre-tokenizer regex of LLaMA 3 (Meta's tiktoken pattern), as published in its tokenizer.json.
+LLAMA3_PRETOKENIZER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+# `--model NAME` aliases: the shape of the embedded default.
+NAMED_MODELS = {
+    "tiny": dict(tokenizer="spm", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2),
+    "tiny-bpe": dict(tokenizer="bpe", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2),
+}
+
+
+def _train_spm(out_dir: Path, vocab_size: int) -> Path:
+    import sentencepiece as spm
+
+    prefix = out_dir / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        input=str(CORPUS),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        character_coverage=0.9995,
+        num_threads=1,  # deterministic
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+def _spm_tokenizer(work: Path, vocab_size: int):
+    from transformers import LlamaTokenizer
+
+    model_file = _train_spm(work, vocab_size)
+    # transformers 5 converts a SentencePiece model to a fast tokenizer only in from_pretrained.
+    (work / "src").mkdir()
+    shutil.copy(model_file, work / "src" / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(work / "src"), legacy=False, add_bos_token=True, add_eos_token=False)
+    if len(tok) < vocab_size:
+        # transformers 5 silently falls back to a 3-token vocabulary without protobuf.
+        raise RuntimeError(f"SentencePiece tokenizer has {len(tok)} tokens, expected {vocab_size}: is protobuf installed?")
+    return tok, model_file
+
+
+def _bpe_tokenizer(vocab_size: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PRETOKENIZER_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(LLAMA3_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(CORPUS)], trainer)
+    # LLaMA 3 keeps its special tokens after the learned vocabulary.
+    tok.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token="<|eot_id|>",
+        chat_template=BUILTIN_TEMPLATES["llama3"],
+        model_max_length=8192,
+    )
+
+
+def _config(arch: str, vocab_size: int, tokenizer, **shape):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        max_position_embeddings=shape["max_position_embeddings"],
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=shape["tie_word_embeddings"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.02,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0)
+    if arch == "mistral":
+        return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
+    raise ValueError(f"tiny models come in llama, mistral and qwen2, not {arch!r}")
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str = "spm",
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
+    vocab_size: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Hugging Face model dir (config, fp32 safetensors, tokenizer) and return its path."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        if tokenizer == "spm":
+            tok, model_file = _spm_tokenizer(Path(work), vocab_size)
+        elif tokenizer == "bpe":
+            tok, model_file = _bpe_tokenizer(vocab_size), None
+        else:
+            raise ValueError(f"tokenizer must be 'spm' or 'bpe', not {tokenizer!r}")
+        tok.model_max_length = max_position_embeddings
+        tok.save_pretrained(out_dir)
+        if model_file is not None:
+            # Keep the SentencePiece model itself: GGUF export reads scores and piece types from it.
+            shutil.copy(model_file, out_dir / "tokenizer.model")
+    config = _config(
+        arch, len(tok), tok,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * ((8 * hidden_size // 3 + 3) // 4),
+        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=True,
+                     temperature=0.7, top_p=0.9).save_pretrained(out_dir)
+    return out_dir
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWRANK_CACHE") or Path.home() / ".cache" / "lowrank")
+
+
+def tiny_model_path(**kwargs) -> Path:
+    """Build a tiny model once per set of arguments into the cache and return its dir."""
+    from filelock import FileLock
+
+    key_src = json.dumps({"v": BUILDER_VERSION, "corpus": hashlib.sha256(CORPUS.read_bytes()).hexdigest(), **kwargs},
+                         sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    root = cache_dir() / "tiny"
+    final = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{key}.lock")):
+        if not (final / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+            build_tiny_model(tmp, **kwargs)
+            tmp.rename(final)
+    return final
+
+
+def resolve_model_name(name: str) -> str:
+    """Map the embedded names ("tiny", "tiny-bpe") to a built dir; anything else passes through."""
+    if name in NAMED_MODELS:
+        return str(tiny_model_path(**NAMED_MODELS[name]))
+    return name

@@ -1,0 +1,59 @@
+"""The embedded default model: offline, deterministic, with real tokenizers."""
+
+import hashlib
+
+import pytest
+from transformers import AutoConfig, AutoTokenizer
+
+from lowrank.tiny import build_tiny_model, resolve_model_name
+
+
+def _digest(path):
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_spm_tokenizer_has_full_vocabulary_and_llama_specials(tiny_spm):
+    tok = AutoTokenizer.from_pretrained(tiny_spm)
+    # Without protobuf transformers 5 silently builds a 3-token vocabulary.
+    assert len(tok) == 1000
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert (tiny_spm / "tokenizer.model").exists()
+    ids = tok("Hello world").input_ids
+    assert ids[0] == 1 and len(ids) > 2
+
+
+@pytest.mark.parametrize("fixture", ["tiny_spm", "tiny_bpe"])
+def test_tokenizers_round_trip_any_text(fixture, request):
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
+    text = "Größe 你好 🙂\n\n\t  def f(x):\n    return x  # 12345"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text
+
+
+def test_bpe_tokenizer_is_llama3_style(tiny_bpe):
+    tok = AutoTokenizer.from_pretrained(tiny_bpe)
+    assert len(tok) == 1000
+    assert tok.bos_token == "<|begin_of_text|>" and tok.eos_token == "<|eot_id|>"
+    assert tok("hi").input_ids[0] == tok.bos_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_build_is_deterministic(tmp_path):
+    a = build_tiny_model(tmp_path / "a", hidden_size=32, num_layers=1, seed=3)
+    b = build_tiny_model(tmp_path / "b", hidden_size=32, num_layers=1, seed=3)
+    c = build_tiny_model(tmp_path / "c", hidden_size=32, num_layers=1, seed=4)
+    assert _digest(a) == _digest(b) != _digest(c)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_architectures(tiny_model_factory, arch):
+    cfg = AutoConfig.from_pretrained(tiny_model_factory(arch=arch, tie_word_embeddings=True))
+    assert cfg.model_type == arch and cfg.tie_word_embeddings
+
+
+def test_named_models_resolve_to_built_dirs():
+    path = resolve_model_name("tiny")
+    assert AutoConfig.from_pretrained(path).hidden_size == 128
+    assert resolve_model_name("some/hub-id") == "some/hub-id"
