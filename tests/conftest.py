@@ -14,12 +14,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n 2` each worker has one of the two cores: no oversubscription.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _lowrank_cache(tmp_path_factory):
     """Tiny models built by `--model tiny` go to a cache shared by the session (and its subprocesses)."""
-    cache = os.environ.get("LOWRANK_TEST_CACHE") or str(tmp_path_factory.mktemp("lowrank-cache"))
+    # Workers of pytest-xdist share one cache (builds are file-locked): the parent of their base temps.
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_path_factory.getbasetemp()
+    cache = os.environ.get("LOWRANK_TEST_CACHE") or str(shared / "lowrank-cache")
     os.environ["LOWRANK_CACHE"] = cache
     os.environ["HF_DATASETS_CACHE"] = str(Path(cache) / "datasets")
     yield cache
