@@ -1,0 +1,217 @@
+"""Peak memory of PPO with swapped adapters on one base vs. four separately loaded models, and vs. SFT.
+
+Run: python bench/ppo_memory.py [--hidden 1536 --layers 16 --steps 2 --device cpu|cuda --quant none|nf4]
+
+Each setup runs in its own child process on the same random LLaMA-shaped base (written once to a
+temp dir), so peaks do not mix: peak RSS (ru_maxrss) on CPU, torch.cuda.max_memory_allocated on
+a GPU. The setups:
+- sft:   the base + one trainable LoRA, a few training steps on prompt+response sequences;
+- swap:  lowrank's PPO (lowrank.roles + lowrank.ppo): one base, four adapters, a few PPO steps;
+- four:  the same PPO algorithm with policy, reference, reward and value each a separate
+         base + adapter (what a four-model RLHF setup holds in memory).
+The last line printed is the ratio four / swap. Targets: swap <= 1.5x sft, four >= 2.5x swap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+PROMPT_LEN, BATCH = 32, 4
+
+
+def build_base(out: Path, hidden: int, layers: int, vocab: int) -> None:
+    """A random LLaMA-shaped model (fp32 safetensors; bf16 when built on a GPU) with the tiny spm tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lowrank.tiny import tiny_model_path
+
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                         vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if torch.cuda.is_available():  # build on the GPU in bf16: much faster for a 1B shape
+        with torch.device("cuda"):
+            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+        torch.cuda.empty_cache()
+    else:
+        LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_path(tokenizer="spm")).save_pretrained(out)
+
+
+def build_adapters(base_dir: Path, out: Path) -> tuple[Path, Path]:
+    """An SFT adapter and a reward adapter (LoRA + score head) for the base, r=16."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lowrank.models import lora_config
+    from lowrank.reward import add_score_head, reward_lora_config
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    get_peft_model(base, lora_config(r=16, alpha=32, dropout=0.0)).save_pretrained(out / "sft")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    add_score_head(base)
+    get_peft_model(base, reward_lora_config(base, r=16, alpha=32, dropout=0.0)).save_pretrained(out / "reward")
+    (out / "reward" / "lowrank.json").write_text(json.dumps({"stage": "reward"}))
+    return out / "sft", out / "reward"
+
+
+def _peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _prompts(vocab_limit: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [[1] + torch.randint(3, vocab_limit, (PROMPT_LEN - 1,), generator=generator).tolist() for _ in range(BATCH)]
+
+
+def child(mode: str, base_dir: Path, sft_dir: Path, reward_dir: Path, steps: int, new_tokens: int,
+          quant: str, device: str) -> dict:
+    from peft import PeftModel
+
+    from lowrank import ppo
+    from lowrank.models import load_base_model
+
+    torch.manual_seed(0)
+    config = ppo.PPOConfig(max_new_tokens=new_tokens, rollout_batch_size=BATCH, minibatch_size=BATCH // 2,
+                           ppo_epochs=2, learning_rate=1e-5)
+    prompts = _prompts(1000)
+
+    def load():
+        return load_base_model(str(base_dir), quant, gradient_checkpointing=True, device=device)
+
+    start = time.perf_counter()
+    if mode == "sft":
+        model = PeftModel.from_pretrained(load(), str(sft_dir), is_trainable=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        model.train()
+        ids = torch.tensor([p + p[1: new_tokens + 1] for p in prompts], device=device)  # prompt + "response"
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    elif mode == "swap":
+        from lowrank.roles import POLICY, VALUE, build_roles, trainable_parameters
+
+        model = build_roles(load(), reward_adapter=reward_dir, sft_adapter=sft_dir)
+        groups = trainable_parameters(model)
+        params = groups[POLICY] + groups[VALUE]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+        controller = ppo.make_kl_controller(config)
+        for _ in range(steps):
+            rollout = ppo.collect_rollout(model, prompts, config, [2], 0, device)
+            ppo.ppo_step(model, optimizer, params, rollout, controller, config, torch.Generator().manual_seed(0))
+    elif mode == "four":
+        from lowrank.reward import load_reward_adapter
+        four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, load_reward_adapter)
+    else:
+        raise ValueError(mode)
+    return {"mode": mode, "peak_bytes": _peak_bytes(device), "seconds": time.perf_counter() - start}
+
+
+def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, load_reward_adapter) -> None:
+    """The same PPO step as lowrank.ppo, but each role its own model (the setup adapter swapping avoids)."""
+    from peft import PeftModel
+
+    from lowrank import ppo, rl
+    from lowrank.reward import score_sequences
+
+    policy = PeftModel.from_pretrained(load(), str(sft_dir), is_trainable=True)
+    reference = PeftModel.from_pretrained(load(), str(sft_dir)).eval()
+    reward = load_reward_adapter(load(), reward_dir).eval()
+    value = load_reward_adapter(load(), reward_dir, adapter_name="default", trainable=True)
+    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    queries = torch.tensor(prompts, device=device)
+    query_mask = torch.ones_like(queries)
+    for _ in range(steps):
+        with torch.no_grad():
+            policy.eval()
+            generated = policy.generate(input_ids=queries, attention_mask=query_mask, do_sample=True,
+                                        max_new_tokens=config.max_new_tokens, eos_token_id=[2], pad_token_id=0)
+            responses = generated[:, queries.shape[1]:]
+            mask = ppo.response_mask(responses, [2])
+            ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+            length = responses.shape[1]
+            old, _ = ppo.response_logprobs(policy, ids, attention, length)
+            ref, _ = ppo.response_logprobs(reference, ids, attention, length)
+            values = ppo.response_values(value, ids, attention, length)
+            scores = score_sequences(reward, ids, attention)
+        rollout = ppo.Rollout(queries, query_mask, responses, mask, old, ref, values, scores)
+        rewards, _ = ppo.token_rewards(rollout, config.init_kl_coef, config)
+        advantages, returns = rl.compute_gae(rewards, values, mask, config.gamma, config.lam)
+        advantages = rl.masked_whiten(advantages, mask)
+        policy.train()
+        value.train()
+        for _ in range(config.ppo_epochs):
+            for start in range(0, BATCH, config.minibatch_size):
+                rows = slice(start, start + config.minibatch_size)
+                logprobs, _ = ppo.response_logprobs(policy, ids[rows], attention[rows], length)
+                loss, _ = rl.ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows])
+                new_values = ppo.response_values(value, ids[rows], attention[rows], length)
+                value_loss, _ = rl.ppo_value_loss(new_values, values[rows], returns[rows], mask[rows])
+                (loss + config.vf_coef * value_loss).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--quant", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        work = Path(args.work)
+        result = child(args.child, work / "base", work / "sft", work / "reward", args.steps, args.new_tokens,
+                       args.quant, args.device)
+        print("RESULT " + json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build_base(work / "base", args.hidden, args.layers, args.vocab)
+        build_adapters(work / "base", work)
+        n_params = 0
+        for f in (work / "base").glob("*.safetensors"):
+            with safe_open(str(f), "pt") as handle:
+                n_params += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+        print(f"base: LLaMA-shaped, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+              f"{n_params / 1e6:.0f}M params, quant {args.quant}, device {args.device}")
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}")
+        peaks = {}
+        for mode in ("sft", "swap", "four"):
+            command = [sys.executable, __file__, "--child", mode, "--work", str(work), "--steps", str(args.steps),
+                       "--new-tokens", str(args.new_tokens), "--quant", args.quant, "--device", args.device]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            peaks[mode] = result["peak_bytes"]
+            print(f"{mode:5s} peak {result['peak_bytes'] / 2**30:6.2f} GiB  ({result['seconds']:.0f} s)")
+        print(f"swap / sft = {peaks['swap'] / peaks['sft']:.2f}x (target <= 1.5)")
+        print(f"four / swap = {peaks['four'] / peaks['swap']:.2f}x (target >= 2.5)")
+
+
+if __name__ == "__main__":
+    main()

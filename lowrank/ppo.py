@@ -1,0 +1,429 @@
+"""PPO of the SFT policy against the reward model, on one base with swapped adapters (InstructGPT step 3).
+
+One step of ``train_ppo``, written out (Ziegler et al. 2019; Ouyang et al. 2022):
+
+1. rollouts: sample ``rollout_batch_size`` prompts, render them with the SFT adapter's chat
+   template (add_generation_prompt) and sample responses with the policy (temperature, top-p),
+   stopping at EOS / the template's end-of-turn token;
+2. with no gradient: log-probs of the sampled tokens under the policy (``old_logprobs``) and the
+   reference, per-token values (value role) and the score (reward role, read at the last token);
+3. per-token rewards = -kl_coef * KL(policy || reference) on every response token, plus the score
+   on the last response token; GAE gives advantages and returns; advantages are whitened;
+4. ``ppo_epochs`` passes over shuffled minibatches: clipped policy surrogate under the policy
+   role, clipped value loss under the value role, one optimizer step with gradient clipping;
+5. the KL controller moves kl_coef toward ``target_kl``; metrics and a few samples are logged.
+
+The roles are adapters on one base (lowrank/roles.py); the math is in lowrank/rl.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowrank import rl
+from lowrank.errors import UserError
+from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig:
+    """Every knob of `lowrank ppo`; defaults follow TRL's PPO and the InstructGPT paper where they fit a small run."""
+
+    model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT/reward)"})
+    sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: initial policy and the reference"})
+    reward_adapter: str = field(default="", metadata={"help": "reward adapter dir from `lowrank reward`"})
+    prompts: str = field(default="", metadata={"help": "prompts file (JSON/JSONL) or dataset name"})
+    output_dir: str = field(default="", metadata={"help": "where the policy adapter is written"})
+    quant: str = field(default="none", metadata={"help": "base weights: nf4, int8 or none"})
+    # sampling
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts (1: off)"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling of rollouts (0: off)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "response length limit"})
+    # KL penalty
+    init_kl_coef: float = field(default=0.05, metadata={"help": "initial KL penalty coefficient (beta)"})
+    adaptive_kl: bool = field(default=True, metadata={"help": "steer beta toward target_kl (Ziegler et al.)"})
+    target_kl: float = field(default=6.0, metadata={"help": "target KL per response, nats (adaptive controller)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller, samples"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward: k1 or k3"})
+    # advantages
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages per rollout batch"})
+    score_clip: float = field(default=0.0, metadata={"help": "clip reward-model scores to +-this (0: off)"})
+    # optimisation
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip epsilon"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    rollout_batch_size: int = field(default=16, metadata={"help": "prompts sampled per PPO step"})
+    minibatch_size: int = field(default=4, metadata={"help": "rollouts per optimizer step"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (policy and value)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    steps: int = field(default=100, metadata={"help": "PPO steps (rollout batches)"})
+    lora_r: int = field(default=16, metadata={"help": "rank of a fresh policy LoRA when no SFT adapter is given"})
+    lora_alpha: int = field(default=32, metadata={"help": "alpha of a fresh policy LoRA"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "seed of sampling, prompt order and init"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps for --resume (0: off)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in output_dir"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
+    log_samples: int = field(default=2, metadata={"help": "sample responses logged per step"})
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes of the roles (each must run inside use_role of its role)
+# --------------------------------------------------------------------------------------------
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Count real tokens only, as generate() does for left-padded prompts.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, input_ids, attention_mask, response_len: int, *, with_entropy: bool = False,
+                      temperature: float = 1.0):
+    """Log-probs (batch, response_len) of the response tokens (the last ``response_len`` columns), and entropy.
+
+    Logits are divided by the sampling ``temperature`` so that the log-probs are those of the
+    distribution the rollouts were actually sampled from (on-policy ratios).
+
+    The token at column t is predicted by the logits at t - 1, so the logits of the last
+    response_len + 1 positions are kept (``logits_to_keep`` spares the (batch, seq, vocab) tensor
+    of the prompt) and the final one dropped.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+                   logits_to_keep=response_len + 1).logits[:, :-1]  # (batch, response_len, vocab)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = rl.logprobs_from_logits(logits, input_ids[:, -response_len:])
+    entropy = rl.entropy_from_logits(logits.detach()) if with_entropy else None
+    return logprobs, entropy
+
+
+def response_values(model, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+    """Values (batch, response_len): the value head on the state *before* each response token."""
+    base = model.get_base_model()
+    decoder = getattr(base, base.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=_position_ids(attention_mask)).last_hidden_state
+    hidden = hidden[:, -response_len - 1:-1]  # (batch, response_len, hidden)
+    head_dtype = next(base.score.parameters()).dtype
+    return base.score(hidden.to(head_dtype)).squeeze(-1).float()
+
+
+def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row (or to the end when none), else 0."""
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
+    stopped_before = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # a stop token strictly earlier
+    return (~stopped_before).long()
+
+
+def score_responses(model, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model scores (batch,) of query + response, read at the last response token (reward role)."""
+    from lowrank.reward import score_sequences
+
+    with torch.no_grad(), use_role(model, REWARD):
+        return score_sequences(model, torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1))
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: left-padded queries (batch, P), right-padded responses (batch, R) and what PPO needs."""
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    reference_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+
+    def sequences(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.queries[rows], self.responses[rows]], 1),
+                torch.cat([self.query_mask[rows], self.mask[rows]], 1))
+
+
+@torch.no_grad()
+def collect_rollout(model, prompt_ids: list[list[int]], config: PPOConfig, stop_ids: list[int],
+                    pad_id: int, device) -> Rollout:
+    """Sample responses with the policy and evaluate them under every role (no gradients)."""
+    width = max(len(p) for p in prompt_ids)
+    queries = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    query_mask = torch.zeros_like(queries)
+    for row, ids in enumerate(prompt_ids):  # left padding: every response starts in the same column
+        queries[row, width - len(ids):] = torch.tensor(ids)
+        query_mask[row, width - len(ids):] = 1
+    queries, query_mask = queries.to(device), query_mask.to(device)
+    model.eval()
+    with use_role(model, POLICY):
+        generated = model.generate(input_ids=queries, attention_mask=query_mask, do_sample=True,
+                                   # top_k 0 = off: None would fall back to the model's generation_config (often 50)
+                                   temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                                   max_new_tokens=config.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                                   use_cache=True)  # the base may have use_cache off for checkpointing
+    responses = generated[:, width:]
+    mask = response_mask(responses, stop_ids)
+    responses = responses.masked_fill(mask == 0, pad_id)
+    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+    length = responses.shape[1]
+    with use_role(model, POLICY):
+        old_logprobs, _ = response_logprobs(model, input_ids, attention_mask, length, temperature=config.temperature)
+    with use_role(model, REFERENCE):
+        reference_logprobs, _ = response_logprobs(model, input_ids, attention_mask, length,
+                                                  temperature=config.temperature)
+    with use_role(model, VALUE):
+        values = response_values(model, input_ids, attention_mask, length)
+    scores = score_responses(model, queries, query_mask, responses, mask)
+    return Rollout(queries, query_mask, responses, mask, old_logprobs, reference_logprobs, values, scores)
+
+
+def token_rewards(rollout: Rollout, kl_coef: float, config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, kl) per token: -kl_coef * KL everywhere, plus the score on the last response token."""
+    kl = rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, config.kl_estimator) * rollout.mask
+    scores = rollout.scores.clamp(-config.score_clip, config.score_clip) if config.score_clip > 0 else rollout.scores
+    rewards = -kl_coef * kl
+    last = rollout.mask.sum(1).clamp(min=1) - 1  # index of the last response token of each row
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards, kl
+
+
+def ppo_update(model, optimizer, parameters, rollout: Rollout, advantages, returns, config: PPOConfig,
+               generator: torch.Generator) -> dict:
+    """``ppo_epochs`` passes of clipped policy and value losses over shuffled minibatches; mean stats."""
+    model.train()
+    stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "value_clip_fraction": [], "entropy": [],
+             "approx_kl": []}
+    batch, length = rollout.responses.shape
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(batch, generator=generator)
+        for start in range(0, batch, config.minibatch_size):
+            rows = order[start: start + config.minibatch_size].to(rollout.mask.device)
+            input_ids, attention_mask = rollout.sequences(rows)
+            mask = rollout.mask[rows]
+            optimizer.zero_grad(set_to_none=True)
+            # Each loss is backpropagated inside its own role: with gradient checkpointing the
+            # forward pass is recomputed during backward, under whatever adapter is active then.
+            with use_role(model, POLICY):
+                logprobs, entropy = response_logprobs(model, input_ids, attention_mask, length, with_entropy=True,
+                                                      temperature=config.temperature)
+                policy_loss, clip_fraction = rl.ppo_policy_loss(logprobs, rollout.old_logprobs[rows],
+                                                                advantages[rows], mask, config.cliprange)
+                policy_loss.backward()
+            with use_role(model, VALUE):
+                values = response_values(model, input_ids, attention_mask, length)
+                value_loss, value_clip = rl.ppo_value_loss(values, rollout.values[rows], returns[rows], mask,
+                                                           config.cliprange_value)
+                (config.vf_coef * value_loss).backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            stats["policy_loss"].append(policy_loss.item())
+            stats["value_loss"].append(value_loss.item())
+            stats["clip_fraction"].append(clip_fraction.item())
+            stats["value_clip_fraction"].append(value_clip.item())
+            stats["entropy"].append(rl.masked_mean(entropy, mask).item())
+            stats["approx_kl"].append(rl.masked_mean(0.5 * (logprobs.detach() - rollout.old_logprobs[rows]) ** 2,
+                                                     mask).item())
+    model.eval()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, config: PPOConfig,
+             generator: torch.Generator) -> dict:
+    """Rewards, GAE, whitening and the PPO update for one rollout batch; the step's metrics."""
+    rewards, kl = token_rewards(rollout, kl_controller.value, config)
+    advantages, returns = rl.compute_gae(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
+    if config.whiten_advantages and rollout.mask.sum() > 1:
+        advantages = rl.masked_whiten(advantages, rollout.mask)
+    update = ppo_update(model, optimizer, parameters, rollout, advantages, returns, config, generator)
+    mean_kl = kl.sum(1).mean().item()  # KL of a whole response, nats
+    record = {
+        "score": rollout.scores.mean().item(),
+        "kl": mean_kl,
+        "kl_coef": kl_controller.value,
+        "response_length": rollout.mask.sum(1).float().mean().item(),
+        **update,
+    }
+    kl_controller.update(mean_kl, len(rollout.scores))
+    return record
+
+
+def make_kl_controller(config: PPOConfig):
+    if config.adaptive_kl:
+        return rl.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+    return rl.FixedKLController(config.init_kl_coef)
+
+
+def _stop_ids(tokenizer, template_name: str) -> list[int]:
+    """Token ids that end a response: EOS and the template's end-of-turn token when it is one token."""
+    from lowrank.templates import end_of_turn
+
+    ids = {tokenizer.eos_token_id}
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn(template_name, tokenizer))
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    return sorted(i for i in ids if i is not None)
+
+
+def _load_inputs(config: PPOConfig):
+    """Check every input before anything is loaded or written.
+
+    Returns (model path, tokenizer, (template name, jinja), prompt token ids, SFT lowrank.json or None).
+    """
+    from lowrank.data import load_prompts
+    from lowrank.models import load_tokenizer
+    from lowrank.reward import check_adapter_base
+    from lowrank.templates import render, resolve_template
+    from lowrank.tiny import resolve_model_name
+
+    for name in ("reward_adapter", "prompts", "output_dir"):
+        if not getattr(config, name):
+            raise UserError(f"no {name.replace('_', ' ')}: give --{name.replace('_', '-')}")
+    if config.minibatch_size < 1 or config.rollout_batch_size < config.minibatch_size:
+        raise UserError("--minibatch-size must be at least 1 and at most --rollout-batch-size")
+    sft_meta = None
+    if config.sft_adapter:
+        if not Path(config.sft_adapter).is_dir():
+            raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
+                            "`lowrank sft` (or leave --sft-adapter out to start from the base)")
+        sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft")
+    if not Path(config.reward_adapter).is_dir():
+        raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
+                        "of `lowrank reward`")
+    reward_meta = check_adapter_base(config.reward_adapter, config.model, stage="reward")
+    model_path = resolve_model_name(config.model)
+    tokenizer = load_tokenizer(model_path)
+    recorded = (sft_meta or reward_meta).get("chat_template")
+    if sft_meta and reward_meta.get("chat_template") and recorded and \
+            reward_meta["chat_template"].get("jinja") != recorded.get("jinja"):
+        log.warning("the reward adapter was trained with chat template '%s', the SFT adapter with '%s': "
+                    "rollouts use the SFT one, so scores may be off", reward_meta["chat_template"].get("name"),
+                    recorded.get("name"))
+    template_name, template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
+    context = _context_length(model_path)
+    prompt_ids = []
+    for number, messages in enumerate(load_prompts(config.prompts), 1):
+        text = render(template, messages, tokenizer, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+        if len(ids) + config.max_new_tokens > context:
+            raise UserError(f"{config.prompts}: prompt {number} has {len(ids)} tokens, which with "
+                            f"--max-new-tokens {config.max_new_tokens} exceeds the model's context of {context} "
+                            "tokens; shorten or drop it, or lower --max-new-tokens")
+        prompt_ids.append(ids)
+    return model_path, tokenizer, (template_name, template), prompt_ids, sft_meta
+
+
+def _context_length(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
+
+
+def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Run PPO as configured and write the policy adapter to ``config.output_dir``; return that path.
+
+    ``on_step`` gets each step's metrics (score, kl, kl_coef, entropy, clip_fraction, value_loss,
+    response_length, samples, ...), the same dicts that go to metrics.jsonl.
+    """
+    from accelerate import Accelerator
+
+    from lowrank import train
+    from lowrank.config import config_to_dict
+    from lowrank.models import load_base_model, lora_config, model_digest
+    from lowrank.roles import build_roles, trainable_parameters
+
+    model_path, tokenizer, (template_name, template), prompt_ids, sft_meta = _load_inputs(config)
+    checkpoint = None
+    if config.resume:
+        checkpoint = train.latest_checkpoint(config.output_dir)
+        if checkpoint is None:
+            raise UserError(f"--resume: no checkpoint in {config.output_dir}; run without --resume first")
+    out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
+    train.seed_everything(config.seed)
+    accelerator = Accelerator()
+    base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
+                           device=accelerator.device)
+    policy_lora = None if config.sft_adapter else lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=0.0)
+    model = build_roles(base, reward_adapter=config.reward_adapter, sft_adapter=config.sft_adapter or None,
+                        policy_lora_config=policy_lora)
+    groups = trainable_parameters(model)
+    parameters = groups[POLICY] + groups[VALUE]  # the only parameters with optimizer state
+    optimizer = train.build_optimizer(parameters, config.learning_rate)
+    scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps, kind="constant")
+    kl_controller = make_kl_controller(config)
+    metrics_log = train.MetricsLog(out_dir)
+    start = 0
+    if checkpoint is not None:
+        start, extra = train.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+        kl_controller.load_state_dict(extra["kl_controller"])
+        metrics_log.truncate_after(start)
+    device = base.get_output_embeddings().weight.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = _stop_ids(tokenizer, template_name)
+    order = seeded_prompt_order(len(prompt_ids), config.seed)
+    for _ in range(start * config.rollout_batch_size):  # replay the prompt stream up to the resumed step
+        next(order)
+    generator = torch.Generator()
+    for step in range(start + 1, config.steps + 1):
+        torch.manual_seed(config.seed * 100003 + step)  # sampling is reproducible per step, also on resume
+        generator.manual_seed(config.seed * 100003 + step)
+        batch = [prompt_ids[next(order)] for _ in range(config.rollout_batch_size)]
+        rollout = collect_rollout(model, batch, config, stop_ids, pad_id, device)
+        record = {"step": step, "max_steps": config.steps,
+                  **ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator),
+                  "samples": samples_for_log(tokenizer, rollout, config.log_samples)}
+        scheduler.step()
+        metrics_log.log(record)
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
+            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+                                  extra={"kl_controller": kl_controller.state_dict()})
+        if on_step is not None:
+            on_step(record)
+
+    metrics_log.plot(out_dir / "ppo_metrics.png", ["score", "kl", "entropy", "value_loss", "clip_fraction"])
+    final = metrics_log.records[-1] if metrics_log.records else {}
+    meta = {
+        "stage": "ppo",
+        "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
+        "chat_template": {"name": template_name, "jinja": template},
+        "data": {"source": config.prompts, "digest": train.data_digest(config.prompts), "prompts": len(prompt_ids)},
+        "sft_adapter": config.sft_adapter or None,
+        "reward_adapter": config.reward_adapter,
+        "config": config_to_dict(config),
+        "seed": config.seed,
+        "metrics": {k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
+    }
+    train.write_adapter(model, out_dir, meta, adapter_name=POLICY)
+    shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+    return out_dir
+
+
+def samples_for_log(tokenizer, rollout: Rollout, count: int) -> list[dict]:
+    """A few decoded responses with their scores, for metrics.jsonl."""
+    out = []
+    for row in range(min(count, len(rollout.scores))):
+        response = rollout.responses[row][rollout.mask[row].bool()]
+        out.append({"response": tokenizer.decode(response, skip_special_tokens=True),
+                    "score": round(rollout.scores[row].item(), 4)})
+    return out
+
+
+def seeded_prompt_order(count: int, seed: int):
+    """An endless stream of prompt indices, reshuffled each epoch with a seeded RNG (resumable by position)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        yield from order

@@ -1,0 +1,184 @@
+"""The math of PPO for language models, as small pure functions over tensors.
+
+Shapes: every per-token tensor is (batch, response_len); ``mask`` is 1 on response tokens that
+count (up to and including the stop token) and 0 on padding after it. Masked positions never
+contribute to a mean, a variance or a loss. The PPO loop in lowrank/ppo.py only calls these
+functions, and tests/test_rl.py checks each one against numbers worked out by hand, so a bug in
+GAE shows up as a failed unit test instead of a flat reward curve.
+
+References for the formulas: Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO clipped
+surrogate), Ziegler et al. 2019 "Fine-Tuning Language Models from Human Preferences" (per-token
+KL penalty and the adaptive KL controller), Ouyang et al. 2022 (InstructGPT), and John Schulman's
+note "Approximating KL divergence" (2020) for the k1/k3 estimators.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1 (over all of them, or along ``dim``)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries; ``unbiased`` applies Bessel's correction n / (n - 1)."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        if count < 2:
+            raise ValueError("masked_var needs at least two unmasked values for the unbiased estimate")
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over the masked entries; masked positions become 0.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes): used for rewards,
+    whose sign carries meaning, while advantages are fully whitened.
+    """
+    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, and A_t = delta_t + gamma * lam * A_{t+1}, with
+    V_{t+1} = 0 and A_{t+1} = 0 after the last unmasked token (the episode ends at the stop
+    token). returns = A + V is the value target. Both outputs are 0 on masked positions and carry
+    no gradient (they are targets).
+    """
+    rewards, values = rewards.detach(), values.detach()
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    batch, length = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(next_advantage)
+    for t in reversed(range(length)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage
+        # A masked position resets the recursion: nothing after the episode's end flows back.
+        next_advantage = advantage * mask[:, t]
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of the sampled tokens.
+
+    k1 = log p - log q: unbiased, can be negative per token (the classic RLHF penalty).
+    k3 = (q/p - 1) - log(q/p): unbiased too, always >= 0, lower variance (Schulman 2020).
+    """
+    log_ratio = logprobs - reference_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; use 'k1' or 'k3'")
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position: (batch, seq, vocab), (batch, seq) -> (batch, seq), fp32."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position, in nats: (batch, seq, vocab) -> (batch, seq).
+
+    H = logsumexp(z) - sum softmax(z) * z, which avoids log(0) for tokens of zero probability.
+    """
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, cliprange: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate loss of PPO and the share of tokens where the clip was active.
+
+    ratio = exp(log pi - log pi_old); loss = mean over tokens of max(-A * ratio, -A * clip(ratio,
+    1 - eps, 1 + eps)). The max of the two negatives is the pessimistic (clipped) objective.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_fraction.detach()
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, cliprange_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2) and the share of clipped tokens.
+
+    V_clipped = V_old + clip(V - V_old, -eps, eps) keeps the value function from moving far from
+    the values the advantages were computed with (as in OpenAI's baselines PPO2).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    clip_fraction = masked_mean((clipped_loss > unclipped_loss).float(), mask)
+    return loss, clip_fraction.detach()
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """KL coefficient steered toward a target KL (Ziegler et al. 2019, section 2.2).
+
+    e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n_steps / horizon). The clip
+    bounds each change; ``horizon`` (in samples) sets how fast beta reacts: after ``horizon``
+    samples at a constant error e, beta has changed by about a factor exp(e).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("target KL and horizon must be positive")
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if not math.isfinite(current_kl):
+            return
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])

@@ -1,0 +1,309 @@
+"""PPO is shown to work on a task whose reward is known, and adapter swapping inside it is exact.
+
+The task. A random tiny model samples near-uniformly from ~1000 tokens, so any one word would
+appear in a sampled response too rarely for PPO to ever see it rewarded. We therefore first
+teach the policy (a brief SFT of a LoRA, written out here) to answer with a few words from a
+vocabulary of eight one-token words; "blue" is one of them, so about a third of SFT responses
+contain it. The reward adapter is trained with `lowrank.reward` on pairs whose chosen response
+contains "blue" and whose rejected one does not. PPO must then raise the rate of "blue" and the
+mean reward clearly above the SFT policy's, with the KL to the SFT reference bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from lowrank.cli import main
+
+WORDS = ["red", "blue", "cat", "morning", "window", "robot", "story", "weather"]  # one spm token each
+TARGET = "blue"
+PROMPTS = ["Say a few words.", "Name some things.", "Give me words.", "List a few items.", "Tell me words."]
+
+
+def _words(rng: random.Random, with_target: bool | None) -> str:
+    while True:
+        words = rng.choices(WORDS, k=rng.randint(2, 4))
+        if with_target is None or (TARGET in words) == with_target:
+            return " ".join(words)
+
+
+# The LM head gets a LoRA too: a random tiny model's head has weights of std 0.02, so with the
+# final norm frozen its logits stay within about +-1.3 whatever the layers below do, and the
+# policy could never become peaked (entropy stays at log 1000 = 6.9 nats). A rank-8 LoRA on the
+# head can raise the logits of the eight words.
+SFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def _train_sft_adapter(model_path, out_dir, steps: int = 40):
+    """A brief SFT of a LoRA on responses of 2-4 random words from WORDS (loss on the response only)."""
+    from peft import get_peft_model
+
+    from lowrank import train
+    from lowrank.models import load_base_model, load_tokenizer, lora_config, model_digest
+    from lowrank.templates import render, resolve_template
+
+    tokenizer = load_tokenizer(str(model_path))
+    template_name, template = resolve_template(tokenizer, None)
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(str(model_path), "none", gradient_checkpointing=False),
+                           lora_config(r=8, alpha=16, dropout=0.0, target_modules=SFT_TARGETS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        rows = []
+        for _ in range(16):
+            messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
+            prompt = tokenizer(render(template, messages, tokenizer, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+            response = tokenizer(_words(rng, None), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append((prompt + response, [-100] * len(prompt) + response))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != 0), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    meta = {"stage": "sft", "base": {"id": str(model_path), "digest": model_digest(str(model_path))},
+            "chat_template": {"name": template_name, "jinja": template}, "metrics": {"loss": loss.item()}}
+    (out_dir / "lowrank.json").write_text(json.dumps(meta))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def task(tiny_spm, tmp_path_factory):
+    """SFT adapter, reward adapter (trained with lowrank.reward), prompts file."""
+    from lowrank.reward import RewardConfig, train_reward
+
+    root = tmp_path_factory.mktemp("ppo_task")
+    sft = _train_sft_adapter(tiny_spm, root / "sft")
+    rng = random.Random(1)
+    with open(root / "pairs.jsonl", "w") as f:
+        for _ in range(240):
+            f.write(json.dumps({"prompt": rng.choice(PROMPTS), "chosen": _words(rng, True),
+                                "rejected": _words(rng, False)}) + "\n")
+    reward = train_reward(RewardConfig(model=str(tiny_spm), data=str(root / "pairs.jsonl"), output_dir=str(root / "reward"),
+                                       max_steps=60, batch_size=8, learning_rate=3e-3, quant="none",
+                                       gradient_checkpointing=False, eval_fraction=0.15, eval_every=60))
+    with open(root / "prompts.jsonl", "w") as f:
+        for prompt in PROMPTS:
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    return {"base": tiny_spm, "sft": sft, "reward": reward, "prompts": root / "prompts.jsonl", "root": root}
+
+
+def _config(task, out_dir, **overrides):
+    from lowrank.ppo import PPOConfig
+
+    values = dict(model=str(task["base"]), sft_adapter=str(task["sft"]), reward_adapter=str(task["reward"]),
+                  prompts=str(task["prompts"]), output_dir=str(out_dir), max_new_tokens=8, rollout_batch_size=16,
+                  minibatch_size=4, ppo_epochs=4, learning_rate=1e-4, init_kl_coef=0.05, target_kl=2.0,
+                  kl_horizon=1000, steps=25, seed=0, vf_coef=0.5)
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def _evaluate(task, policy_dir, samples: int = 64):
+    """Sample ``samples`` responses of ``policy_dir`` (fixed seed); rate of TARGET, mean score, KL to SFT."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    from lowrank import ppo
+    from lowrank.models import load_base_model, load_tokenizer
+    from lowrank.roles import build_roles
+
+    config = _config(task, task["root"] / "unused")
+    model_path, tokenizer, (template_name, _), prompt_ids, _ = ppo._load_inputs(config)
+    model = build_roles(load_base_model(model_path, "none", gradient_checkpointing=False),
+                        reward_adapter=task["reward"], sft_adapter=task["sft"])
+    set_peft_model_state_dict(model, load_peft_weights(str(policy_dir)), adapter_name="policy")
+    torch.manual_seed(1234)
+    batch = [prompt_ids[i % len(prompt_ids)] for i in range(samples)]
+    rollout = ppo.collect_rollout(model, batch, config, ppo._stop_ids(tokenizer, template_name),
+                                  tokenizer.eos_token_id, "cpu")
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(rollout.responses, rollout.mask)]
+    kl = ((rollout.old_logprobs - rollout.reference_logprobs) * rollout.mask).sum(1).mean().item()
+    return {"rate": sum(TARGET in t.split() for t in texts) / samples, "score": rollout.scores.mean().item(), "kl": kl}
+
+
+@pytest.fixture(scope="module")
+def trained(task):
+    from lowrank.ppo import train_ppo
+
+    records = []
+    out = train_ppo(_config(task, task["root"] / "ppo"), on_step=records.append)
+    return out, records
+
+
+def test_ppo_raises_the_rewarded_property_with_bounded_kl(task, trained):
+    """Measured (seed 0, 25 steps): rate of "blue" 0.20 -> 0.84, mean score -5.3 -> 4.2, KL 1.9 nats."""
+    out, records = trained
+    before = _evaluate(task, task["sft"])
+    after = _evaluate(task, out)
+    print(f"SFT: {before}  PPO: {after}")
+    assert before["kl"] == pytest.approx(0.0, abs=1e-4)  # sanity: the SFT policy is its own reference
+    assert after["rate"] >= before["rate"] + 0.4, (before, after)
+    assert after["score"] >= before["score"] + 4.0, (before, after)
+    assert 0.0 < after["kl"] < 8.0, after  # nats per response, against the SFT reference
+    assert all(r["kl"] < 8.0 for r in records)
+
+
+def test_output_is_a_peft_dir_with_metadata_metrics_and_plot(task, trained):
+    from peft import PeftConfig
+
+    out, records = trained
+    meta = json.loads((out / "lowrank.json").read_text())
+    assert meta["stage"] == "ppo" and meta["chat_template"]["name"] == "vicuna"
+    assert PeftConfig.from_pretrained(str(out)).peft_type == "LORA"
+    assert (out / "adapter_model.safetensors").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 26))
+    for key in ("score", "kl", "entropy", "clip_fraction", "value_loss", "response_length", "samples"):
+        assert key in lines[0], key
+    assert (out / "ppo_metrics.png").stat().st_size > 1000
+    assert not (out / "checkpoints").exists()  # resume data of a finished run is removed
+
+
+@pytest.fixture(scope="module")
+def swapped(task):
+    """The roles model after two PPO updates (hundreds of adapter switches), and a fresh rollout of it."""
+    from lowrank import ppo
+    from lowrank.models import load_base_model
+    from lowrank.roles import build_roles, trainable_parameters
+
+    config = _config(task, task["root"] / "unused", rollout_batch_size=8, ppo_epochs=2, learning_rate=1e-3)
+    model_path, tokenizer, (template_name, _), prompt_ids, _ = ppo._load_inputs(config)
+    model = build_roles(load_base_model(model_path, "none", gradient_checkpointing=False),
+                        reward_adapter=task["reward"], sft_adapter=task["sft"])
+    groups = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(groups["policy"] + groups["value"], lr=config.learning_rate)
+    stop_ids = ppo._stop_ids(tokenizer, template_name)
+    torch.manual_seed(0)
+    for _ in range(2):
+        rollout = ppo.collect_rollout(model, prompt_ids[:4] * 2, config, stop_ids, 2, "cpu")
+        ppo.ppo_step(model, optimizer, groups["policy"] + groups["value"], rollout, ppo.make_kl_controller(config),
+                     config, torch.Generator().manual_seed(0))
+    rollout = ppo.collect_rollout(model, prompt_ids[:4] * 2, config, stop_ids, 2, "cpu")
+    return model, tokenizer, rollout
+
+
+def test_reference_logprobs_in_ppo_equal_the_sft_adapter_loaded_alone(task, swapped):
+    from peft import PeftModel
+
+    from lowrank import ppo
+    from lowrank.models import load_base_model
+
+    model, _, rollout = swapped
+    alone = PeftModel.from_pretrained(load_base_model(str(task["base"]), "none", gradient_checkpointing=False),
+                                      str(task["sft"])).eval()
+    input_ids, attention_mask = rollout.sequences()
+    with torch.no_grad():
+        expected, _ = ppo.response_logprobs(alone, input_ids, attention_mask, rollout.responses.shape[1])
+    mask = rollout.mask.bool()
+    assert torch.allclose(rollout.reference_logprobs[mask], expected[mask], atol=1e-5)
+    # the policy has moved, so the test would see a policy adapter leaking into the reference
+    assert (rollout.old_logprobs[mask] - expected[mask]).abs().max() > 1e-3
+
+
+def test_reward_scores_in_ppo_equal_lowrank_score_on_the_same_text(task, swapped, tmp_path, capsys):
+    from lowrank import ppo
+    from lowrank.data import tokenize_conversation
+    from lowrank.templates import render
+
+    model, tokenizer, _ = swapped
+    template = json.loads((task["reward"] / "lowrank.json").read_text())["chat_template"]["jinja"]
+    pairs = [("Say a few words.", "red blue cat"), ("List a few items, please, now.", "robot story"),
+             ("Hi", "weather")]  # prompts of different lengths: left padding inside PPO
+    queries, responses = [], []
+    for prompt, response in pairs:
+        messages = [{"role": "user", "content": prompt}]
+        query = tokenizer(render(template, messages, tokenizer, add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"]
+        full = tokenize_conversation(tokenizer, template, messages + [{"role": "assistant", "content": response}],
+                                     512)["input_ids"]
+        assert full[: len(query)] == query
+        queries.append(query)
+        responses.append(full[len(query):])
+    width, length = max(map(len, queries)), max(map(len, responses))
+    query_ids = torch.tensor([[2] * (width - len(q)) + q for q in queries])
+    query_mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in queries])
+    response_ids = torch.tensor([r + [2] * (length - len(r)) for r in responses])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in responses])
+    in_ppo = ppo.score_responses(model, query_ids, query_mask, response_ids, mask)
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    capsys.readouterr()
+    assert main(["score", "--reward", str(task["reward"]), "--model", str(task["base"]),
+                 "--pairs", str(tmp_path / "pairs.jsonl")]) == 0
+    printed = [float(line) for line in capsys.readouterr().out.split()]
+    assert printed == pytest.approx(in_ppo.tolist(), abs=1e-5)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(task, tmp_path, capsys):
+    from lowrank.ppo import train_ppo
+    from peft import load_peft_weights
+
+    small = dict(steps=3, rollout_batch_size=8, ppo_epochs=1, save_every=1)
+    straight = train_ppo(_config(task, tmp_path / "straight", **small))
+
+    def stop_after_two(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(_config(task, tmp_path / "resumed", **small), on_step=stop_after_two)
+    assert not (tmp_path / "resumed" / "lowrank.json").exists()  # an interrupted run never looks finished
+    args = ["ppo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--reward-adapter",
+            str(task["reward"]), "--prompts", str(task["prompts"]), "--output-dir", str(tmp_path / "resumed"),
+            "--max-new-tokens", "8", "--minibatch-size", "4", "--learning-rate", "1e-4", "--init-kl-coef", "0.05",
+            "--target-kl", "2.0", "--kl-horizon", "1000", "--vf-coef", "0.5",
+            "--steps", "3", "--rollout-batch-size", "8", "--ppo-epochs", "1", "--save-every", "1", "--resume"]
+    assert main(args) == 0
+    a, b = load_peft_weights(str(straight)), load_peft_weights(str(tmp_path / "resumed"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _run_cli(task, tmp_path, capsys, **changes):
+    args = {"--model": str(task["base"]), "--sft-adapter": str(task["sft"]), "--reward-adapter": str(task["reward"]),
+            "--prompts": str(task["prompts"]), "--output-dir": str(tmp_path / "out"), "--steps": "1"}
+    args.update(changes)
+    capsys.readouterr()
+    code = main(["ppo", *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    return code, err
+
+
+def test_reward_adapter_of_another_base_is_refused(task, tiny_model_factory, tmp_path, capsys):
+    import shutil
+
+    from lowrank.models import model_digest
+
+    other = tiny_model_factory(tokenizer="spm", num_layers=1)
+    foreign = tmp_path / "foreign_reward"
+    shutil.copytree(task["reward"], foreign)
+    meta = json.loads((foreign / "lowrank.json").read_text())
+    meta["base"] = {"id": str(other), "digest": model_digest(str(other))}
+    (foreign / "lowrank.json").write_text(json.dumps(meta))
+    code, err = _run_cli(task, tmp_path, capsys, **{"--reward-adapter": str(foreign)})
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("lowrank ppo: error:") and str(foreign) in err[0] and "base" in err[0]
+
+
+def test_prompt_longer_than_the_context_is_refused(task, tmp_path, capsys):
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "robot story " * 400}) + "\n")
+    code, err = _run_cli(task, tmp_path, capsys, **{"--prompts": str(long_prompts)})
+    assert code == 2 and len(err) == 1
+    assert "prompt 2 has" in err[0] and "context of 512 tokens" in err[0]
+
+
+def test_missing_sft_adapter_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--sft-adapter": str(tmp_path / "no_such_sft")})
+    assert code == 2 and len(err) == 1
+    assert "SFT adapter directory" in err[0] and "no_such_sft" in err[0]
