@@ -1,0 +1,285 @@
+"""Loading a base model for LoRA training: quantization, gradient checkpointing, LoRA config.
+
+Every stage (SFT, reward, PPO) loads its base through :func:`load_base_model`, so a model
+that is not a LLaMA-class decoder, or a path that is not a model, is refused here, at the
+boundary, with a one-line :class:`~lowrank.errors.UserError`.
+
+Quantization (``quant``):
+- ``nf4``: QLoRA (Dettmers et al. 2023): 4-bit NormalFloat weights with double quantization
+  (the quantization constants are quantized too), compute in bf16 on CUDA. bitsandbytes >= 0.49
+  also runs it on the CPU, where we compute in fp32 (CPU bf16 matmuls are slow on most CPUs).
+- ``int8``: LLM.int8 (Dettmers et al. 2022) through bitsandbytes.
+- ``none``: bf16 on CUDA when supported, fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from pathlib import Path
+
+from lowrank.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+QUANT_CHOICES = ("nf4", "int8", "none")
+
+
+def _local_dir(model: str) -> Path | None:
+    """The model's local dir, or None when ``model`` looks like a hub id (``org/name``)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{model}: is a file, not a model dir (expected a dir with config.json and safetensors)")
+        return path
+    # A hub id has exactly one '/', no leading '.', '/' or '~'. Anything else is a missing local path.
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or not model
+    if looks_local:
+        raise UserError(f"{model}: model dir not found")
+    return None
+
+
+def read_model_config(model: str) -> dict:
+    """config.json of a local dir or hub id, as a dict; UserError when absent or unreadable."""
+    local = _local_dir(model)
+    if local is not None:
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"{model}: no config.json; not a Hugging Face model dir")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(model, "config.json"))
+        except Exception as e:  # offline, unknown repo, gated repo: all the user's to fix
+            raise UserError(f"{model}: not a local dir and could not fetch it from the hub "
+                            f"({type(e).__name__}); check the path or the hub id") from None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_file}: unreadable model config ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: model config must be a JSON object")
+    return config
+
+
+def check_architecture(model: str) -> str:
+    """The model_type of ``model`` if lowrank supports it; UserError naming what is supported otherwise."""
+    config = read_model_config(model)
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        found = model_type or "none (config.json has no model_type)"
+        raise UserError(f"{model}: unsupported architecture '{found}'; "
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return model_type
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer, with a pad token (the eos token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    from lowrank.tiny import resolve_model_name
+
+    model = resolve_model_name(model)
+    read_model_config(model)  # a clear error for a missing dir before transformers' long one
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compute_dtype(device: str | None = None):
+    """bf16 on a CUDA device that supports it, fp32 otherwise (CPU bf16 is slow and gains no memory here)."""
+    import torch
+
+    on_cuda = (device is None and _cuda_available()) or (device is not None and str(device).startswith("cuda"))
+    if on_cuda and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(quant: str, dtype):
+    """The BitsAndBytesConfig for ``quant`` (None for ``none``)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "none":
+        return None
+    raise UserError(f"--quant: unknown value '{quant}'; choose one of {', '.join(QUANT_CHOICES)}")
+
+
+def _disable_cpu_weight_repacking(model) -> None:
+    """Keep bitsandbytes from repacking nf4 weights for its AVX512-bf16 CPU kernel.
+
+    bitsandbytes 0.50 rewrites a Linear4bit's weight in place into a CPU-specific layout on the
+    first forward pass in eval mode without gradients (evaluation, generation). That conversion
+    asserts that the output size is a multiple of 32, which small models (and ours) break, and
+    it would leave a training model with repacked weights. The plain dequantize path is used instead.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base_model(model: str, quant: str = "nf4", *, gradient_checkpointing: bool = True, device=None):
+    """Load a supported causal LM for LoRA training; returns a transformers model (not yet a PeftModel).
+
+    ``device`` defaults to CUDA when present, else the CPU. Gradient checkpointing uses the
+    non-reentrant implementation, which works with frozen base weights and LoRA inputs without
+    the ``enable_input_require_grads`` trick the reentrant one needs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowrank.tiny import resolve_model_name
+
+    model = resolve_model_name(model)
+    check_architecture(model)
+    device = str(device) if device is not None else ("cuda" if _cuda_available() else "cpu")
+    dtype = compute_dtype(device)
+    quant_config = quantization_config(quant, dtype)
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except OSError as e:
+        raise UserError(f"{model}: cannot load the model weights ({str(e).splitlines()[0]})") from None
+    if quant == "nf4" and device == "cpu":
+        _disable_cpu_weight_repacking(base)
+    if quant != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and casts norms (and other non-quantized half-precision parameters) to
+        # fp32 for stable training. Checkpointing is switched on below, the same way for every quant.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the reentrant one does),
+        # so a frozen base with LoRA inside works as is. transformers 5 renamed the method.
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not gradient_checkpointing and is_checkpointing(base):
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+    base.config.use_cache = not gradient_checkpointing  # the KV cache is useless (and warns) when checkpointing
+    log.info("loaded %s (%s, %s, gradient checkpointing %s) on %s", model, quant, str(dtype).removeprefix("torch."),
+             "on" if gradient_checkpointing else "off", device)
+    return base
+
+
+def is_checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on, under either transformers name."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear"):
+    """A peft LoraConfig for causal-LM training.
+
+    ``"all-linear"`` is peft's shorthand for every linear layer except the output layer (lm_head):
+    the attention q/k/v/o and MLP gate/up/down projections, as the QLoRA paper found necessary to
+    match full fine-tuning. A list or comma-separated string selects module names instead.
+    """
+    from peft import LoraConfig
+
+    if r < 1:
+        raise UserError(f"--lora-r must be at least 1, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {dropout}")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    if isinstance(target_modules, (list, tuple)) and list(target_modules) == ["all-linear"]:
+        target_modules = "all-linear"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """The JSON header of a .safetensors file: 8-byte little-endian length, then that many bytes."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return f.read(min(length, 100_000_000))
+
+
+_DIGEST_WHOLE_FILE = 64 << 20  # weights files up to this size are hashed whole
+_DIGEST_SAMPLES, _DIGEST_SAMPLE_BYTES = 256, 64 << 10  # larger ones: this many evenly spaced chunks
+
+
+def _hash_weights_data(h, path: Path) -> None:
+    """Feed ``path``'s bytes to ``h``: all of them for a small file, evenly spaced chunks of a large one.
+
+    Two bases with the same config and shapes (a base and its chat fine-tune, or two seeds of a
+    tiny model) have identical safetensors headers; only the values tell them apart. A fine-tune
+    changes practically every tensor, so 256 chunks of 64 KiB (16 MiB read) spread over a multi-GB
+    file catch it while keeping the digest of a 7B model well under a second.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _DIGEST_WHOLE_FILE:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return
+        stride = (size - _DIGEST_SAMPLE_BYTES) // (_DIGEST_SAMPLES - 1)
+        for i in range(_DIGEST_SAMPLES):
+            f.seek(i * stride)
+            h.update(f.read(_DIGEST_SAMPLE_BYTES))
+
+
+def model_digest(model: str) -> str:
+    """A stable sha256 of a model: config.json plus each weights file's name, size, header and data.
+
+    The safetensors headers (tensor names, dtypes, shapes, offsets) change when the weights file
+    is replaced by one of another shape; the data (hashed whole for files up to 64 MiB, sampled
+    in 256 evenly spaced chunks above) tells apart bases of the same shape, such as a model and
+    its chat fine-tune. That keeps it under a second on a 7B model. A hub id without a local copy
+    digests its config and the hub's file hashes.
+    """
+    from lowrank.tiny import resolve_model_name
+
+    model = resolve_model_name(model)
+    h = hashlib.sha256()
+    local = _local_dir(model)
+    if local is None:
+        h.update(json.dumps(read_model_config(model), sort_keys=True).encode())
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(model, files_metadata=True)
+            for s in sorted(info.siblings or [], key=lambda s: s.rfilename):
+                if s.rfilename.endswith((".safetensors", ".bin")):
+                    h.update(f"{s.rfilename}:{s.size}:{(s.lfs or {}).get('sha256', '') if isinstance(s.lfs, dict) else getattr(s.lfs, 'sha256', '')}".encode())
+        except Exception:
+            log.warning("%s: could not read weight file hashes from the hub; digest covers config only", model)
+        return h.hexdigest()
+    config_file = local / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{model}: no config.json; not a Hugging Face model dir")
+    h.update(b"config.json\0" + config_file.read_bytes())
+    for weights in sorted(local.glob("*.safetensors")):
+        h.update(f"\0{weights.name}\0{weights.stat().st_size}\0".encode())
+        h.update(_safetensors_header(weights))
+        _hash_weights_data(h, weights)
+    for weights in sorted(local.glob("*.bin")):  # legacy pickles
+        h.update(f"\0{weights.name}\0{weights.stat().st_size}\0".encode())
+        _hash_weights_data(h, weights)
+    return h.hexdigest()

@@ -1,0 +1,307 @@
+"""Supervised fine-tuning (SFT) of a LoRA adapter on a 4-bit, 8-bit or full-precision base.
+
+The loop is written out: each optimizer step takes ``gradient_accumulation_steps`` micro-batches
+per process, computes the summed next-token loss over assistant tokens, normalises it by the
+loss tokens of the whole step (lowrank.train.accumulate_gradients), clips and steps. Examples
+are packed padding-free into rows of ``max_length`` tokens by default (lowrank.data), which is
+where most of the speed over a padded Trainer comes from on varied-length instruction data.
+
+It runs unchanged under ``accelerate launch`` (DDP): each process takes every P-th micro-batch
+of one seeded stream, so the data order, and hence ``--resume``, does not depend on timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowrank import train
+from lowrank.config import config_to_dict
+from lowrank.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    """Settings of `lowrank sft` (flags: --model, --data, --output-dir, ...)."""
+
+    model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe'"})
+    data: str = field(default="", metadata={"help": "training data: .json/.jsonl (alpaca, sharegpt or messages) or a hub dataset; empty: the shipped alpaca sample"})
+    output_dir: str = field(default="", metadata={"help": "where the adapter, metrics.jsonl, loss.png and checkpoints go"})
+    eval_data: str = field(default="", metadata={"help": "held-out data; empty: hold out --eval-fraction of --data"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of examples held out for eval loss when no --eval-data"})
+    template: str = field(default="auto", metadata={"help": "chat template: auto (the tokenizer's, else vicuna), tokenizer, alpaca, vicuna, llama2, llama3, chatml"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are cut) and per packed row"})
+    pack: bool = field(default=True, metadata={"help": "pack several examples into one row, padding-free"})
+    quant: str = field(default="nf4", metadata={"help": "base weights: nf4 (QLoRA), int8 or none"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "modules that get LoRA: all-linear (every linear but lm_head) or names such as q_proj,v_proj"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine, linear or constant after warm-up"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
+    batch_size: int = field(default=4, metadata={"help": "rows (packed) or examples per micro-batch, per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training data (when max_steps is 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
+    eval_every: int = field(default=20, metadata={"help": "eval loss every N optimizer steps (and at start and end; 0: only those)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps for --resume (0: never)"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, LoRA init, dropout and data order"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+
+
+# Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
+_RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "template", "max_length", "pack", "quant", "lora_r",
+                "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "weight_decay", "lr_scheduler",
+                "warmup_steps", "max_grad_norm", "batch_size", "gradient_accumulation_steps", "epochs",
+                "max_steps", "seed")
+
+
+def _validate(config: SFTConfig) -> None:
+    if not config.output_dir:
+        raise UserError("no output dir: give --output-dir DIR")
+    for name in ("batch_size", "gradient_accumulation_steps", "max_length"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    from lowrank.models import QUANT_CHOICES
+
+    if config.quant not in QUANT_CHOICES:
+        raise UserError(f"--quant: unknown value '{config.quant}'; choose one of {', '.join(QUANT_CHOICES)}")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
+    if config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0:
+        raise UserError("give --max-steps > 0 or --epochs > 0")
+
+
+def default_data() -> str:
+    """The shipped alpaca sample (what `lowrank sft` trains on when no --data is given)."""
+    from lowrank.data import SAMPLE_FILES
+
+    for name, path in SAMPLE_FILES.items():
+        if "alpaca" in name:
+            return str(path)
+    return str(next(iter(SAMPLE_FILES.values())))
+
+
+def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random split: (train, held out). At least one of each when there are two or more."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+class BatchStream:
+    """An endless, seeded stream of micro-batches (lists of row indices); epoch e is a fresh permutation.
+
+    The stream's position (``consumed``) is the whole data-order state a checkpoint needs.
+    Under DDP, process r of P takes micro-batches consumed + m*P + r, so all processes walk the
+    same stream.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, consumed: int = 0):
+        self.num_rows, self.batch_size, self.seed, self.consumed = num_rows, batch_size, seed, consumed
+        self.batches_per_epoch = max(1, math.ceil(num_rows / batch_size))
+        self._epoch, self._perm = -1, []
+
+    def batch(self, index: int) -> list[int]:
+        epoch, j = divmod(index, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._perm = list(range(self.num_rows))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def take(self, micro_batches: int, num_processes: int, process_index: int) -> list[list[int]]:
+        """This process's micro-batches of the next optimizer step; advances the stream for all processes."""
+        out = [self.batch(self.consumed + m * num_processes + process_index) for m in range(micro_batches)]
+        self.consumed += micro_batches * num_processes
+        return out
+
+    def epoch(self) -> float:
+        return self.consumed / self.batches_per_epoch
+
+
+def _to_rows(examples: list[dict], config: SFTConfig) -> list[dict]:
+    from lowrank.data import pack_examples
+
+    return pack_examples(examples, config.max_length) if config.pack else examples
+
+
+def evaluate(accelerator, model, rows: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean next-token loss per loss token over ``rows`` (sharded over processes, summed, divided)."""
+    from lowrank.data import collate
+
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        starts = range(accelerator.process_index * batch_size, len(rows), batch_size * accelerator.num_processes)
+        for start in starts:
+            batch = collate(rows[start:start + batch_size], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss_sum += float(train.causal_lm_loss_sum(model, batch))
+            tokens += train.count_loss_tokens(batch)
+    model.train()
+    loss_sum, tokens = train.reduce_sum(accelerator, loss_sum, tokens)
+    return loss_sum / max(1.0, tokens)
+
+
+def _multi_cpu() -> bool:
+    """True when launched as several processes on a machine without CUDA.
+
+    accelerate only sets up DDP over gloo (its MULTI_CPU mode) when told to use the CPU; without
+    this, each process of `accelerate launch --multi_gpu` / torchrun on a CPU box would train alone.
+    """
+    import os
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Train a LoRA adapter as configured; write it (PEFT dir + lowrank.json) to ``config.output_dir``.
+
+    ``on_step`` gets one dict per optimizer step on the main process: step, max_steps, loss, lr,
+    tokens (non-padding, this step, all processes), tokens_per_second, epoch, and eval_loss when
+    evaluated. The same dicts go to metrics.jsonl; a record with step 0 holds the initial eval loss.
+    """
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    from lowrank.data import build_sft_dataset, collate
+    from lowrank.models import check_architecture, load_base_model, load_tokenizer, lora_config, model_digest
+    from lowrank.templates import resolve_template
+    from lowrank.tiny import resolve_model_name
+
+    _validate(config)
+    accelerator = Accelerator(cpu=_multi_cpu())
+    # Validate every input (model, template, data) before touching the output dir.
+    model_path = resolve_model_name(config.model)
+    check_architecture(model_path)
+    tokenizer = load_tokenizer(model_path)
+    template_name, template = resolve_template(tokenizer, None if config.template in ("", "auto") else config.template)
+    data_source = config.data or default_data()
+    examples = build_sft_dataset(tokenizer, template, data_source, config.max_length)
+    if config.eval_data:
+        train_examples, eval_examples = examples, build_sft_dataset(tokenizer, template, config.eval_data, config.max_length)
+    else:
+        train_examples, eval_examples = split_held_out(examples, config.eval_fraction, config.seed)
+    train_rows, eval_rows = _to_rows(train_examples, config), _to_rows(eval_examples, config)
+    lora = lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                       target_modules=list(config.target_modules))
+
+    out_dir = Path(config.output_dir).expanduser()
+    resume_from = None
+    if config.resume:
+        resume_from = train.latest_checkpoint(out_dir)
+        if resume_from is None:
+            raise UserError(f"--resume: no checkpoint in {out_dir / train.CHECKPOINTS}; run without --resume")
+    if accelerator.is_main_process:
+        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
+    accelerator.wait_for_everyone()
+
+    train.seed_everything(config.seed)
+    base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
+                           device=accelerator.device)
+    model = get_peft_model(base, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro_per_step = config.gradient_accumulation_steps * accelerator.num_processes
+    stream = BatchStream(len(train_rows), config.batch_size, config.seed)
+    max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
+    optimizer = train.build_optimizer(params, config.learning_rate, weight_decay=config.weight_decay,
+                                      paged=config.quant != "none", optim_bits=config.optim_bits)
+    scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
+                                      kind=config.lr_scheduler)
+    model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
+    metrics_log = train.MetricsLog(out_dir, enabled=accelerator.is_main_process)
+    pad_id = tokenizer.pad_token_id
+
+    start_step = 0
+    if resume_from is not None:
+        start_step, extra = train.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        changed = [k for k in _RESUME_KEYS if extra.get("config", {}).get(k) != config_to_dict(config).get(k)]
+        if changed:
+            raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
+                            f"use the same settings or start without --resume")
+        stream.consumed = extra["consumed"]
+        if accelerator.is_main_process:
+            metrics_log.truncate_after(start_step)
+        log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
+    elif eval_rows:
+        initial = {"step": 0, "max_steps": max_steps,
+                   "eval_loss": evaluate(accelerator, model, eval_rows, config.batch_size, pad_id)}
+        metrics_log.log(initial)
+
+    train_seconds, train_tokens = 0.0, 0
+    last: dict = {}
+    for step in range(start_step + 1, max_steps + 1):
+        started = time.perf_counter()
+        indices = stream.take(config.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index)
+        rows = [[train_rows[i] for i in batch] for batch in indices]
+        micro_batches = [collate(r, pad_id) for r in rows if r]
+        real_tokens = sum(len(row["input_ids"]) for r in rows for row in r)  # non-padding tokens
+        loss_sum, loss_tokens = train.accumulate_gradients(accelerator, model, micro_batches)
+        grad_norm = train.optimizer_step(accelerator, params, optimizer, scheduler, config.max_grad_norm)
+        loss_sum, loss_tokens, real_tokens = train.reduce_sum(accelerator, loss_sum, loss_tokens, real_tokens)
+        elapsed = time.perf_counter() - started
+        train_seconds += elapsed
+        train_tokens += int(real_tokens)
+        record = {"step": step, "max_steps": max_steps, "epoch": round(stream.epoch(), 4),
+                  "loss": loss_sum / max(1.0, loss_tokens), "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "tokens": int(real_tokens), "loss_tokens": int(loss_tokens),
+                  "tokens_per_second": real_tokens / max(elapsed, 1e-9)}
+        if eval_rows and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
+            record["eval_loss"] = evaluate(accelerator, model, eval_rows, config.batch_size, pad_id)
+        metrics_log.log(record)
+        last.update(record)
+        if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
+            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+                                  extra={"consumed": stream.consumed, "config": config_to_dict(config)})
+        if on_step is not None and accelerator.is_main_process:
+            on_step(record)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics_log.plot(out_dir / "loss.png", ["loss", "eval_loss"])
+        evals = [r["eval_loss"] for r in metrics_log.records if "eval_loss" in r]
+        metrics = {k: last[k] for k in ("loss", "eval_loss") if k in last}
+        metrics.update({"initial_eval_loss": evals[0] if evals else None, "steps": max_steps,
+                        "epochs": round(stream.epoch(), 4), "train_tokens": train_tokens,
+                        "tokens_per_second": train_tokens / max(train_seconds, 1e-9)})
+        meta = {
+            "stage": "sft",
+            "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
+            "chat_template": {"name": template_name, "jinja": template},
+            "data": {"source": data_source, "digest": train.data_digest(data_source),
+                     "eval_source": config.eval_data or None,
+                     "eval_digest": train.data_digest(config.eval_data) if config.eval_data else None,
+                     "examples": len(examples), "train_examples": len(train_examples),
+                     "eval_examples": len(eval_examples), "train_rows": len(train_rows)},
+            "config": config_to_dict(config),
+            "seed": config.seed,
+            "processes": accelerator.num_processes,
+            "metrics": metrics,
+        }
+        train.write_adapter(accelerator.unwrap_model(model), out_dir, meta)
+        import shutil
+
+        shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
+    accelerator.wait_for_everyone()
+    return out_dir

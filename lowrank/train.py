@@ -1,0 +1,391 @@
+"""The small loop helpers that SFT, reward and PPO share: output dir, seeding, optimizer and
+schedule, token-normalised gradient accumulation, checkpoints for ``--resume``, metrics, and
+writing the finished adapter.
+
+A stage keeps only what differs (how a batch becomes a loss); everything here is plain
+functions over torch / accelerate objects so a reader can follow a loop top to bottom.
+
+Output dir contract: ``lowrank.json`` is the marker of a finished run. It is written last, by
+rename, so an interrupted run never leaves a dir that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from lowrank.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FINISHED_MARKER = "lowrank.json"
+CHECKPOINTS = "checkpoints"
+IGNORE_INDEX = -100  # label of a position that carries no loss (the transformers convention)
+
+
+# --- output dir, seeds, digests ------------------------------------------------------------
+
+def check_output_dir(path, overwrite: bool) -> Path:
+    """Refuse an output dir that is a file, or that holds a finished run (unless ``overwrite``); touch nothing.
+
+    A stage calls this before its slow set-up (loading the model) and :func:`prepare_output_dir` after.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output dir is a file; choose another --output-dir")
+    if (out / FINISHED_MARKER).exists() and not overwrite:
+        raise UserError(f"{out}: already holds a finished run ({FINISHED_MARKER}); "
+                        f"pass --overwrite to replace it or choose another --output-dir")
+    return out
+
+
+def prepare_output_dir(path, overwrite: bool, *, resume: bool = False) -> Path:
+    """Create ``path`` for a new run and return it.
+
+    Refuses a dir that holds a finished run (has lowrank.json) unless ``overwrite``; then the old
+    run is removed first, marker before the rest, so the dir never looks finished meanwhile.
+    With ``resume`` the checkpoints and metrics of the interrupted run are kept.
+    """
+    out = check_output_dir(path, overwrite)
+    if (out / FINISHED_MARKER).exists():
+        (out / FINISHED_MARKER).unlink()
+        shutil.rmtree(out)
+    elif out.exists() and not resume:
+        # Leftovers of an interrupted run we are not resuming: their checkpoints would mix with ours.
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the output dir ({e.strerror})") from None
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA): the one place seeds are set."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def data_digest(source) -> str:
+    """sha256 of a local data file's bytes, or of the hub dataset name when it is not a file."""
+    path = Path(str(source)).expanduser()
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    h.update(f"hub:{source}".encode())
+    return h.hexdigest()
+
+
+# --- optimizer and schedule --------------------------------------------------------------
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, *, weight_decay: float = 0.0,
+                    paged: bool = False, optim_bits: int = 32) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters.
+
+    ``paged`` (QLoRA on CUDA) uses bitsandbytes' paged AdamW, whose state moves to CPU memory
+    under pressure instead of failing with out-of-memory; 8-bit keeps the state quantized.
+    On the CPU there is nothing to page to, so torch's AdamW is used.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    if paged and torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if optim_bits == 8 else bnb.optim.PagedAdamW32bit
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class WarmupDecay:
+    """lr multiplier: linear warmup over ``warmup_steps``, then cosine or linear decay to 0 at ``max_steps``.
+
+    A callable object (not a lambda) so that LambdaLR's state_dict can record it for --resume.
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: int, kind: str = "cosine"):
+        if kind not in ("cosine", "linear", "constant"):
+            raise UserError(f"--lr-scheduler: unknown '{kind}'; choose cosine, linear or constant")
+        self.warmup_steps, self.max_steps, self.kind = warmup_steps, max_steps, kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, progress)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1.0 - progress
+
+
+def build_scheduler(optimizer, *, warmup_steps: int, max_steps: int, kind: str = "cosine"):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(warmup_steps, max_steps, kind))
+
+
+# --- one optimizer step ------------------------------------------------------------------
+
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that carry loss after the causal shift (label t+1 is predicted at t)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed (not averaged) next-token cross-entropy over the positions that carry loss."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    # No KV cache: with one, transformers would not read packed position_ids as separate examples.
+    logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:].to(shift_logits.device)
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+
+
+def accumulate_gradients(accelerator, model, micro_batches: list[dict],
+                         loss_sum_fn: Callable[[Any, dict], torch.Tensor] = causal_lm_loss_sum,
+                         count_fn: Callable[[dict], int] = count_loss_tokens) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (loss sum, tokens) of the step.
+
+    The loss is normalised by the number of loss tokens of the WHOLE step, counted over every
+    micro-batch and every process, so each token weighs the same however the tokens fall into
+    micro-batches (torchtune's recipes do the same). The mean of per-micro-batch means would
+    over-weight the tokens of short micro-batches, which packing and varied lengths make common.
+    DDP averages gradients over processes, so the per-process loss is scaled by the process count.
+    """
+    local_tokens = sum(count_fn(b) for b in micro_batches)
+    total = torch.tensor([float(local_tokens)], device=accelerator.device)
+    total_tokens = int(accelerator.reduce(total, reduction="sum").item()) if accelerator.num_processes > 1 else local_tokens
+    scale = accelerator.num_processes / max(1, total_tokens)
+    loss_total = 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        ctx = accelerator.no_sync(model) if not last and accelerator.num_processes > 1 else _nullcontext()
+        with ctx:
+            loss_sum = loss_sum_fn(model, batch)
+            accelerator.backward(loss_sum * scale)
+        loss_total += float(loss_sum.detach())
+    return loss_total, local_tokens
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping (0 when not clipping)."""
+    grad_norm = 0.0
+    if max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def reduce_sum(accelerator, *values: float) -> list[float]:
+    """Sum scalars over processes (identity with one process)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], device=accelerator.device, dtype=torch.float64)
+    return accelerator.reduce(t, reduction="sum").tolist()
+
+
+# --- checkpoints for --resume --------------------------------------------------------------
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that train (the LoRA weights and any trained head), by name."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, scheduler,
+                    extra: dict | None = None, keep: int = 2) -> Path:
+    """Write out_dir/checkpoints/step-N: trainable weights, optimizer, scheduler, RNG of every process,
+    step and ``extra`` (e.g. the data position). Written to a temp dir and renamed, so a checkpoint
+    that exists is complete; only the newest ``keep`` are kept.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        torch.save({"step": step, "extra": extra or {}, "trainable": trainable_state(unwrapped),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(list_checkpoints(out_dir))[:-keep] if keep > 0 else []:
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(out_dir) -> list[int]:
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "state.pt").exists())
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    steps = list_checkpoints(out_dir)
+    return Path(out_dir) / CHECKPOINTS / f"step-{steps[-1]}" if steps else None
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns (step, extra)."""
+    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            if name not in params:
+                raise UserError(f"{path}: checkpoint has parameter {name} the model lacks; "
+                                f"was it written with another --lora-r or target modules?")
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = Path(path) / f"rng-{accelerator.process_index}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    else:
+        log.warning("%s: no RNG state for process %d (different process count); dropout will differ",
+                    path, accelerator.process_index)
+    return int(state["step"]), dict(state["extra"])
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl in the output dir (one JSON object per line, appended and flushed) and its plot."""
+
+    def __init__(self, out_dir, *, enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.records: list[dict] = []
+        if self.path.exists():  # resuming: keep what the interrupted run logged
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    self.records.append(json.loads(line))
+
+    def truncate_after(self, step: int) -> None:
+        """Forget records logged after ``step`` (the checkpoint a resumed run restarts from)."""
+        self.records = [r for r in self.records if r.get("step", 0) <= step]
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def plot(self, path, keys: list[str]) -> Path | None:
+        """One panel per key present in the records, against the step; written as a PNG by rename."""
+        if not self.enabled:
+            return None
+        keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in self.records)]
+        if not keys:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)), squeeze=False)
+        for ax, key in zip(axes[:, 0], keys):
+            points = [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("optimizer step")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+
+# --- the finished adapter ----------------------------------------------------------------------
+
+def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default") -> Path:
+    """Write the adapter ``adapter_name`` as a standard PEFT dir in ``out_dir``, then lowrank.json.
+
+    peft writes to a temp dir first; its files are renamed into ``out_dir`` and lowrank.json,
+    the marker of a finished run, is renamed in last. ``PeftModel.from_pretrained(base, out_dir)``
+    loads the result (as adapter "default" whatever its name was in training).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FINISHED_MARKER).unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter-"))
+    try:
+        # save_embedding_layers=False: with lm_head among the LoRA targets, peft would otherwise save
+        # the (unchanged) base LM head too, vocab x hidden values (260 MB on a 7B), meant for resized
+        # vocabularies, which lowrank never makes.
+        peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name], save_embedding_layers=False)
+        # peft puts a non-default adapter in a subdir named after it.
+        src = tmp if adapter_name == "default" else tmp / adapter_name
+        for f in src.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o644)  # temp files are private by default; an adapter is meant to be shared
+                os.replace(f, out / f.name)
+        marker_tmp = out / f".{FINISHED_MARKER}.tmp"
+        marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        os.chmod(marker_tmp, 0o644)
+        os.replace(marker_tmp, out / FINISHED_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
