@@ -1,0 +1,61 @@
+"""`lowrank score`: print the reward of prompt/response pairs under a trained reward adapter."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", required=True, type=Path, metavar="DIR", help="reward adapter dir (from `lowrank reward`)")
+    parser.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter's lowrank.json)")
+    parser.add_argument("--quant", default=None, choices=["nf4", "int8", "none"], help="base weights (default: as in training)")
+    parser.add_argument("--prompt", default=None, help="a user prompt (with --response)")
+    parser.add_argument("--response", default=None, help="the response to score (with --prompt)")
+    parser.add_argument("--pairs", default=None, type=Path, metavar="FILE.jsonl",
+                        help="one JSON object per line with 'prompt' (text or messages) and 'response'")
+
+
+def _read_pairs(path: Path) -> list[tuple]:
+    """(prompt, response) of each line of a JSONL file; UserError naming the line at fault."""
+    import json
+
+    from lowrank.errors import UserError
+
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path} line {number}: not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("response"), str) \
+                or not isinstance(record.get("prompt"), (str, list)):
+            raise UserError(f"{path} line {number}: expected fields 'prompt' (text or messages) and 'response' (text)")
+        pairs.append((record["prompt"], record["response"]))
+    if not pairs:
+        raise UserError(f"{path}: no pairs in the file")
+    return pairs
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowrank.errors import UserError
+    from lowrank.reward import score_texts
+
+    pairs = []
+    if (args.prompt is None) != (args.response is None):
+        raise UserError("--prompt and --response go together")
+    if args.prompt is not None:
+        pairs.append((args.prompt, args.response))
+    if args.pairs is not None:
+        pairs.extend(_read_pairs(args.pairs))
+    if not pairs:
+        raise UserError("nothing to score: give --prompt and --response, or --pairs FILE.jsonl")
+    for score in score_texts(args.reward, args.model, pairs, quant=args.quant):
+        print(f"{score:.6f}")
+    return 0

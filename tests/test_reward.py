@@ -1,0 +1,402 @@
+"""Reward model: structure of the adapter, scoring at the last real token, training to high held-out
+accuracy on a task whose preference a program can check, `lowrank score`, and each bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import random
+
+import pytest
+import torch
+
+from lowrank.cli import main
+from lowrank.reward import (
+    SCORE_HEAD,
+    add_score_head,
+    bradley_terry_loss,
+    evaluate_pairs,
+    load_reward_adapter,
+    pad_batch,
+    score_sequences,
+    tokenize_pairs,
+    using_adapter,
+    _split,
+)
+
+# The synthetic task is the shipped preference sample (lowrank/assets/preferences_sample.jsonl, what
+# `lowrank reward` trains on in the README): every chosen response contains "please" and its rejected
+# twin is the same help without it (lowrank.data.sample_property is the check). Bad-input tests use
+# small pairs made here.
+WORDS = "the cat sat on a mat and looked at the small red house near an old tree while birds sang songs".split()
+PROMPTS = ["Tell me about your day.", "Describe the weather.", "What did you eat?", "Say something nice.",
+           "Where is the park?", "Write a short line."]
+
+
+def make_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        length = rng.randint(4, 9)
+        rejected = [rng.choice(WORDS) for _ in range(length)]
+        chosen = [rng.choice(WORDS) for _ in range(length)]
+        chosen.insert(rng.randint(0, length), "please")
+        pairs.append({"prompt": rng.choice(PROMPTS), "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
+    return pairs
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+# 200 shipped pairs, 20% held out, lr 1e-3 for 30 steps of 8 pairs. max_length 160 keeps every pair
+# whole with the tiny SentencePiece tokenizer and the vicuna preamble (the longest is 147 tokens);
+# at 128, 84 pairs would lose their ends, and with them the "please" that tells them apart.
+# Seeds 0, 1, 2 all reach held-out accuracy 1.0 by step 20 (checked once by hand), so the > 0.9
+# bar below does not depend on a lucky seed.
+MAX_LENGTH = 160
+TRAIN_FLAGS = ["--quant", "none", "--learning-rate", "1e-3", "--max-steps", "30", "--batch-size", "8",
+               "--eval-fraction", "0.2", "--eval-every", "10", "--max-length", str(MAX_LENGTH), "--seed", "0",
+               "--no-gradient-checkpointing"]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(sample_data):
+    return str(sample_data["preferences"])
+
+
+@pytest.fixture(scope="module")
+def small_pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", make_pairs(24, seed=0))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_spm, pairs_file, tmp_path_factory):
+    """One reward adapter trained through the CLI, shared by the tests of this module (with its stderr)."""
+    out = tmp_path_factory.mktemp("reward") / "adapter"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["reward", "--model", str(tiny_spm), "--data", pairs_file, "--output-dir", str(out), *TRAIN_FLAGS])
+    assert code == 0, err.getvalue()[-2000:]
+    (out.parent / "stderr.txt").write_text(err.getvalue())
+    return out
+
+
+def load_scoring_model(base_path, reward_dir, adapter_name="reward"):
+    from lowrank.models import load_base_model
+
+    base = load_base_model(str(base_path), "none", gradient_checkpointing=False)
+    model = load_reward_adapter(base, reward_dir, adapter_name)
+    model.eval()
+    return model
+
+
+def test_bradley_terry_loss_is_minus_log_sigmoid_of_the_margin():
+    chosen = torch.tensor([2.0, 0.0, -1.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)
+    loss = bradley_terry_loss(chosen, rejected)
+    expected = torch.log1p(torch.exp(-torch.tensor([2.0, 0.0, -2.0])))  # -log sigmoid(m) = log(1 + e^-m)
+    torch.testing.assert_close(loss, expected)
+    loss.sum().backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()  # descent raises chosen, lowers rejected
+    # Stable for large margins (a naive log(sigmoid(.)) gives inf at -200).
+    assert torch.isfinite(bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([0.0]))).all()
+
+
+def test_reward_reaches_high_heldout_accuracy_on_the_please_task(trained):
+    meta = json.loads((trained / "lowrank.json").read_text())
+    assert meta["stage"] == "reward"
+    assert meta["metrics"]["eval_accuracy"] > 0.9
+    assert meta["metrics"]["eval_margin"] > 1.0
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all({"eval_margin", "eval_loss"} <= set(r) for r in evals)
+    assert evals[-1]["eval_margin"] > evals[0]["eval_margin"] + 1.0  # it learned, not started there
+    assert (trained / "reward_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The progress bar shows the held-out accuracy and margin of the last evaluation.
+    bar = (trained.parent / "stderr.txt").read_text()
+    assert f"acc={evals[-1]['eval_accuracy']:.2f}" in bar and f"margin={evals[-1]['eval_margin']:.2f}" in bar
+    assert meta["base"]["digest"] and meta["data"]["pairs"] == 200 and meta["data"]["eval_pairs"] == 40
+
+
+def test_adapter_dir_is_standard_peft_with_score_head_saved(trained):
+    from safetensors.torch import load_file
+
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == [SCORE_HEAD]
+    assert SCORE_HEAD not in config["target_modules"]  # the head is saved whole, not given a LoRA
+    tensors = load_file(str(trained / "adapter_model.safetensors"))
+    assert tensors["base_model.model.score.weight"].shape == (1, 64)
+    assert tensors["base_model.model.score.weight"].dtype == torch.float32
+    assert any("lora_A" in name for name in tensors)
+    assert not any("lm_head" in name or "embed_tokens" in name for name in tensors)
+
+
+def test_saved_adapter_reproduces_training_time_scores(trained, tiny_spm, pairs_file):
+    """PeftModel.from_pretrained on a fresh base (plus head) gives the held-out margin logged in training."""
+    from lowrank.data import load_preference_pairs
+    from lowrank.models import load_tokenizer
+
+    meta = json.loads((trained / "lowrank.json").read_text())
+    tokenizer = load_tokenizer(str(tiny_spm))
+    examples = tokenize_pairs(tokenizer, meta["chat_template"]["jinja"], load_preference_pairs(pairs_file), MAX_LENGTH)
+    assert max(len(e[k]) for e in examples for k in ("chosen", "rejected")) < MAX_LENGTH  # no pair was cut
+    _, eval_examples = _split(examples, 0.2, 0)
+    model = load_scoring_model(tiny_spm, trained)
+    scores = evaluate_pairs(model, eval_examples, tokenizer.pad_token_id or 0, 8)
+    assert scores["margin"] == pytest.approx(meta["metrics"]["eval_margin"], abs=1e-4)
+    assert scores["accuracy"] == meta["metrics"]["eval_accuracy"]
+
+
+def test_score_cli_prints_score_sequences_of_the_same_text(trained, tiny_spm, tmp_path, capsys):
+    from lowrank.data import tokenize_conversation
+    from lowrank.models import load_tokenizer
+
+    texts = [("How do I save a file?", "Press Control and S, please."), ("How do I save a file?", "Press Control and S.")]
+    pairs = write_jsonl(tmp_path / "score.jsonl", [{"prompt": p, "response": r} for p, r in texts[1:]])
+    # --model omitted: the base comes from lowrank.json.
+    assert main(["score", "--reward", str(trained), "--prompt", texts[0][0], "--response", texts[0][1],
+                 "--pairs", pairs]) == 0
+    printed = [float(line) for line in capsys.readouterr().out.split()]
+
+    meta = json.loads((trained / "lowrank.json").read_text())
+    tokenizer = load_tokenizer(str(tiny_spm))
+    model = load_scoring_model(tiny_spm, trained)
+    expected = []
+    for prompt, response in texts:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        ids = tokenize_conversation(tokenizer, meta["chat_template"]["jinja"], messages, MAX_LENGTH)["input_ids"]
+        with torch.no_grad():
+            expected.append(score_sequences(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item())
+    assert printed == pytest.approx(expected, abs=1e-5)
+    assert printed[0] > printed[1]  # "please" is what the model learned to prefer
+
+
+def test_score_is_read_at_last_real_token_for_right_and_left_padding(tiny_spm):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_spm))
+    add_score_head(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[SCORE_HEAD]))
+    model.eval()
+    sequences = [[1, 50, 60, 70, 80, 90], [1, 55, 65]]
+    with torch.no_grad():
+        alone = [score_sequences(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item()
+                 for s in sequences]
+        right = score_sequences(model, *pad_batch(sequences, 0))
+        left_ids = torch.tensor([sequences[0], [0, 0, 0] + sequences[1]])
+        left_mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+        left = score_sequences(model, left_ids, left_mask)
+    assert right.tolist() == pytest.approx(alone, abs=1e-5)
+    assert left.tolist() == pytest.approx(alone, abs=1e-5)
+    assert alone[0] != pytest.approx(alone[1], abs=1e-4)  # the rows really differ
+
+
+def test_reward_and_value_named_adapters_switch_on_one_base(trained, tiny_spm):
+    """PPO's layout: a policy adapter, the frozen reward adapter and a trainable value copy of it."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowrank.models import load_base_model
+
+    base = load_base_model(str(tiny_spm), "none", gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="policy")
+    load_reward_adapter(model, trained, "reward", base=str(tiny_spm))
+    load_reward_adapter(model, trained, "value", trainable=True)
+    model.eval()  # no LoRA dropout: scores must match exactly
+    assert model.active_adapter == "policy"
+    ids = torch.tensor([[1, 50, 60, 70]])
+    mask = torch.ones_like(ids)
+    reference = score_sequences(load_scoring_model(tiny_spm, trained), ids, mask).item()
+    with torch.no_grad():
+        assert score_sequences(model, ids, mask, "reward").item() == pytest.approx(reference, abs=1e-5)
+    value = score_sequences(model, ids, mask, "value")
+    assert value.item() == pytest.approx(reference, abs=1e-5)
+    value.sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".value" in n for n in grads)  # only the value copy (LoRA + head) gets gradients
+    assert model.active_adapter == "policy"  # switching never leaks out of the call
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reward" in n)
+    with using_adapter(model, "reward"):
+        assert model.active_adapter == "reward"
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one-line error, exit 2, nothing written
+# ------------------------------------------------------------------------------------------
+
+def run_reward_expecting_error(tiny_spm, data, out, capsys, *extra) -> str:
+    capsys.readouterr()  # drop what the set-up printed (progress bars of model loading)
+    code = main(["reward", "--model", str(tiny_spm), "--data", data, "--output-dir", str(out), *TRAIN_FLAGS, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert not out.exists()  # nothing half-written
+    assert len(err) == 1 and err[0].startswith("lowrank reward: error: ")
+    return err[0]
+
+
+def test_pair_with_empty_chosen_is_refused(tiny_spm, tmp_path, capsys):
+    records = make_pairs(4, seed=1)
+    records[2]["chosen"] = ""
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    message = run_reward_expecting_error(tiny_spm, data, tmp_path / "out", capsys)
+    assert ("line 3" in message or "pair 3" in message) and "chosen" in message
+
+
+def test_pair_with_empty_rejected_is_refused(tiny_spm, tmp_path, capsys):
+    records = make_pairs(4, seed=1)
+    records[0]["rejected"] = "  "
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    message = run_reward_expecting_error(tiny_spm, data, tmp_path / "out", capsys)
+    assert ("line 1" in message or "pair 1" in message) and "rejected" in message
+
+
+def test_pair_with_identical_chosen_and_rejected_is_refused(tiny_spm, tmp_path, capsys):
+    records = make_pairs(4, seed=1)
+    records[1]["rejected"] = records[1]["chosen"]
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    message = run_reward_expecting_error(tiny_spm, data, tmp_path / "out", capsys)
+    assert ("line 2" in message or "pair 2" in message) and "identical" in message
+
+
+def test_missing_sft_adapter_dir_is_refused(tiny_spm, pairs_file, tmp_path, capsys):
+    message = run_reward_expecting_error(tiny_spm, pairs_file, tmp_path / "out", capsys,
+                                         "--sft-adapter", str(tmp_path / "no-such-sft"))
+    assert "SFT adapter directory" in message and "no-such-sft" in message and "does not exist" in message
+
+
+def test_score_refuses_reward_adapter_of_another_base(trained, tiny_model_factory, capsys):
+    other = tiny_model_factory(tokenizer="spm", seed=1)  # same shapes, other weights: LoRA would load silently
+    code = main(["score", "--reward", str(trained), "--model", str(other), "--prompt", "hi", "--response", "hello"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("lowrank score: error: ") and "trained on base" in err[0]
+
+
+def test_loading_reward_adapter_onto_another_base_is_refused(trained, tiny_model_factory):
+    from lowrank.errors import UserError
+    from lowrank.models import load_base_model
+
+    other = tiny_model_factory(tokenizer="spm", seed=1)
+    base = load_base_model(str(other), "none", gradient_checkpointing=False)
+    with pytest.raises(UserError, match="trained on base"):
+        load_reward_adapter(base, trained, "reward", base=str(other))
+
+
+def make_sft_adapter(base_path, out_dir, template_name="chatml", targets=("q_proj", "v_proj")):
+    """A stand-in SFT adapter (non-zero LoRA weights) written the way `lowrank sft` writes its output."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowrank import train
+    from lowrank.models import load_base_model, model_digest
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    torch.manual_seed(3)
+    base = load_base_model(str(base_path), "none", gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                            init_lora_weights=False))  # B != 0: an adapter that does something
+    meta = {"stage": "sft", "base": {"id": str(base_path), "digest": model_digest(str(base_path))},
+            "chat_template": {"name": template_name, "jinja": BUILTIN_TEMPLATES[template_name]}}
+    train.write_adapter(model, out_dir, meta)
+    return out_dir
+
+
+def _init_flags() -> list[str]:
+    """TRAIN_FLAGS for one step at learning rate 0: the written adapter is its initialisation."""
+    flags = list(TRAIN_FLAGS)
+    flags[flags.index("--learning-rate") + 1] = "0"
+    flags[flags.index("--max-steps") + 1] = "1"
+    return flags
+
+
+def test_reward_adapter_starts_from_sft_lora_and_template(tiny_spm, small_pairs_file, tmp_path):
+    from safetensors.torch import load_file
+
+    sft = make_sft_adapter(tiny_spm, tmp_path / "sft")
+    out = tmp_path / "reward"
+    assert main(["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(out),
+                 "--sft-adapter", str(sft), *_init_flags()]) == 0
+    sft_tensors = load_file(str(sft / "adapter_model.safetensors"))
+    reward_tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert set(sft_tensors) <= set(reward_tensors)  # same LoRA targets and rank, plus the head
+    for name, tensor in sft_tensors.items():
+        assert torch.equal(reward_tensors[name], tensor), name  # learning rate 0: still the SFT weights
+    assert "base_model.model.score.weight" in reward_tensors
+    meta = json.loads((out / "lowrank.json").read_text())
+    assert meta["chat_template"]["name"] == "chatml"  # the pairs were formatted as in SFT
+    assert meta["sft_adapter"] == str(sft)
+
+
+def test_sft_adapter_with_an_lm_head_lora_initialises_the_rest_and_says_so(tiny_spm, small_pairs_file, tmp_path,
+                                                                          caplog):
+    """The score reads the hidden state before the LM head, so the head's LoRA is left out, with a log line."""
+    from safetensors.torch import load_file
+
+    sft = make_sft_adapter(tiny_spm, tmp_path / "sft", targets=("q_proj", "v_proj", "lm_head"))
+    sft_tensors = load_file(str(sft / "adapter_model.safetensors"))
+    assert any("lm_head.lora_B" in name for name in sft_tensors)
+    assert not any("base_layer" in name for name in sft_tensors)  # the unchanged base LM head is not saved
+    out = tmp_path / "reward"
+    with caplog.at_level(logging.INFO, logger="lowrank.reward"):
+        assert main(["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(out),
+                     "--sft-adapter", str(sft), *_init_flags()]) == 0
+    assert "not loading the SFT adapter's weights of lm_head" in caplog.text
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["modules_to_save"] == [SCORE_HEAD]
+    reward_tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert not any("lm_head" in name for name in reward_tensors)
+    kept = {name: t for name, t in sft_tensors.items() if "lm_head" not in name}
+    assert kept and all(torch.equal(reward_tensors[name], t) for name, t in kept.items())
+
+
+def test_sft_adapter_with_a_regex_target_resolves_to_the_layers_without_the_lm_head(tiny_spm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lowrank.models import load_base_model
+    from lowrank.reward import reward_lora_config
+
+    sft = tmp_path / "sft"
+    get_peft_model(load_base_model(str(tiny_spm), "none", gradient_checkpointing=False),
+                   LoraConfig(r=2, target_modules=r".*\.(v_proj|lm_head)|lm_head")).save_pretrained(sft)
+    base = load_base_model(str(tiny_spm), "none", gradient_checkpointing=False)
+    add_score_head(base)
+    config = reward_lora_config(base, r=8, alpha=16, dropout=0.0, sft_adapter=sft)
+    assert set(config.target_modules) == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}
+    assert config.r == 2 and config.modules_to_save == [SCORE_HEAD]
+
+
+def test_sft_adapter_with_only_an_lm_head_lora_is_refused(tiny_spm, small_pairs_file, tmp_path, capsys):
+    sft = make_sft_adapter(tiny_spm, tmp_path / "sft", targets=("lm_head",))
+    message = run_reward_expecting_error(tiny_spm, small_pairs_file, tmp_path / "out", capsys, "--sft-adapter", str(sft))
+    assert str(sft) in message and "only the LM head" in message
+
+
+def test_sft_adapter_of_another_base_is_refused(tiny_spm, tiny_model_factory, small_pairs_file, tmp_path, capsys):
+    sft = make_sft_adapter(tiny_model_factory(tokenizer="spm", seed=1), tmp_path / "sft")
+    message = run_reward_expecting_error(tiny_spm, small_pairs_file, tmp_path / "out", capsys, "--sft-adapter", str(sft))
+    assert str(sft) in message and "trained on base" in message
+
+
+def test_nf4_reward_trains_and_scores_on_the_cpu(tiny_spm, small_pairs_file, tmp_path):
+    """QLoRA reward: a 4-bit base, gradient checkpointing on (the defaults), two steps, then `lowrank score`."""
+    from safetensors.torch import load_file
+
+    from lowrank.reward import RewardConfig, score_texts, train_reward
+
+    out = train_reward(RewardConfig(model=str(tiny_spm), data=small_pairs_file, output_dir=str(tmp_path / "nf4"),
+                                    max_steps=2, batch_size=4, learning_rate=1e-2, eval_fraction=0.25,
+                                    max_length=MAX_LENGTH))
+    meta = json.loads((out / "lowrank.json").read_text())
+    assert meta["config"]["quant"] == "nf4" and meta["config"]["gradient_checkpointing"]
+    assert all(math.isfinite(meta["metrics"][k]) for k in ("loss", "eval_accuracy", "eval_margin"))
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert all(tensors[n].abs().max() > 0 for n in tensors if "lora_B" in n)  # B starts at zero: it trained
+    pair = make_pairs(1, seed=5)[0]
+    scores = score_texts(out, None, [(pair["prompt"], pair["chosen"]), (pair["prompt"], pair["rejected"])])
+    assert len(scores) == 2 and all(math.isfinite(x) for x in scores) and scores[0] != scores[1]
