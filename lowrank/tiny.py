@@ -2,11 +2,13 @@
 
 Nothing is downloaded. The tokenizer is trained here on lowrank/assets/corpus.txt:
 - ``"spm"``: a SentencePiece BPE model in the LLaMA-1/2 style (``<unk>``=0, ``<s>``=1,
-  ``</s>``=2, byte fallback, digits split, no text normalisation), loaded as
-  transformers' LlamaTokenizer, with no chat template (like a LLaMA-2 base).
+  ``</s>``=2, byte fallback, digits split, no text normalisation), with no chat template
+  (like a LLaMA-2 base). Its fast tokenizer tokenizes exactly as sentencepiece and
+  llama.cpp do (see :func:`_spm_tokenizer`).
 - ``"bpe"``: a byte-level BPE in the LLaMA-3 style (the LLaMA-3 pre-tokenizer regex,
   ``<|begin_of_text|>`` added in front, ``<|eot_id|>`` ends a turn) with the built-in
-  ``llama3`` chat template.
+  ``llama3`` chat template; for ``arch="qwen2"`` in the Qwen2 style (Qwen2 regex, NFC, no BOS,
+  ChatML tokens and the ``chatml`` template), since transformers loads qwen2 tokenizers as such.
 Weights are random (normal, std 0.02) from a seed, so a given set of arguments always
 gives the same files. `--model tiny` and `--model tiny-bpe` resolve here.
 """
@@ -22,13 +24,19 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 CORPUS = ASSETS / "corpus.txt"
-BUILDER_VERSION = 1  # bump when the output of build_tiny_model changes
+BUILDER_VERSION = 3  # bump when the output of build_tiny_model changes
 
 # The pre-tokenizer regex of LLaMA 3 (Meta's tiktoken pattern), as published in its tokenizer.json.
 LLAMA3_PRETOKENIZER_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's (transformers' Qwen2Tokenizer PRETOKENIZE_REGEX): digits one at a time.
+QWEN2_PRETOKENIZER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 # `--model NAME` aliases: the shape of the embedded default.
@@ -61,44 +69,84 @@ def _train_spm(out_dir: Path, vocab_size: int) -> Path:
     return prefix.with_suffix(".model")
 
 
+def sentencepiece_normalizer():
+    """The fast-tokenizer normalizer that splits text like sentencepiece and llama.cpp.
+
+    sentencepiece puts its dummy-prefix "▁" in front of every piece of text it encodes, and
+    llama.cpp's SPM tokenizer (src/llama-vocab.cpp) does the same for every run of text after
+    a special token, even one that starts with a space ("</s> USER:" -> "▁▁USER:"). HF's
+    Metaspace pre-tokenizer does neither: prepend_scheme "first" (LlamaTokenizer's non-legacy
+    default) adds the prefix only at the very start of the input, and "always" skips runs that
+    already start with a space. So a model trained on Metaspace tokens would see different
+    ids in llama.cpp. The original LLaMA-2 tokenizer.json pipeline, "prepend ▁ to each
+    normalized run, then spaces -> ▁" with no pre-tokenizer, matches sentencepiece exactly:
+    transformers normalizes each run between special tokens separately.
+    """
+    from tokenizers import normalizers
+
+    return normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+
+
 def _spm_tokenizer(work: Path, vocab_size: int):
-    from transformers import LlamaTokenizer
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     model_file = _train_spm(work, vocab_size)
     # transformers 5 converts a SentencePiece model to a fast tokenizer only in from_pretrained.
     (work / "src").mkdir()
     shutil.copy(model_file, work / "src" / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(work / "src"), legacy=False, add_bos_token=True, add_eos_token=False)
-    if len(tok) < vocab_size:
+    converted = LlamaTokenizer.from_pretrained(str(work / "src"), legacy=True, add_bos_token=True, add_eos_token=False)
+    if len(converted) < vocab_size:
         # transformers 5 silently falls back to a 3-token vocabulary without protobuf.
-        raise RuntimeError(f"SentencePiece tokenizer has {len(tok)} tokens, expected {vocab_size}: is protobuf installed?")
+        raise RuntimeError(f"SentencePiece tokenizer has {len(converted)} tokens, expected {vocab_size}: is protobuf installed?")
+    backend = converted.backend_tokenizer
+    backend.normalizer = sentencepiece_normalizer()
+    backend.pre_tokenizer = None
+    # Saved as a plain fast tokenizer (tokenizer_class TokenizersBackend): LlamaTokenizer's
+    # constructor would rebuild the Metaspace pre-tokenizer and drop this normalizer.
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     return tok, model_file
 
 
-def _bpe_tokenizer(vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _bpe_tokenizer(vocab_size: int, qwen: bool = False):
+    """LLaMA-3 style byte-level BPE; with ``qwen``, Qwen2 style (what transformers' Qwen2Tokenizer rebuilds).
+
+    transformers 5 loads any tokenizer of a qwen2 model as Qwen2Tokenizer, which keeps only the
+    vocabulary, merges and post-processor of tokenizer.json and brings its own NFC normalizer,
+    pre-tokenizer regex (single digits), merges without ignore_merges, and ``<|endoftext|>`` as
+    unk/pad (an extra token past the embedding if the vocabulary lacks it). So a qwen2 tiny model
+    gets exactly that tokenizer, with ChatML's special tokens and the chatml template, no BOS.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(ignore_merges=True))
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    specials = QWEN2_SPECIAL_TOKENS if qwen else LLAMA3_SPECIAL_TOKENS
+    tok = Tokenizer(models.BPE(ignore_merges=not qwen))
+    if qwen:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PRETOKENIZER_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZER_REGEX if qwen else LLAMA3_PRETOKENIZER_REGEX),
+                             behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(LLAMA3_SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train([str(CORPUS)], trainer)
-    # LLaMA 3 keeps its special tokens after the learned vocabulary.
-    tok.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
+    # LLaMA 3 and Qwen2 keep their special tokens after the learned vocabulary.
+    tok.add_special_tokens(specials)
+    if qwen:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>", chat_template=BUILTIN_TEMPLATES["chatml"],
+                                       model_max_length=8192)
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
-    from lowrank.templates import BUILTIN_TEMPLATES
-
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos,
@@ -159,7 +207,7 @@ def build_tiny_model(
         if tokenizer == "spm":
             tok, model_file = _spm_tokenizer(Path(work), vocab_size)
         elif tokenizer == "bpe":
-            tok, model_file = _bpe_tokenizer(vocab_size), None
+            tok, model_file = _bpe_tokenizer(vocab_size, qwen=arch == "qwen2"), None
         else:
             raise ValueError(f"tokenizer must be 'spm' or 'bpe', not {tokenizer!r}")
         tok.model_max_length = max_position_embeddings
@@ -176,7 +224,15 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a built-in model is built silently (it may happen inside any command)
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=True,
                      temperature=0.7, top_p=0.9).save_pretrained(out_dir)
     return out_dir

@@ -57,3 +57,27 @@ def test_named_models_resolve_to_built_dirs():
     path = resolve_model_name("tiny")
     assert AutoConfig.from_pretrained(path).hidden_size == 128
     assert resolve_model_name("some/hub-id") == "some/hub-id"
+
+
+def test_spm_tokenizer_tokenizes_like_sentencepiece_around_special_tokens(tiny_spm):
+    # sentencepiece (and llama.cpp) put the dummy-prefix "▁" before every run of text, also after a
+    # special token and also before a run that starts with a space ("</s> USER:" -> "▁▁USER:").
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_spm / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(tiny_spm)
+    runs = ["A chat", "</s>", " USER: hi", "<s>", "Hello", "</s>", "  two spaces\n\nx"]
+    expected = [i for r in runs for i in ([sp.piece_to_id(r)] if r in ("<s>", "</s>") else sp.encode(r))]
+    assert tok("".join(runs), add_special_tokens=False).input_ids == expected
+    assert tok("Hello").input_ids == [1] + sp.encode("Hello")
+
+
+def test_qwen2_tiny_model_gets_a_qwen2_tokenizer_inside_its_vocabulary(tiny_model_factory):
+    # transformers loads a qwen2 model's tokenizer as Qwen2Tokenizer; every token it knows must have an embedding row.
+    path = tiny_model_factory(tokenizer="bpe", arch="qwen2")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    assert len(tok) == AutoConfig.from_pretrained(path).vocab_size == 1000
+    assert tok.bos_token is None and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok("hi 123").input_ids == tok("hi 123", add_special_tokens=False).input_ids  # no BOS
+    assert len(tok("123", add_special_tokens=False).input_ids) == 3  # Qwen2 splits digits one by one
