@@ -98,9 +98,11 @@ def gguf_logits(merged: Path, work: Path, ids: torch.Tensor) -> torch.Tensor:
     from llama_cpp import Llama
 
     from lowrank.export.gguf import export_gguf
+    from lowrank.export.llama import plain_cpu_weights
 
     (q4,) = export_gguf(str(merged), str(work), types=["q4_k_m"])
-    llm = Llama(model_path=str(q4), n_ctx=SEQ, logits_all=True, verbose=False, n_threads=2)
+    with plain_cpu_weights():  # AMX VMs fault on llama.cpp's AMX weight buffers
+        llm = Llama(model_path=str(q4), n_ctx=SEQ, logits_all=True, verbose=False, n_threads=2)
     out = []
     for row in ids:
         llm.reset()

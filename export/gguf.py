@@ -1,0 +1,430 @@
+"""Write a merged Hugging Face model dir as GGUF files that llama.cpp runs.
+
+One file per requested type. F32, F16, BF16, Q8_0, Q4_0 and Q5_0 are written here with
+the `gguf` package (header, key-values, tensor infos, aligned data, in the format's order).
+K-quants (Q4_K_M, Q5_K_M, Q6_K) need llama.cpp's own quantizer (its importance-weighted
+mixes are not in gguf-py), so they are made from an F16 file with llama-cpp-python's
+``llama_model_quantize``.
+
+Tensors are streamed: the writer is given every tensor's name, shape and type from the
+safetensors headers first, then each tensor is read, converted and written one at a time,
+so peak memory stays near the largest tensor rather than the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lowrank.errors import UserError
+from lowrank.export import quants
+from lowrank.export import tensors as table
+from lowrank.export.stream import TensorWriter
+from lowrank.export.vocab import GGUFVocab, load_gguf_vocab, write_vocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One output type: how its tensors are written and the general.file_type it records."""
+
+    name: str
+    ggml: str | None  # gguf.GGMLQuantizationType name for 2-D tensors; None = via llama.cpp
+    file_type: str  # gguf.LlamaFileType name
+    bits_per_weight: float  # for size estimates of llama.cpp-quantized files
+
+
+TYPES: dict[str, GGUFType] = {
+    "f32": GGUFType("f32", "F32", "ALL_F32", 32),
+    "f16": GGUFType("f16", "F16", "MOSTLY_F16", 16),
+    "bf16": GGUFType("bf16", "BF16", "MOSTLY_BF16", 16),
+    "q8_0": GGUFType("q8_0", "Q8_0", "MOSTLY_Q8_0", 8.5),
+    "q5_0": GGUFType("q5_0", "Q5_0", "MOSTLY_Q5_0", 5.5),
+    "q4_0": GGUFType("q4_0", "Q4_0", "MOSTLY_Q4_0", 4.5),
+    # Average bits per weight of llama.cpp's mixes (llama.cpp tools/quantize README, 7B).
+    "q6_k": GGUFType("q6_k", None, "MOSTLY_Q6_K", 6.56),
+    "q5_k_m": GGUFType("q5_k_m", None, "MOSTLY_Q5_K_M", 5.69),
+    "q4_k_m": GGUFType("q4_k_m", None, "MOSTLY_Q4_K_M", 4.89),
+}
+
+
+@dataclass
+class ExportConfig:
+    """`lowrank export`: a merged HF dir (or base + adapters) -> one GGUF file per type."""
+
+    type: list[str] = field(default_factory=lambda: ["f16"], metadata={"help": f"GGUF types, one file each: {', '.join(TYPES)}"})
+    out: str = field(default="gguf", metadata={"help": "output directory"})
+    name: str | None = field(default=None, metadata={"help": "file name stem (default: the model dir's name)"})
+    chat_template: str | None = field(default=None, metadata={"help": "chat template (Jinja, or a built-in name) to store instead of the tokenizer's"})
+    context_length: int = field(default=2048, metadata={"help": "context length for the fit report"})
+    fit: str | None = field(default=None, metadata={"help": "RAM budget to check the files against, e.g. 4GB"})
+    modelfile: bool = field(default=True, metadata={"help": "write an Ollama Modelfile next to each GGUF"})
+    verify: bool = field(default=True, metadata={"help": "run lowrank verify on each file after export"})
+    threads: int = field(default=0, metadata={"help": "threads for llama.cpp's quantizer (0: all cores)"})
+    lora: bool = field(default=False, metadata={"help": "with --adapter: also write the base as GGUF and each adapter as a "
+                                                       "llama.cpp LoRA GGUF (Llama(model_path=base, lora_path=adapter)), "
+                                                       "and verify that base + adapter gives the merged file's logits"})
+    lora_only: bool = field(default=False, metadata={"help": "with --adapter: write only each adapter as a llama.cpp "
+                                                            "LoRA GGUF (<name>-lora.gguf); no merge, no model files"})
+
+
+def parse_types(types: list[str] | str) -> list[GGUFType]:
+    """`f16,q8_0,q4_k_m` -> GGUFTypes; UserError for an unknown name."""
+    names = [t.strip().lower() for t in (types.split(",") if isinstance(types, str) else types) if t.strip()]
+    if not names:
+        raise UserError(f"--type: give at least one of {', '.join(TYPES)}")
+    for n in names:
+        if n not in TYPES:
+            raise UserError(f"--type: unknown GGUF type {n!r}; known: {', '.join(TYPES)}")
+    return [TYPES[n] for n in dict.fromkeys(names)]
+
+
+# ----------------------------------------------------------------------------- reading the HF dir
+
+@dataclass
+class SourceTensor:
+    hf_name: str
+    gguf_name: str
+    file: Path | None  # None for tensors we compute (rope_freqs)
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype, e.g. "F16"
+
+
+@dataclass
+class SourceModel:
+    model_dir: Path
+    config: dict
+    spec: table.ArchitectureSpec
+    tensors: list[SourceTensor]
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+
+def read_config(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: not a directory; give a merged Hugging Face model dir")
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise UserError(f"{model_dir}: not a Hugging Face model dir (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from e
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no .safetensors weights (merge adapters first, or save with safe_serialization)")
+    for f in files:
+        if not f.exists():
+            raise UserError(f"{f}: listed in model.safetensors.index.json but missing")
+    return files
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def read_source(model_dir: str | Path) -> SourceModel:
+    """Check the dir and list its tensors with GGUF names, from the safetensors headers only."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    spec = table.architecture_spec(config.get("model_type", "<missing>"), str(model_dir / "config.json"))
+    found: list[SourceTensor] = []
+    for f in _safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for hf_name in st.keys():
+                if table.is_skipped(hf_name):
+                    continue
+                gguf_name = table.gguf_tensor_name(hf_name)
+                if gguf_name is None:
+                    raise UserError(f"{f}: tensor {hf_name} has no llama.cpp equivalent for {config['model_type']}")
+                sl = st.get_slice(hf_name)
+                found.append(SourceTensor(hf_name, gguf_name, f, tuple(sl.get_shape()), sl.get_dtype()))
+    if config.get("tie_word_embeddings", False):
+        # llama.cpp uses token_embd as the output projection when output.weight is absent.
+        found = [t for t in found if t.gguf_name != "output.weight"]
+    elif not any(t.gguf_name == "output.weight" for t in found):
+        raise UserError(f"{model_dir}: no lm_head.weight and tie_word_embeddings is false")
+    if not any(t.gguf_name == "token_embd.weight" for t in found):
+        raise UserError(f"{model_dir}: no model.embed_tokens.weight")
+    rope = rope_scaling(config)
+    if rope.get("rope_type") == "llama3":
+        found.append(SourceTensor("<computed>", "rope_freqs.weight", None, (head_dim(config) // 2,), "F32"))
+    found.sort(key=lambda t: _natural_key(t.gguf_name))
+    return SourceModel(model_dir, config, spec, found)
+
+
+# ----------------------------------------------------------------------------- hparams
+
+def head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def rope_scaling(config: dict) -> dict:
+    """HF rope settings in one dict (transformers 5 has rope_parameters, 4.x rope_theta + rope_scaling)."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Per-frequency divisors llama.cpp reads from rope_freqs.weight for LLaMA-3.1 rope scaling.
+
+    Same formula as transformers' _compute_llama3_parameters (and llama.cpp's converter):
+    long wavelengths are divided by `factor`, short ones kept, a smooth ramp in between.
+    """
+    rope = rope_scaling(config)
+    dim = head_dim(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    ramp = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, ramp))
+    return out.astype(np.float32)
+
+
+def write_hparams(writer, config: dict, file_type: int) -> None:
+    import gguf
+
+    n_head = int(config["num_attention_heads"])
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    writer.add_rope_dimension_count(head_dim(config))
+    if head_dim(config) != config["hidden_size"] // n_head:
+        writer.add_key_length(head_dim(config))
+        writer.add_value_length(head_dim(config))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    rope = rope_scaling(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    kind = rope["rope_type"]
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if "original_max_position_embeddings" in rope:
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind == "llama3":
+        pass  # carried by the rope_freqs.weight tensor, as llama.cpp expects
+    elif kind != "default":
+        raise UserError(f"config.json: rope scaling {kind!r} is not supported by this exporter (linear, yarn, llama3)")
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def tensor_qtype(tensor: SourceTensor, gtype: GGUFType):
+    """The ggml type one tensor is stored as in a file of type ``gtype``.
+
+    1-D tensors (norms, biases, rope factors) stay F32, as llama.cpp's converter keeps
+    them. Quantized blocks cover 32 elements of a row; a row length that is not a multiple
+    falls back to F16 (as llama.cpp's converter does for Q8_0 / Q4_0 / Q5_0).
+    """
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(tensor.shape) == 1:
+        return Q.F32
+    qtype = Q[gtype.ggml]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if tensor.shape[-1] % block:
+        return Q.F16
+    return qtype
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+
+    return math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
+
+def load_tensor(source: SourceModel, tensor: SourceTensor, handles: dict) -> np.ndarray:
+    """One tensor as float32 numpy, q/k permuted for llama.cpp where the architecture needs it."""
+    import torch
+    from safetensors import safe_open
+
+    if tensor.file is None:
+        return llama3_rope_factors(source.config)
+    # Reopened per tensor (~0.1 ms): the tensor is a view of the shard's mmap, and every page of it
+    # touched stays in our RSS until the handle closes, which for a one-file model is the whole model.
+    handles.clear()
+    handles[tensor.file] = safe_open(str(tensor.file), framework="pt")
+    data = handles[tensor.file].get_tensor(tensor.hf_name)
+    if source.spec.permute_qk:
+        n_head = int(source.config["num_attention_heads"])
+        heads = table.qk_heads(tensor.hf_name, n_head, int(source.config.get("num_key_value_heads") or n_head))
+        if heads is not None:
+            data = table.permute_qk_for_llama_cpp(data, heads)
+    if data.dtype == torch.bfloat16:
+        data = data.to(torch.float32)
+    array = data.numpy()
+    if not quants.all_finite(array):
+        raise UserError(f"{tensor.file}: tensor {tensor.hf_name} has NaN or infinite values; refusing to export it")
+    return array
+
+
+def convert_tensor(array: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return array.astype(np.float32, copy=False)
+    if qtype == Q.F16:
+        return array.astype(np.float16, copy=False)
+    return quants.quantize(array, qtype)  # gguf-py's bytes, chunked and multi-threaded
+
+
+# ----------------------------------------------------------------------------- files
+
+def check_disk_space(path: Path, needed: int) -> None:
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise UserError(f"{path}: not enough disk space: needs {needed} bytes, {free} free on {path.parent}")
+
+
+def estimate_vocab_bytes(vocab: GGUFVocab) -> int:
+    return (sum(len(t.encode()) + 16 for t in vocab.tokens) + sum(len(m.encode()) + 8 for m in vocab.merges)
+            + len((vocab.chat_template or "").encode()) + 65536)
+
+
+def estimate_file_bytes(source: SourceModel, gtype: GGUFType, vocab: GGUFVocab) -> int:
+    if gtype.ggml is None:
+        data = sum(math.prod(t.shape) * (4 if len(t.shape) == 1 else gtype.bits_per_weight / 8) for t in source.tensors)
+        return int(data) + estimate_vocab_bytes(vocab)
+    return sum(tensor_nbytes(t.shape, tensor_qtype(t, gtype)) + 64 for t in source.tensors) + estimate_vocab_bytes(vocab)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_direct(source: SourceModel, vocab: GGUFVocab, gtype: GGUFType, path: Path, name: str,
+                 on_tensor: Callable[[dict], None] | None = None) -> Path:
+    """Write one GGUF of a directly written type, streaming tensors; atomic rename at the end."""
+    import gguf
+
+    check_disk_space(path, estimate_file_bytes(source, gtype, vocab))
+    tmp = _temp_name(path)
+    plan = [(t, tensor_qtype(t, gtype)) for t in source.tensors]
+    writer = gguf.GGUFWriter(str(tmp), source.spec.gguf_arch)
+    try:
+        writer.add_name(name)
+        write_hparams(writer, source.config, int(gguf.LlamaFileType[gtype.file_type]))
+        write_vocab(writer, vocab)
+        for t, qtype in plan:
+            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        handles: dict = {}
+        with TensorWriter(writer) as data:  # writes (and starts disk writeback) while the next tensor converts
+            for i, (t, qtype) in enumerate(plan):
+                data.write(convert_tensor(load_tensor(source, t, handles), qtype))
+                if on_tensor:
+                    on_tensor({"file": path.name, "tensor": t.gguf_name, "index": i + 1, "total": len(plan)})
+        handles.clear()
+        writer.fout[0].flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_llama_quantized(intermediate: Path, gtype: GGUFType, path: Path, threads: int = 0) -> Path:
+    """A K-quant file from an F16/F32 GGUF with llama.cpp's quantizer; atomic rename at the end."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from lowrank.export.llama import silence_llama_cpp
+
+    silence_llama_cpp()
+    tmp = _temp_name(path)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.LlamaFileType[gtype.file_type])
+    params.nthread = threads
+    try:
+        rc = llama_cpp.llama_model_quantize(str(intermediate).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize failed with code {rc} for {path}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str] | str = ("f16",), *,
+                name: str | None = None, chat_template: str | None = None, threads: int = 0,
+                on_tensor: Callable[[dict], None] | None = None) -> list[Path]:
+    """Write ``model_dir`` (a merged HF dir) as one GGUF per type into ``out_dir``; return the paths.
+
+    ``chat_template`` (Jinja) replaces the tokenizer's own in tokenizer.chat_template.
+    """
+    gtypes = parse_types(list(types) if not isinstance(types, str) else types)
+    source = read_source(model_dir)
+    vocab = load_gguf_vocab(source.model_dir, int(source.config["vocab_size"]), chat_template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = name or source.model_dir.resolve().name
+    paths = {g.name: out / f"{stem}-{g.name}.gguf" for g in gtypes}
+    written: list[Path] = []
+    for g in (g for g in gtypes if g.ggml is not None):
+        written.append(write_direct(source, vocab, g, paths[g.name], stem, on_tensor))
+        log.info("wrote %s", paths[g.name])
+    kquants = [g for g in gtypes if g.ggml is None]
+    if kquants:
+        intermediate = paths.get("f16") or paths.get("f32")
+        temp_intermediate = intermediate is None
+        if temp_intermediate:
+            intermediate = out / f".{stem}-f16-intermediate-{os.getpid()}.gguf"
+            needed = estimate_file_bytes(source, TYPES["f16"], vocab) + sum(estimate_file_bytes(source, g, vocab) for g in kquants)
+            check_disk_space(intermediate, needed)
+            write_direct(source, vocab, TYPES["f16"], intermediate, stem, on_tensor)
+        try:
+            for g in kquants:
+                check_disk_space(paths[g.name], estimate_file_bytes(source, g, vocab))
+                written.append(write_llama_quantized(intermediate, g, paths[g.name], threads))
+                log.info("wrote %s", paths[g.name])
+        finally:
+            if temp_intermediate:
+                intermediate.unlink(missing_ok=True)
+    return [paths[g.name] for g in gtypes]

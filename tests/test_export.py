@@ -1,0 +1,299 @@
+"""GGUF export: files llama.cpp loads and runs like the HF model, and one error per bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+
+from lowrank.cli import main
+from lowrank.errors import UserError
+from lowrank.export.gguf import export_gguf
+from lowrank.export.tensors import gguf_tensor_name, permute_qk_for_llama_cpp, unpermute_qk_from_llama_cpp
+from lowrank.export.verify import verify_gguf
+from lowrank.templates import BUILTIN_TEMPLATES
+
+
+def test_permutation_interleaves_rotary_halves():
+    # One head of dim 4: HF rows [a0 a1 | b0 b1] pair (a_i, b_i); llama.cpp pairs adjacent rows.
+    w = np.arange(8).reshape(8, 1)
+    assert permute_qk_for_llama_cpp(w, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert permute_qk_for_llama_cpp(w, 4, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]  # k: kv heads win
+    assert (unpermute_qk_from_llama_cpp(permute_qk_for_llama_cpp(w, 2), 2) == w).all()
+    assert gguf_tensor_name("model.layers.7.self_attn.k_proj.bias") == "blk.7.attn_k.bias"
+    assert gguf_tensor_name("lm_head.weight") == "output.weight"
+
+
+Case = namedtuple("Case", "kwargs types template")
+CASES = {
+    "llama-bpe-gqa-untied": Case(dict(tokenizer="bpe"), ["f32", "q8_0"], None),
+    "mistral-spm-tied-mha": Case(dict(tokenizer="spm", arch="mistral", tie_word_embeddings=True, num_kv_heads=4),
+                                 ["f16", "q4_k_m"], "llama2"),
+    # Qwen2: NEOX rope (no q/k permutation), q/k/v biases, the Qwen2 pre-tokenizer, ChatML, no BOS.
+    "qwen2-bpe-tied": Case(dict(tokenizer="bpe", arch="qwen2", tie_word_embeddings=True), ["f32", "q5_0"], None),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tiny_model_factory, tmp_path_factory):
+    case = CASES[request.param]
+    src = tiny_model_factory(**case.kwargs)
+    work = tmp_path_factory.mktemp(request.param)
+    template = BUILTIN_TEMPLATES[case.template] if case.template else None
+    paths = export_gguf(src, work / "out", case.types, chat_template=template)
+    return src, paths, template
+
+
+def test_export_writes_one_file_per_type_and_no_temp_files(exported):
+    src, paths, _ = exported
+    assert [p.exists() for p in paths] == [True, True]
+    assert not [p for p in paths[0].parent.iterdir() if p.name.startswith(".")]
+
+
+def test_float_file_matches_transformers_logits_and_greedy(exported):
+    src, paths, template = exported
+    report = verify_gguf(paths[0], src, chat_template=template)
+    assert report.tokenization_mismatches == []
+    assert report.max_logit_diff < report.logit_tolerance <= 5e-3
+    assert report.greedy_identical_tokens == 32
+    assert report.chat_template_checked and report.chat_template_problem is None
+    assert report.passed, report.problems
+
+
+def test_quantized_file_loads_and_reports_kl(exported):
+    src, paths, template = exported
+    report = verify_gguf(paths[1], src, reference_gguf=paths[0], chat_template=template)
+    assert report.file_type in ("Q8_0", "Q4_K_M", "Q5_0")
+    assert 0 <= report.kl_divergence < 0.05
+    assert report.top1_agreement > 0.6
+    assert report.perplexity == pytest.approx(report.perplexity_hf, rel=0.05)
+    assert report.passed, report.problems
+
+
+def test_gguf_tensors_are_permuted_hf_weights(tiny_bpe, tmp_path):
+    import gguf
+    from safetensors.numpy import load_file
+
+    path = export_gguf(tiny_bpe, tmp_path, ["f32"])[0]
+    hf = load_file(str(tiny_bpe / "model.safetensors"))
+    by_name = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    q = np.asarray(by_name["blk.1.attn_q.weight"].data)
+    assert np.array_equal(unpermute_qk_from_llama_cpp(q, 4), hf["model.layers.1.self_attn.q_proj.weight"])
+    assert not np.array_equal(q, hf["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_cli_export_prints_fit_and_writes_modelfile(tiny_bpe, tmp_path, capsys):
+    rc = main(["export", str(tiny_bpe), "--type", "q8_0", "--out", str(tmp_path), "--fit", "4GB", "--no-verify",
+               "--name", "m"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Raspberry Pi 4 (4 GB): fits" in out and "4 GiB budget: fits" in out
+    modelfile = (tmp_path / "m-q8_0.Modelfile").read_text()
+    assert modelfile.startswith("FROM ./m-q8_0.gguf") and 'PARAMETER stop "<|eot_id|>"' in modelfile
+
+
+# ----------------------------------------------------------------------------- every type
+
+# Max |logit - F32 logit| / max |F32 logit| and KL (nats) against the F32 file on held-out text, measured on
+# the model below: f16 8.2e-4 / 2e-8, bf16 5.1e-3 / 1.2e-6, q8_0 1.8e-2 / 1.2e-5, q6_k 4.6e-2 / 9e-5,
+# q5_k_m 7.1e-2 / 2.3e-4, q5_0 0.12 / 4.8e-4, q4_k_m 0.14 / 8.4e-4, q4_0 0.24 / 2e-3. Bounds are ~3x that;
+# a tensor in the wrong layout gives > 1.
+TYPE_BOUNDS = {"f32": (1e-6, 1e-9), "f16": (3e-3, 1e-6), "bf16": (2e-2, 1e-5), "q8_0": (6e-2, 1e-4),
+               "q6_k": (0.15, 5e-4), "q5_k_m": (0.25, 1e-3), "q5_0": (0.35, 2e-3), "q4_k_m": (0.45, 4e-3),
+               "q4_0": (0.7, 1e-2)}
+# What 2-D tensors are stored as: one ggml type for direct types; llama.cpp's mixes keep some in Q6_K.
+TENSOR_TYPES = {"f32": {"F32"}, "f16": {"F16"}, "bf16": {"BF16"}, "q8_0": {"Q8_0"}, "q5_0": {"Q5_0"},
+                "q4_0": {"Q4_0"}, "q6_k": {"Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q4_k_m": {"Q4_K", "Q6_K"}}
+
+
+@pytest.fixture(scope="module")
+def typed(tiny_model_factory, tmp_path_factory):
+    """A tiny LLaMA whose rows are multiples of 256 (K-quant blocks), its F32 and F16 files, F32 logits."""
+    from transformers import AutoTokenizer
+
+    from lowrank.export.llama import gguf_logits, load_llama
+    from lowrank.export.verify import HELD_OUT_TEXT
+
+    src = tiny_model_factory(tokenizer="bpe", hidden_size=256, intermediate_size=512, num_layers=1)
+    out = tmp_path_factory.mktemp("types")
+    f32, f16 = export_gguf(src, out, ["f32", "f16"], name="m")
+    ids = AutoTokenizer.from_pretrained(str(src))(HELD_OUT_TEXT)["input_ids"]
+    llm = load_llama(f32, n_threads=1)
+    ref = gguf_logits(llm, ids)
+    llm.close()
+    return {"src": src, "out": out, "f32": f32, "f16": f16, "ids": ids, "ref": ref}
+
+
+@pytest.mark.parametrize("name", list(TYPE_BOUNDS))
+def test_every_type_is_written_and_runs_in_llama_cpp(typed, name):
+    import gguf
+
+    from lowrank.export.gguf import TYPES, write_llama_quantized
+    from lowrank.export.llama import gguf_logits, load_llama
+    from lowrank.export.verify import log_softmax
+
+    gtype = TYPES[name]
+    if name in ("f32", "f16"):
+        path = typed[name]
+    elif gtype.ggml is not None:
+        (path,) = export_gguf(typed["src"], typed["out"], [name], name="m")
+    else:  # K-quants: llama.cpp's quantizer from the F16 file, as export_gguf does
+        path = write_llama_quantized(typed["f16"], gtype, typed["out"] / f"m-{name}.gguf", threads=1)
+    reader = gguf.GGUFReader(str(path))
+    assert int(reader.fields["general.file_type"].contents()) == int(gguf.LlamaFileType[gtype.file_type])
+    stored = {gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors if len(t.shape) > 1}
+    assert stored == TENSOR_TYPES[name]
+    del reader
+    llm = load_llama(path, n_threads=1)
+    got = gguf_logits(llm, typed["ids"])
+    llm.close()
+    ref = typed["ref"]
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    p_log, q_log = log_softmax(ref), log_softmax(got)
+    kl = float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+    max_rel, max_kl = TYPE_BOUNDS[name]
+    assert rel <= max_rel and kl <= max_kl, (name, rel, kl)
+
+
+# ----------------------------------------------------------------------------- from base + adapter
+
+@pytest.fixture(scope="module")
+def adapter(tiny_spm, tmp_path_factory):
+    from test_lora_gguf import make_adapter
+
+    return make_adapter(tiny_spm, tmp_path_factory.mktemp("adapter") / "adapter", seed=5)
+
+
+def _tensors(path) -> dict:
+    import gguf
+
+    return {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_cli_export_base_with_adapter_merges_then_exports(tiny_spm, adapter, tmp_path, capsys):
+    from lowrank.quantize.adapters import load_lora_adapter
+
+    # (verify of a merged export runs in the --lora test below)
+    rc = main(["export", str(tiny_spm), "--adapter", str(adapter), "--type", "f32", "--out", str(tmp_path),
+               "--no-verify"])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-f32.Modelfile", "adapter-f32.gguf"]  # no temp dir
+    # Every adapted weight in the file is base + scaling * B @ A, in llama.cpp's q/k layout.
+    from safetensors.numpy import load_file
+
+    base = load_file(str(tiny_spm / "model.safetensors"))
+    got = _tensors(tmp_path / "adapter-f32.gguf")
+    for hf_name, module in load_lora_adapter(adapter).modules.items():
+        want = base[hf_name] + module.delta().numpy()
+        if "q_proj" in hf_name or "k_proj" in hf_name:
+            want = permute_qk_for_llama_cpp(want, 4, 4 if "q_proj" in hf_name else 2)
+        np.testing.assert_allclose(got[gguf_tensor_name(hf_name)], want, atol=1e-6)
+
+
+def test_cli_export_lora_writes_base_adapter_and_merged_and_checks_them(tiny_spm, adapter, tmp_path, capsys):
+    rc = main(["export", str(tiny_spm), "--adapter", str(adapter), "--lora", "--type", "f16", "--out", str(tmp_path),
+               "--name", "m", "--chat-template", "vicuna"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    base = f"{tiny_spm.name}-f16"
+    assert {p.name for p in tmp_path.glob("*.gguf")} == {"m-f16.gguf", f"{base}.gguf", "m-lora.gguf"}
+    assert out.count("PASS") == 2
+    assert f"LoRA m-lora.gguf on {base}.gguf: max relative diff from this file" in out and "(tolerance 5e-03)" in out
+    modelfile = (tmp_path / "m-lora.Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{base}.gguf\nADAPTER ./m-lora.gguf\nTEMPLATE")
+
+
+def test_cli_export_lora_only_writes_just_the_adapter_gguf(tiny_spm, adapter, tmp_path, capsys):
+    from lowrank.export.lora import export_lora_gguf
+
+    rc = main(["export", str(tiny_spm), "--adapter", str(adapter), "--lora-only", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["adapter-lora.gguf"]
+    direct = _tensors(export_lora_gguf(adapter, tiny_spm, tmp_path / "direct.gguf"))
+    written = _tensors(tmp_path / "o" / "adapter-lora.gguf")
+    assert written.keys() == direct.keys() and all(np.array_equal(written[k], direct[k]) for k in direct)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _cli_error(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    return err
+
+
+def test_not_a_model_dir(tmp_path, capsys):
+    err = _cli_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert err == f"lowrank export: error: {tmp_path}: not a Hugging Face model dir (no config.json)"
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    err = _cli_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "model_type 'gpt2' is not supported" in err and "llama, mistral, qwen2" in err
+
+
+def test_unknown_type(tiny_bpe, tmp_path, capsys):
+    err = _cli_error(capsys, ["export", str(tiny_bpe), "--type", "f16,q3_x", "--out", str(tmp_path)])
+    assert "unknown GGUF type 'q3_x'" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_no_disk_room_names_path_and_bytes(tiny_bpe, tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    err = _cli_error(capsys, ["export", str(tiny_bpe), "--type", "f16", "--out", str(tmp_path), "--name", "m"])
+    assert f"{tmp_path / 'm-f16.gguf'}: not enough disk space: needs " in err and "1000 free" in err
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_interrupted_export_leaves_no_file_under_final_name(tiny_bpe, tmp_path, monkeypatch):
+    import lowrank.export.gguf as mod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "convert_tensor", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(tiny_bpe, tmp_path, ["f16"], name="m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_weights_are_refused(tiny_bpe, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_bpe, src)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="model.norm.weight has NaN"):
+        export_gguf(src, tmp_path / "out", ["f16"])
+
+
+@pytest.fixture(scope="module")
+def wider(tiny_model_factory):
+    """Another base: the adapter's shapes do not fit it (built here, so its progress bars stay out of capsys)."""
+    return tiny_model_factory(tokenizer="spm", hidden_size=96)
+
+
+def test_adapter_for_another_base_is_one_line_error(wider, adapter, tmp_path, capsys):
+    err = _cli_error(capsys, ["export", str(wider), "--adapter", str(adapter), "--out", str(tmp_path)])
+    assert err.startswith(f"lowrank export: error: {adapter}") and "another base" in err
+    assert list(tmp_path.iterdir()) == []  # neither a .gguf nor the temporary merge
+
+
+def test_lora_only_adapter_for_another_base_is_one_line_error(wider, adapter, tmp_path, capsys):
+    err = _cli_error(capsys, ["export", str(wider), "--adapter", str(adapter), "--lora-only", "--out", str(tmp_path)])
+    assert err.startswith(f"lowrank export: error: {adapter}") and "another base" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_without_adapter_is_one_line_error(tiny_spm, tmp_path, capsys):
+    err = _cli_error(capsys, ["export", str(tiny_spm), "--lora", "--out", str(tmp_path)])
+    assert err == "lowrank export: error: --lora: give the adapter(s) with --adapter DIR"

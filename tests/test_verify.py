@@ -1,0 +1,153 @@
+"""`lowrank verify`: passes on a good file, catches real differences, one-line errors for broken files."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from lowrank.cli import main
+from lowrank.export.gguf import export_gguf
+from lowrank.export.verify import verify_gguf
+from lowrank.templates import BUILTIN_TEMPLATES
+
+
+@pytest.fixture(scope="module")
+def bpe_f16(tiny_bpe, tmp_path_factory):
+    return export_gguf(tiny_bpe, tmp_path_factory.mktemp("verify"), ["f16"], name="m")[0]
+
+
+@pytest.fixture(scope="module")
+def spm_f32(tiny_spm, tmp_path_factory):
+    """The tiny SentencePiece model with the default template for SPM models (vicuna) stored in the file."""
+    out = tmp_path_factory.mktemp("verify-spm")
+    return export_gguf(tiny_spm, out, ["f32"], name="m", chat_template=BUILTIN_TEMPLATES["vicuna"])[0]
+
+
+def _cli(capsys, argv) -> tuple[int, str, str]:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.strip()
+
+
+def test_cli_verify_passes_on_exported_file(bpe_f16, tiny_bpe, capsys):
+    rc, out, _ = _cli(capsys, ["verify", str(bpe_f16), str(tiny_bpe)])
+    assert rc == 0, out
+    assert "PASS" in out and "greedy: 32/32 tokens identical" in out
+    assert "chat template: identical rendering and token ids (2 conversations)" in out
+
+
+def test_sentencepiece_model_tokenizes_and_chats_like_llama_cpp(spm_f32, tiny_spm):
+    # vicuna writes " USER:" right after </s>: llama.cpp puts its dummy-prefix space before it ("▁▁USER"),
+    # and so must the HF tokenizer training used, or the model sees other ids than it was trained on.
+    report = verify_gguf(spm_f32, tiny_spm, chat_template=BUILTIN_TEMPLATES["vicuna"], greedy_tokens=8)
+    assert report.texts_checked == 8 and report.tokenization_mismatches == []
+    assert report.chat_tokens_checked == 2 and report.chat_template_problem is None
+    assert report.passed, report.problems
+
+
+def test_chat_template_round_trip_detects_a_different_template(bpe_f16, tiny_bpe):
+    # The file stores llama3; claim training used chatml: the renderings differ and verify says so.
+    report = verify_gguf(bpe_f16, tiny_bpe, chat_template=BUILTIN_TEMPLATES["chatml"], greedy_tokens=4)
+    assert report.chat_template_problem.startswith("rendering differs") and not report.passed
+
+
+def test_tokenizer_that_llama_cpp_splits_differently_fails(spm_f32, tiny_spm, tmp_path):
+    # The same vocabulary behind HF's Metaspace pre-tokenizer in its non-legacy mode (LlamaTokenizer's
+    # default): no dummy-prefix space after a special token, where llama.cpp (and sentencepiece) add one.
+    # The chat text renders identically, but its token ids differ: verify must say so.
+    model = tmp_path / "metaspace"
+    shutil.copytree(tiny_spm, model)
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["normalizer"] = None
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    report = verify_gguf(spm_f32, model, chat_template=BUILTIN_TEMPLATES["vicuna"], greedy_tokens=4)
+    assert any(m["text"].startswith("<s>Hello") for m in report.tokenization_mismatches)
+    assert report.chat_template_problem.startswith("same text, different token ids")
+    assert not report.passed
+    assert report.max_logit_diff < report.logit_tolerance  # the weights themselves are right
+
+
+# ----------------------------------------------------------------------------- LoRA adapter GGUF
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_spm, tmp_path_factory):
+    """Base F32 GGUF, merged F32 GGUF + its HF dir, and two LoRA GGUFs: the merged one's and another."""
+    from test_lora_gguf import make_adapter
+
+    from lowrank.export.lora import export_lora_gguf
+    from lowrank.quantize.merge import merge_adapters
+
+    work = tmp_path_factory.mktemp("verify-lora")
+    adapter = make_adapter(tiny_spm, work / "adapter", seed=21)
+    other = make_adapter(tiny_spm, work / "other", seed=22)
+    merged = merge_adapters(str(tiny_spm), [str(adapter)], work / "merged", dtype="float32")
+    return {
+        "base": export_gguf(tiny_spm, work, ["f32"], name="base")[0],
+        "merged_dir": merged,
+        "merged": export_gguf(merged, work, ["f32"], name="merged")[0],
+        "lora": export_lora_gguf(adapter, tiny_spm, work / "adapter-lora.gguf"),
+        "other": export_lora_gguf(other, tiny_spm, work / "other-lora.gguf"),
+    }
+
+
+def test_cli_verify_lora_on_base_matches_merged(lora_files, capsys):
+    f = lora_files
+    rc, out, _ = _cli(capsys, ["verify", str(f["merged"]), str(f["merged_dir"]), "--lora", str(f["lora"]),
+                               "--base-gguf", str(f["base"]), "--greedy-tokens", "4"])
+    assert rc == 0, out
+    # F32 throughout: measured 5.6e-05 relative; an adapter that changes nothing would make this meaningless.
+    match = re.search(r"LoRA adapter-lora\.gguf on base-f32\.gguf: max relative diff from this file (\S+) "
+                      r"\(tolerance 2e-03\); the adapter moves logits by (\S+)", out)
+    assert match, out
+    assert float(match[1]) < 1e-3 and float(match[2]) > 0.1
+
+
+def test_verify_lora_catches_the_wrong_adapter(lora_files):
+    f = lora_files
+    report = verify_gguf(f["merged"], f["merged_dir"], lora_gguf=f["other"], base_gguf=f["base"], greedy_tokens=4)
+    assert report.lora_max_diff > report.lora_tolerance
+    assert not report.passed and any(p.startswith("LoRA: base + adapter differs") for p in report.problems)
+
+
+def test_verify_lora_without_base_is_one_line_error(lora_files, capsys):
+    f = lora_files
+    rc, _, err = _cli(capsys, ["verify", str(f["merged"]), str(f["merged_dir"]), "--lora", str(f["lora"])])
+    assert rc == 2 and err == ("lowrank verify: error: --lora and --base-gguf go together: "
+                               "the adapter GGUF and the base GGUF it applies to")
+
+
+def test_verify_lora_that_is_not_an_adapter_is_one_line_error(lora_files, capsys):
+    f = lora_files
+    rc, _, err = _cli(capsys, ["verify", str(f["merged"]), str(f["merged_dir"]), "--lora", str(f["base"]),
+                               "--base-gguf", str(f["base"]), "--greedy-tokens", "1"])
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"lowrank verify: error: {f['base']}: not a LoRA adapter GGUF")
+
+
+# ----------------------------------------------------------------------------- broken files
+
+def test_truncated_gguf_is_one_line_error(bpe_f16, tiny_bpe, tmp_path, capsys):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(bpe_f16.read_bytes()[: bpe_f16.stat().st_size // 2])
+    rc, _, err = _cli(capsys, ["verify", str(bad), str(tiny_bpe)])
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"lowrank verify: error: {bad}: ") and "truncated" in err
+
+
+def test_corrupted_gguf_is_one_line_error(bpe_f16, tiny_bpe, tmp_path, capsys):
+    data = bytearray(bpe_f16.read_bytes())
+    data[8:24] = b"\xff" * 16  # version and tensor/kv counts
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    rc, _, err = _cli(capsys, ["verify", str(bad), str(tiny_bpe)])
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"lowrank verify: error: {bad}: not a valid GGUF file")
+
+
+def test_missing_gguf_is_one_line_error(tiny_bpe, tmp_path, capsys):
+    rc, _, err = _cli(capsys, ["verify", str(tmp_path / "none.gguf"), str(tiny_bpe)])
+    assert rc == 2 and err == f"lowrank verify: error: {tmp_path / 'none.gguf'}: no such GGUF file"
