@@ -59,6 +59,8 @@ class GGUFBackend(ChatBackend):
         super().__init__()
         from llama_cpp import Llama
 
+        from lowrank.export.llama import plain_cpu_weights
+
         self.path = path
         start = time.perf_counter()
         if n_ctx is None:
@@ -69,8 +71,9 @@ class GGUFBackend(ChatBackend):
                 trained = None
             n_ctx = min(DEFAULT_CTX, int(trained)) if trained else DEFAULT_CTX
         try:
-            self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                             n_batch=512, verbose=False)
+            with plain_cpu_weights():  # AMX VMs fault on llama.cpp's AMX weight buffers
+                self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
+                                 n_batch=512, verbose=False)
         except ValueError as e:
             raise UserError(_architecture_problem(path)) from e
         self.n_ctx = self.llm.n_ctx()

@@ -79,6 +79,19 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(tiny_gguf):
     assert child.exitstatus == 0
 
 
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_k_m"])
+def test_quantized_gguf_streams_a_reply(tmp_path, tiny_spm, gguf_type):
+    # Quantized weights take llama.cpp's other CPU kernels (AMX/repacked buffers where the CPU has them).
+    backend = load_backend(make_tiny_gguf(tiny_spm, tmp_path, gguf_type), n_ctx=128, n_threads=1)
+    try:
+        reply = backend.generate([{"role": "user", "content": "Hello"}], SamplingConfig(max_tokens=8, temperature=0.8))
+        text = "".join(reply)
+        # A crash in llama.cpp's kernels would take the whole process down before this line.
+        assert reply.prompt_tokens > 0 and text and reply.tokens > 0
+    finally:
+        backend.close()
+
+
 def test_gguf_prompt_is_formatted_as_llama_cpp_python_does(gguf_backend):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
