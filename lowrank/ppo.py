@@ -43,7 +43,8 @@ class PPOConfig:
     reward_adapter: str = field(default="", metadata={"help": "reward adapter dir from `lowrank reward`"})
     prompts: str = field(default="", metadata={"help": "prompts file (JSON/JSONL) or dataset name"})
     output_dir: str = field(default="", metadata={"help": "where the policy adapter is written"})
-    quant: str = field(default="none", metadata={"help": "base weights: nf4, int8 or none"})
+    quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
+                                                         "adapter, else the reward adapter, was trained on)"})
     # sampling
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts (1: off)"})
@@ -283,7 +284,7 @@ def _load_inputs(config: PPOConfig):
     Returns (model path, tokenizer, (template name, jinja), prompt token ids, SFT lowrank.json or None).
     """
     from lowrank.data import load_prompts
-    from lowrank.models import load_tokenizer
+    from lowrank.models import QUANT_CHOICES, load_tokenizer
     from lowrank.reward import check_adapter_base
     from lowrank.templates import render, resolve_template
     from lowrank.tiny import resolve_model_name
@@ -312,6 +313,11 @@ def _load_inputs(config: PPOConfig):
                     "rollouts use the SFT one, so scores may be off", reward_meta["chat_template"].get("name"),
                     recorded.get("name"))
     template_name, template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
+    if config.quant == "auto":
+        config.quant = (sft_meta or reward_meta).get("config", {}).get("quant") or "nf4"
+        log.info("base weights: %s (as the %s adapter was trained)", config.quant, "SFT" if sft_meta else "reward")
+    if config.quant not in QUANT_CHOICES:
+        raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
     context = _context_length(model_path)
     prompt_ids = []
     for number, messages in enumerate(load_prompts(config.prompts), 1):
