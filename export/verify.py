@@ -310,7 +310,7 @@ def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gg
     reports the gap without a tolerance (a merge into dequantized nf4/int8 weights differs from
     base + adapter by the base's quantization error, by design).
     """
-    from transformers import AutoTokenizer
+    from lowrank.models import load_tokenizer
 
     if (lora_gguf is None) != (base_gguf is None):
         raise UserError("--lora and --base-gguf go together: the adapter GGUF and the base GGUF it applies to")
@@ -324,7 +324,7 @@ def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gg
     model_dir = Path(hf_model_dir)
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: not a Hugging Face model dir (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))  # the tokenizer training used, SentencePiece fix included
     report = VerifyReport(path=str(path), file_type=file_type_name(reader))
     expected_template = chat_template or getattr(tokenizer, "chat_template", None)
 

@@ -177,11 +177,14 @@ def load_gguf_vocab(model_dir: str | Path, vocab_size: int, chat_template: str |
 
     ``chat_template`` overrides the tokenizer's own (e.g. the one recorded in lowrank.json).
     """
-    from transformers import AutoTokenizer
+    from lowrank.models import load_tokenizer
 
     model_dir = Path(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        # The loader training used, so the file's add_space_prefix and the ids training saw agree.
+        tokenizer = load_tokenizer(str(model_dir), pad_with_eos=False)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any load failure is a bad model dir
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     if (model_dir / "tokenizer.model").exists():

@@ -55,14 +55,13 @@ def test_chat_template_round_trip_detects_a_different_template(bpe_f16, tiny_bpe
 
 
 def test_tokenizer_that_llama_cpp_splits_differently_fails(spm_f32, tiny_spm, tmp_path):
-    # The same vocabulary behind HF's Metaspace pre-tokenizer in its non-legacy mode (LlamaTokenizer's
-    # default): no dummy-prefix space after a special token, where llama.cpp (and sentencepiece) add one.
-    # The chat text renders identically, but its token ids differ: verify must say so.
-    model = tmp_path / "metaspace"
+    # The same vocabulary behind a normalizer llama.cpp does not run (Lowercase after the SentencePiece
+    # steps; lowrank.models.load_tokenizer leaves normalizers it does not know alone). The chat text
+    # renders identically, but its token ids differ: verify must say so.
+    model = tmp_path / "lowercase"
     shutil.copytree(tiny_spm, model)
     tok = json.loads((model / "tokenizer.json").read_text())
-    tok["normalizer"] = None
-    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    tok["normalizer"]["normalizers"].append({"type": "Lowercase"})
     (model / "tokenizer.json").write_text(json.dumps(tok))
     report = verify_gguf(spm_f32, model, chat_template=BUILTIN_TEMPLATES["vicuna"], greedy_tokens=4)
     assert any(m["text"].startswith("<s>Hello") for m in report.tokenization_mismatches)

@@ -54,9 +54,9 @@ def _record(model_dir: Path) -> dict:
 
 
 def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    from lowrank.models import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return load_tokenizer(str(model_dir), pad_with_eos=False)
 
 
 def export_and_report(config, model_dir: Path, reports: list | None = None, *, lora: dict | None = None) -> int:
@@ -103,13 +103,14 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
     for p in paths + base_paths + lora_paths:
         print(p)
     print(format_fit([estimate_fit(p, hf_config, config.context_length) for p in paths], budget))
-    eos = _tokenizer(model_dir).eos_token or ""
     if config.modelfile:
-        model_template = template or _tokenizer(model_dir).chat_template
+        tokenizer = _tokenizer(model_dir)
+        model_template = template or tokenizer.chat_template
+        eos, bos = tokenizer.eos_token or "", tokenizer.bos_token or ""
         for p in paths + base_paths:
-            write_modelfile(p, model_template, eos)
+            write_modelfile(p, model_template, eos, bos_token=bos)
         if base_paths and len(lora_paths) == 1:
-            write_modelfile(base_paths[0], model_template, eos, adapter=lora_paths[0])
+            write_modelfile(base_paths[0], model_template, eos, adapter=lora_paths[0], bos_token=bos)
     if not config.verify:
         return 0
     reference = next((p for p in paths if p.name.endswith("-f16.gguf")), None)
