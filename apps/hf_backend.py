@@ -34,18 +34,44 @@ def read_adapter_meta(adapter_dir: Path) -> dict:
 
 
 def base_of(adapter_dir: Path, meta: dict) -> str | None:
-    """The base model an adapter was trained on: lowrank.json first, then peft's adapter_config.json."""
-    for key in ("base_model", "base", "model"):
-        value = meta.get(key)
-        if isinstance(value, dict):
-            value = value.get("path") or value.get("id") or value.get("name")
-        if isinstance(value, str) and value:
-            return value
+    """The base model an adapter was trained on.
+
+    lowrank's stages record ``"base": {"id", "path", "digest"}`` in lowrank.json: ``path`` is the
+    model dir training loaded (for ``tiny`` a built cache dir), ``id`` what was given to --model
+    (a hub id or ``tiny``, which resolve on any machine). The path wins while it is still there.
+    Then a plain ``"base_model"`` (hand-written files), then peft's adapter_config.json.
+    """
+    base = meta.get("base")
+    if isinstance(base, dict):
+        path, model_id = base.get("path"), base.get("id")
+        if path and (Path(path).expanduser() / "config.json").is_file():
+            return path
+        if model_id or path:
+            return model_id or path
+    if isinstance(base, str) and base:
+        return base
+    if isinstance(meta.get("base_model"), str) and meta["base_model"]:
+        return meta["base_model"]
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return config.get("base_model_name_or_path") or None
+
+
+def check_base_digest(adapter_dir: Path, meta: dict, base_path: str) -> None:
+    """Refuse a base other than the one training recorded (its digest): a LoRA loads silently onto
+    any base of the same shapes, and would then just talk nonsense."""
+    recorded = meta.get("base", {}).get("digest") if isinstance(meta.get("base"), dict) else None
+    if not recorded or not (Path(base_path) / "config.json").is_file():
+        return  # nothing recorded, or a hub id: digesting it would need the network
+    from lowrank.models import model_digest
+
+    actual = model_digest(base_path)
+    if actual != recorded:
+        raise UserError(f"adapter {adapter_dir} was trained on base '{meta['base'].get('id')}' (digest "
+                        f"{recorded[:12]}), not on '{base_path}' (digest {actual[:12]}); "
+                        "pass the base it was trained on with --base DIR")
 
 
 def template_of(meta: dict) -> tuple[str, str] | None:
@@ -92,6 +118,7 @@ class HFBackend(ChatBackend):
                 raise UserError(f"adapter {path} does not name its base model (no base in lowrank.json or "
                                 "adapter_config.json); pass it with --base DIR")
             base_path = _check_base(base, directory)
+            check_base_digest(directory, meta, base_path)
         else:
             self.kind, base_path = "model", path
         if n_threads:
