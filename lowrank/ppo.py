@@ -313,9 +313,8 @@ def _load_inputs(config: PPOConfig):
                     "rollouts use the SFT one, so scores may be off", reward_meta["chat_template"].get("name"),
                     recorded.get("name"))
     template_name, template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
-    if config.quant == "auto":
+    if config.quant == "auto":  # the base as the adapters saw it in training
         config.quant = (sft_meta or reward_meta).get("config", {}).get("quant") or "nf4"
-        log.info("base weights: %s (as the %s adapter was trained)", config.quant, "SFT" if sft_meta else "reward")
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
     context = _context_length(model_path)

@@ -216,6 +216,7 @@ def test_cli_unsupported_architecture(tmp_path, capsys):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()  # transformers' own warnings about this config, before the command runs
     code, _, err = _cli(["--model", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "out")], capsys)
     _assert_one_line_error(code, err, "unsupported architecture 'gpt2'; supported: llama, mistral, qwen2")
     assert not (tmp_path / "out").exists()

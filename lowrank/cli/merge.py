@@ -18,23 +18,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from lowrank.cli.progress import StepBar
     from lowrank.quantize.merge import MergeConfig, merge
 
     config = build_config(MergeConfig, args, base=args.base, adapters=args.adapter_dirs, out=args.out)
-    bar = None
-
-    def on_shard(event: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=event["total"], desc="merge", unit="shard")
-        bar.update(1)
-
-    try:
-        out = merge(config, on_shard=on_shard)
-    finally:
-        if bar is not None:
-            bar.close()
+    bar = StepBar("merge", unit="shard", total_key="total")
+    with bar:
+        out = merge(config, on_shard=bar)
     print(out)
     return 0

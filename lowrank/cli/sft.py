@@ -15,33 +15,21 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from tqdm import tqdm
-
+    from lowrank.cli.progress import StepBar
     from lowrank.config import build_config
     from lowrank.sft import SFTConfig, train_sft
 
     # bitsandbytes warns once per int8 matmul on the CPU that it casts fp32 inputs to fp16.
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     config = build_config(SFTConfig, args)
-    bar = None
-    shown: dict[str, str] = {}
+    bar = StepBar("sft")
 
     def on_step(record: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=record["max_steps"], initial=record["step"] - 1, desc="sft", unit="step")
-        shown["loss"] = f"{record['loss']:.3f}"
-        shown["tok/s"] = f"{record['tokens_per_second']:.0f}"
-        if "eval_loss" in record:  # stays shown until the next evaluation
-            shown["eval"] = f"{record['eval_loss']:.3f}"
-        bar.set_postfix(shown, refresh=False)
-        bar.update(1)
+        held_out = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
+        bar(record, loss=f"{record['loss']:.3f}", **{"tok/s": f"{record['tokens_per_second']:.0f}"}, **held_out)
 
-    try:
+    with bar:
         out_dir = train_sft(config, on_step=on_step)
-    finally:
-        if bar is not None:
-            bar.close()
     import json
     import os
 
