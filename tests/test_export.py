@@ -162,7 +162,7 @@ def test_every_type_is_written_and_runs_in_llama_cpp(typed, name):
 
 @pytest.fixture(scope="module")
 def adapter(tiny_spm, tmp_path_factory):
-    from test_lora_gguf import make_adapter
+    from test_lora_gguf import make_adapter  # B scaled 0.2, as the LoRA GGUF tests use
 
     return make_adapter(tiny_spm, tmp_path_factory.mktemp("adapter") / "adapter", seed=5)
 

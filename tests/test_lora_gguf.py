@@ -12,24 +12,13 @@ import torch
 from lowrank.errors import UserError
 from lowrank.export.lora import export_lora_gguf, lora_gguf_logit_gap
 from lowrank.quantize.merge import merge_adapters
+from adapter_support import make_adapter as _make_adapter
 
 TOKENS = [1, 45, 300, 12, 77, 512, 9, 640, 33, 101, 250, 7]
 
 
-def make_adapter(base: Path, out: Path, seed: int, **lora_kwargs) -> Path:
-    """A PEFT LoRA adapter with random non-zero B, so the merged model differs visibly from the base."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora_kwargs}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(str(out))
-    return out
+def make_adapter(base, out, seed, **lora_kwargs):
+    return _make_adapter(base, out, seed, scale=0.2, **lora_kwargs)
 
 
 def write_f32_gguf(model_dir: Path, out: Path) -> Path:

@@ -15,24 +15,7 @@ from lowrank.cli import main as cli_main
 from lowrank.errors import UserError
 from lowrank.quantize import merge as merge_mod
 from lowrank.quantize.merge import merge_adapters
-
-
-def make_adapter(base: Path, out: Path, seed: int, meta: dict | None = None, **lora_kwargs) -> Path:
-    """A PEFT LoRA adapter on `base` with random non-zero lora_B (a fresh adapter has B = 0: no delta)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora_kwargs}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    peft_model.save_pretrained(str(out))
-    if meta is not None:
-        (out / "lowrank.json").write_text(json.dumps(meta))
-    return out
+from adapter_support import make_adapter
 
 
 def peft_merged_state(base: Path, adapters: list[Path]) -> dict[str, torch.Tensor]:
