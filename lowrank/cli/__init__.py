@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from lowrank.errors import UserError
 
@@ -79,15 +80,22 @@ def _setup_logging(verbose: bool) -> None:
         root.addHandler(handler)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # peft reads a transformers attribute that transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     # bitsandbytes warns on the CPU that an optional faster kernel package is missing.
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if verbose else logging.ERROR)
     # transformers warns about things a user cannot act on (config defaults, deprecations) in the
     # middle of our output; -v shows them. The variable covers a transformers imported later.
+    # Its per-file "Loading weights" bars would interleave with our own progress bars too.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
+        if not verbose:
+            hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
