@@ -39,7 +39,7 @@ def base_of(adapter_dir: Path, meta: dict) -> str | None:
     lowrank's stages record ``"base": {"id", "path", "digest"}`` in lowrank.json: ``path`` is the
     model dir training loaded (for ``tiny`` a built cache dir), ``id`` what was given to --model
     (a hub id or ``tiny``, which resolve on any machine). The path wins while it is still there.
-    Then a plain ``"base_model"`` (hand-written files), then peft's adapter_config.json.
+    Without that record (an adapter made elsewhere), peft's adapter_config.json says.
     """
     base = meta.get("base")
     if isinstance(base, dict):
@@ -48,10 +48,6 @@ def base_of(adapter_dir: Path, meta: dict) -> str | None:
             return path
         if model_id or path:
             return model_id or path
-    if isinstance(base, str) and base:
-        return base
-    if isinstance(meta.get("base_model"), str) and meta["base_model"]:
-        return meta["base_model"]
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -42,7 +42,7 @@ def models_dir(tmp_path_factory, tiny_spm) -> Path:
     orphan = root / "orphan-adapter"
     orphan.mkdir()
     (orphan / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    (orphan / "lowrank.json").write_text(json.dumps({"stage": "sft", "base_model": str(root / "no-such-base")}))
+    (orphan / "lowrank.json").write_text(json.dumps({"stage": "sft", "base": {"id": str(root / "no-such-base")}}))
     return root
 
 

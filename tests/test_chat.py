@@ -179,7 +179,7 @@ def test_adapter_without_its_base_is_a_one_line_error(capsys, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": None}))
-    (adapter / "lowrank.json").write_text(json.dumps({"stage": "sft", "base_model": str(tmp_path / "gone")}))
+    (adapter / "lowrank.json").write_text(json.dumps({"stage": "sft", "base": {"id": str(tmp_path / "gone")}}))
     code, err = run_chat_cli(capsys, str(adapter))
     assert code == 2
     assert err == (f"lowrank chat: error: adapter {adapter}: its base model '{tmp_path / 'gone'}' is not there "
@@ -196,7 +196,7 @@ def sft_adapter(tmp_path_factory, tiny_bpe):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_bpe), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.save_pretrained(out)
     (out / "lowrank.json").write_text(json.dumps({
-        "stage": "sft", "base_model": str(tiny_bpe),
+        "stage": "sft", "base": {"id": str(tiny_bpe), "path": str(tiny_bpe)},
         "chat_template": {"name": "chatml", "jinja": BUILTIN_TEMPLATES["chatml"]}}))
     return out
 
@@ -218,9 +218,9 @@ def test_adapter_chat_uses_the_template_recorded_in_lowrank_json(sft_adapter, tm
     for f in sft_adapter.iterdir():
         (moved / f.name).write_bytes(f.read_bytes())
     meta = json.loads((moved / "lowrank.json").read_text())
-    (moved / "lowrank.json").write_text(json.dumps({**meta, "base_model": str(tmp_path / "elsewhere")}))
+    (moved / "lowrank.json").write_text(json.dumps({**meta, "base": {"id": str(tmp_path / "elsewhere")}}))
     with pytest.raises(Exception, match="pass the base with --base DIR"):
         load_backend(moved)
-    rebased = load_backend(moved, base=meta["base_model"], device="cpu")
+    rebased = load_backend(moved, base=meta["base"]["path"], device="cpu")
     assert rebased.template_source == "chatml from lowrank.json"
     assert "".join(rebased.generate(messages, SamplingConfig(max_tokens=4, seed=0)))
