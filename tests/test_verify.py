@@ -150,3 +150,50 @@ def test_corrupted_gguf_is_one_line_error(bpe_f16, tiny_bpe, tmp_path, capsys):
 def test_missing_gguf_is_one_line_error(tiny_bpe, tmp_path, capsys):
     rc, _, err = _cli(capsys, ["verify", str(tmp_path / "none.gguf"), str(tiny_bpe)])
     assert rc == 2 and err == f"lowrank verify: error: {tmp_path / 'none.gguf'}: no such GGUF file"
+
+
+class _GreedyStub:
+    """An HF model whose greedy picks are tokens 1, 2, 3 with the given scores, and a tokenizer of 2 ids."""
+
+    def __init__(self, scores):
+        import torch
+
+        self.scores = [torch.tensor([row]) for row in scores]
+
+    def generate(self, input_ids, **kwargs):
+        import torch
+        from types import SimpleNamespace
+
+        picks = [int(s.argmax()) for s in self.scores]
+        return SimpleNamespace(sequences=torch.tensor([input_ids[0].tolist() + picks]), scores=self.scores)
+
+
+def _greedy_report(monkeypatch, hf_scores, gguf_scores):
+    import numpy as np
+
+    from lowrank.export import verify as verify_mod
+
+    tokenizer = lambda text: {"input_ids": [0, 4]}  # noqa: E731
+    tokenizer.pad_token_id = 0
+    # llama.cpp's logits after each prefix: row k predicts the token at position k + 1.
+    rows = np.zeros((2 + len(gguf_scores), 5), dtype=np.float32)
+    rows[1: 1 + len(gguf_scores)] = gguf_scores
+    monkeypatch.setattr(verify_mod, "gguf_logits", lambda llm, ids: rows[: len(ids)])
+    report = verify_mod.VerifyReport(path="x.gguf", file_type="F16", logit_tolerance=5e-3)
+    verify_mod._check_greedy(report, None, _GreedyStub(hf_scores), tokenizer, len(hf_scores))
+    return report
+
+
+def test_greedy_near_tie_is_reported_not_failed(monkeypatch):
+    hf = [[0, 3.0, 1, 0, 0], [0, 0, 2.0, 1.999, 0], [0, 0, 0, 3.0, 1]]  # position 1: tokens 2 and 3 tie
+    gguf = [[0, 3.0, 1, 0, 0], [0, 0, 1.999, 2.0, 0], [0, 0, 0, 3.0, 1]]  # llama.cpp rounds the other way
+    report = _greedy_report(monkeypatch, hf, gguf)
+    assert report.problems == [] and report.greedy_identical_tokens == 2 and report.greedy_near_ties == 1
+
+
+def test_greedy_real_divergence_fails(monkeypatch):
+    hf = [[0, 3.0, 1, 0, 0], [0, 0, 2.0, 1.0, 0], [0, 0, 0, 3.0, 1]]
+    gguf = [[0, 3.0, 1, 0, 0], [0, 0, 1.0, 2.0, 0], [0, 0, 0, 3.0, 1]]  # a clear preference, the other way
+    report = _greedy_report(monkeypatch, hf, gguf)
+    assert len(report.problems) == 1 and "diverges at token 1 of 3" in report.problems[0]
+    assert report.greedy_near_ties == 0
