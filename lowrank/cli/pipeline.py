@@ -35,14 +35,19 @@ _WIRED = {"model", "output_dir", "out", "base", "adapters", "sft_adapter", "rewa
           "overwrite", "resume", "type"}
 
 # The embedded tiny models have random weights and train at a fraction of a second per step on a
-# CPU: these settings run the whole pipeline in under a minute on 2 idle cores, long enough for
-# SFT's held-out loss and the reward model's accuracy to move. PPO's score barely moves: a policy
-# with random weights almost never samples what the reward model prefers ("please").
+# CPU: these settings run the whole pipeline in under a minute on 2 idle cores. Their LM head is
+# frozen random (std 0.02) behind an RMSNorm of weight 1, so a LoRA on the other linears alone cannot
+# lift any token's probability above ~1.4% (entropy stays ~6.9 nats, SFT's loss ~6.3, PPO's policy
+# cannot move): SFT also puts a LoRA on lm_head, which the PPO policy inherits. The reward model
+# leaves the head out (the score never passes through it).
+_TINY_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 TINY_RECIPE = {
-    "sft": {"learning_rate": 5e-3, "epochs": 2.0, "eval_every": 0, "save_every": 0, "gradient_checkpointing": False},
+    "sft": {"learning_rate": 5e-3, "epochs": 2.0, "eval_every": 0, "save_every": 0, "gradient_checkpointing": False,
+            "target_modules": _TINY_LORA_TARGETS},
     "reward": {"learning_rate": 1e-3, "gradient_checkpointing": False},
-    "ppo": {"steps": 8, "rollout_batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 16,
-            "learning_rate": 1e-3},
+    # every rollout is logged (log_samples), so the summary can count the rewarded property in them
+    "ppo": {"steps": 16, "rollout_batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 16,
+            "learning_rate": 1e-3, "init_kl_coef": 0.2, "log_samples": 8},
 }
 # --quick: a smoke test of the plumbing (two optimizer steps per training stage).
 QUICK_RECIPE = {
@@ -264,6 +269,18 @@ def _ppo_records(ppo_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def _property_rates(records: list[dict], window: int) -> list[float] | None:
+    """Share of the logged samples of the first and last ``window`` steps that have sample_property."""
+    from lowrank.data import sample_property
+
+    def rate(chunk):
+        texts = [s["response"] for r in chunk for s in r.get("samples", [])]
+        return sum(map(sample_property, texts)) / len(texts) if texts else None
+
+    first, last = rate(records[:window]), rate(records[-window:])
+    return None if first is None or last is None else [first, last]
+
+
 def run_stages(config: PipelineConfig, configs: dict) -> dict:
     """Run every stage; return the summary that pipeline.json records (verify results included)."""
     import warnings
@@ -327,6 +344,8 @@ def run_stages(config: PipelineConfig, configs: dict) -> dict:
             "ppo_score_window": window,
             "ppo_kl": ppo_records[-1]["kl"] if ppo_records else None,
             "ppo_steps": len(scores),
+            # share of logged rollouts with the shipped preferences' property ("please"), same windows
+            "ppo_property_rate": _property_rates(ppo_records, window) if not config.preferences else None,
         },
         "gguf": gguf,
         "seconds": seconds,
@@ -352,6 +371,8 @@ def format_summary(summary: dict, output_dir: str) -> str:
         f"  ppo     reward {_num(score[0], '.3f')} -> {_num(score[1], '.3f')} (mean of the first and last "
         f"{m['ppo_score_window']} of {m['ppo_steps']} steps), KL to SFT {_num(m['ppo_kl'], '.3f')} nats  "
         f"({seconds['ppo']:.0f} s)",
+        *([f"          responses with \"please\" (what the shipped preferences reward) {rate[0]:.0%} -> {rate[1]:.0%}"]
+          if (rate := m.get("ppo_property_rate")) else []),
         f"  merge   {summary['dirs']['merged']}  ({seconds['merge']:.0f} s)",
         f"  gguf    ({seconds['export']:.0f} s)",
     ]
