@@ -41,13 +41,13 @@ def base_of(adapter_dir: Path, meta: dict) -> str | None:
     (a hub id or ``tiny``, which resolve on any machine). The path wins while it is still there.
     Without that record (an adapter made elsewhere), peft's adapter_config.json says.
     """
-    base = meta.get("base")
-    if isinstance(base, dict):
-        path, model_id = base.get("path"), base.get("id")
-        if path and (Path(path).expanduser() / "config.json").is_file():
-            return path
-        if model_id or path:
-            return model_id or path
+    from lowrank.models import recorded_base
+
+    path, model_id = recorded_base(meta).get("path"), recorded_base(meta).get("id")
+    if path and (Path(path).expanduser() / "config.json").is_file():
+        return path
+    if model_id or path:
+        return model_id or path
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -58,14 +58,14 @@ def base_of(adapter_dir: Path, meta: dict) -> str | None:
 def check_base_digest(adapter_dir: Path, meta: dict, base_path: str) -> None:
     """Refuse a base other than the one training recorded (its digest): a LoRA loads silently onto
     any base of the same shapes, and would then just talk nonsense."""
-    recorded = meta.get("base", {}).get("digest") if isinstance(meta.get("base"), dict) else None
-    if not recorded or not (Path(base_path) / "config.json").is_file():
-        return  # nothing recorded, or a hub id: digesting it would need the network
-    from lowrank.models import model_digest
+    from lowrank.models import base_digest_mismatch, recorded_base
 
-    actual = model_digest(base_path)
-    if actual != recorded:
-        raise UserError(f"adapter {adapter_dir} was trained on base '{meta['base'].get('id')}' (digest "
+    if not (Path(base_path) / "config.json").is_file():
+        return  # a hub id: digesting it would need the network
+    mismatch = base_digest_mismatch(meta, base_path)
+    if mismatch:
+        recorded, actual = mismatch
+        raise UserError(f"adapter {adapter_dir} was trained on base '{recorded_base(meta).get('id')}' (digest "
                         f"{recorded[:12]}), not on '{base_path}' (digest {actual[:12]}); "
                         "pass the base it was trained on with --base DIR")
 

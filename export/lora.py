@@ -81,14 +81,13 @@ def export_lora_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: st
     """
     import gguf
 
-    from lowrank.models import model_digest
-    from lowrank.quantize.adapters import recorded_base_digest
+    from lowrank.models import model_digest, recorded_base
     from lowrank.quantize.merge import base_tensor_shapes, resolve_base_dir
 
     base = resolve_base_dir(str(base_dir))
     config = read_json(base / "config.json")
     adapter = load_lora_adapter(adapter_dir)
-    digest = model_digest(str(base)) if recorded_base_digest(adapter.meta) else None
+    digest = model_digest(str(base)) if recorded_base(adapter.meta).get("digest") else None
     check_against_base(adapter, base_tensor_shapes(base), digest)
     arch, _, _ = _tensor_names_and_permutation(config)
     tensors = list(lora_gguf_tensors(adapter, config))

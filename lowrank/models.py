@@ -326,6 +326,25 @@ def _hash_weights_data(h, path: Path) -> None:
             h.update(f.read(_DIGEST_SAMPLE_BYTES))
 
 
+def recorded_base(meta: dict) -> dict:
+    """The base an adapter was trained on, as its lowrank.json records it: {"id", "path", "digest"}.
+
+    Every stage writes it (train.write_adapter's callers); an adapter made elsewhere has none: {}.
+    """
+    base = meta.get("base")
+    return base if isinstance(base, dict) else {}
+
+
+def base_digest_mismatch(meta: dict, base: str) -> tuple[str, str] | None:
+    """(recorded, actual) digests when lowrank.json records a base other than ``base``; None when they
+    agree or nothing is recorded (``base`` is hashed only in the first case)."""
+    recorded = recorded_base(meta).get("digest")
+    if not recorded:
+        return None
+    actual = model_digest(base)
+    return None if actual == recorded else (recorded, actual)
+
+
 def model_digest(model: str) -> str:
     """A stable sha256 of a model: config.json plus each weights file's name, size, header and data.
 

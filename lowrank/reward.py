@@ -243,15 +243,13 @@ def check_adapter_base(adapter_dir: str | Path, base: str, *, stage: str | None 
     loads silently onto any base with the same layer shapes, so without this check a reward model
     of another base would just give meaningless scores. Returns the adapter's lowrank.json.
     """
-    from lowrank.models import model_digest
-    from lowrank.tiny import resolve_model_name
+    from lowrank.models import base_digest_mismatch, recorded_base
 
     meta = read_adapter_meta(adapter_dir, stage=stage, what=f"{'SFT' if stage == 'sft' else stage or 'the'} adapter")
-    recorded = (meta.get("base") or {}).get("digest") if isinstance(meta.get("base"), dict) else meta.get("base_digest")
-    actual = model_digest(resolve_model_name(base))
-    if recorded and recorded != actual:
-        recorded_id = (meta.get("base") or {}).get("id") if isinstance(meta.get("base"), dict) else meta.get("base_model")
-        raise UserError(f"{adapter_dir} was trained on base '{recorded_id}' (digest {recorded[:12]}), "
+    mismatch = base_digest_mismatch(meta, base)
+    if mismatch:
+        recorded, actual = mismatch
+        raise UserError(f"{adapter_dir} was trained on base '{recorded_base(meta).get('id')}' (digest {recorded[:12]}), "
                         f"not on '{base}' (digest {actual[:12]}); use the base it was trained on")
     return meta
 

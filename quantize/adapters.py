@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lowrank.errors import UserError
+from lowrank.models import recorded_base
 
 # PEFT saves "base_model.model.<module path>.lora_A.weight"; older or hand-made files may keep
 # the adapter name ("lora_A.default.weight").
@@ -121,24 +122,11 @@ def load_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     return adapter
 
 
-def recorded_base_digest(meta: dict) -> str | None:
-    """The base model digest an adapter's lowrank.json records, wherever the trainer put it."""
-    for key in ("base_digest", "base_model_digest"):
-        if isinstance(meta.get(key), str):
-            return meta[key]
-    for key in ("base", "base_model"):
-        value = meta.get(key)
-        if isinstance(value, dict) and isinstance(value.get("digest"), str):
-            return value["digest"]
-    return None
-
-
 def check_against_base(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], base_digest: str | None) -> None:
     """UserError if the adapter was made for another base: recorded digest, missing modules, or wrong shapes."""
-    recorded = recorded_base_digest(adapter.meta)
+    recorded = recorded_base(adapter.meta).get("digest")
     if recorded and base_digest and recorded != base_digest:
-        base = adapter.meta.get("base")
-        base_id = base.get("id") if isinstance(base, dict) else adapter.meta.get("base_model")
+        base_id = recorded_base(adapter.meta).get("id")
         made_for = f" ({base_id})" if isinstance(base_id, str) else ""
         raise UserError(f"{adapter.path}: adapter was trained on another base{made_for}: lowrank.json base digest "
                         f"{recorded[:12]} != {base_digest[:12]} of the given base; pass the base it was trained on")

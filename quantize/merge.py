@@ -26,9 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowrank.errors import UserError
-from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest
-from lowrank.quantize.adapters import (LoraAdapter, check_against_base, load_lora_adapter, read_json,
-                                       recorded_base_digest)
+from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest, recorded_base
+from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora_adapter, read_json
 from lowrank.quantize.roundtrip import QUANT_KINDS, quantized_weight_names, roundtrip_weight, training_quant
 
 log = logging.getLogger(__name__)
@@ -283,7 +282,7 @@ def merge_adapters(base: str, adapters: list[str], out_dir: str | Path, *, dtype
     headers = _tensor_headers(base_path, shards)
     loaded = [load_lora_adapter(a) for a in adapters]
     # Hashing a multi-GB base takes a while: only when some adapter records the digest to compare with.
-    digest = model_digest(str(base_path)) if any(recorded_base_digest(a.meta) for a in loaded) else None
+    digest = model_digest(str(base_path)) if any(recorded_base(a.meta).get("digest") for a in loaded) else None
     for adapter in loaded:
         check_against_base(adapter, {n: s for n, (s, _) in headers.items()}, digest)
     train_quant, roundtrip_quant = _roundtrip_choice(loaded, into)
