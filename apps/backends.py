@@ -9,6 +9,7 @@ context, timing a reply. The kind-specific parts are in ``gguf_backend.py`` and
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -46,18 +47,22 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str, eos_toke
     lstrip_blocks, loop controls, ``raise_exception``), so a GGUF's
     ``tokenizer.chat_template`` renders here exactly as in those two.
     """
-    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-
     def raise_exception(message):
         raise UserError(f"the chat template refused this conversation: {message}")
 
+    return _compile(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                     add_generation_prompt=add_generation_prompt, raise_exception=raise_exception)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    """The compiled template, once per template: fitting a long conversation renders it once per dropped turn."""
+    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
     try:
-        compiled = env.from_string(template)
+        return env.from_string(template)
     except jinja2.TemplateError as e:
         raise UserError(f"the model's chat template is not valid Jinja: {e}") from e
-    return compiled.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                           add_generation_prompt=add_generation_prompt, raise_exception=raise_exception)
 
 
 def turn_stop_strings(template: str, bos_token: str, eos_token: str) -> list[str]:
