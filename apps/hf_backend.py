@@ -99,6 +99,8 @@ class HFBackend(ChatBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from lowrank.models import match_sentencepiece
+
         self.path = path
         directory = Path(path)
         start = time.perf_counter()
@@ -127,6 +129,7 @@ class HFBackend(ChatBackend):
         tokenizer_dir = path if (directory / "tokenizer_config.json").is_file() else base_path
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            match_sentencepiece(self.tokenizer)  # split text as training (lowrank.models.load_tokenizer) did
             model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         except OSError as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -146,13 +149,12 @@ class HFBackend(ChatBackend):
         recorded = template_of(meta)
         if recorded:
             self.template, self.template_source = recorded
-        elif self.tokenizer.chat_template:
-            self.template, self.template_source = self.tokenizer.chat_template, "the tokenizer's chat_template"
-        else:
-            from lowrank.templates import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
+        else:  # what training's --template auto picks: the tokenizer's own, else the default built-in
+            from lowrank.templates import resolve_template
 
-            self.template = BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
-            self.template_source = f"built-in {DEFAULT_TEMPLATE} (no template recorded)"
+            name, self.template = resolve_template(self.tokenizer, None)
+            self.template_source = ("the tokenizer's chat_template" if name == "tokenizer"
+                                    else f"built-in {name} (no template recorded)")
         self.stop_strings = turn_stop_strings(self.template, self.bos_token, self.eos_token)
 
     def count_tokens(self, text: str) -> int:
@@ -204,7 +206,6 @@ class HFBackend(ChatBackend):
             thread.join()
         if failure:
             raise failure[0]
-
 
     def close(self) -> None:
         import torch
