@@ -148,24 +148,14 @@ def assert_error_then_still_answers(client, gguf_name, expected: str, **kwargs):
     assert assistant_text(chat(client, "still there?", gguf_name)[1])
 
 
-def test_non_gguf_file_shows_an_error(client, gguf_name):
-    assert_error_then_still_answers(client, gguf_name, r"broken.gguf is not a GGUF file",
-                                    message="hi", model="broken.gguf")
-
-
-def test_missing_file_shows_an_error(client, gguf_name):
-    assert_error_then_still_answers(client, gguf_name, r"vanished.gguf: no such file or directory",
-                                    message="hi", model="vanished.gguf")
-
-
-def test_unknown_architecture_shows_an_error(client, gguf_name):
-    assert_error_then_still_answers(client, gguf_name, r"cannot run .*alien.gguf: its architecture 'notamodelarch'",
-                                    message="hi", model="alien.gguf")
-
-
-def test_adapter_without_its_base_shows_an_error(client, gguf_name):
-    assert_error_then_still_answers(client, gguf_name, r"its base model .*no-such-base' is not there",
-                                    message="hi", model="orphan-adapter")
+@pytest.mark.parametrize("model, expected", [
+    ("broken.gguf", r"broken.gguf is not a GGUF file"),
+    ("vanished.gguf", r"vanished.gguf: no such file or directory"),
+    ("alien.gguf", r"cannot run .*alien.gguf: its architecture 'notamodelarch'"),
+    ("orphan-adapter", r"its base model .*no-such-base' is not there"),
+], ids=["non-gguf-file", "missing-file", "unknown-architecture", "adapter-without-its-base"])
+def test_bad_model_shows_an_error(client, gguf_name, model, expected):
+    assert_error_then_still_answers(client, gguf_name, expected, message="hi", model=model)
 
 
 def test_message_longer_than_the_context_shows_an_error(client, gguf_name):
