@@ -200,7 +200,9 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         if (model / "config.json").exists():
-            n_params = sum(np.prod(s) for s in _shapes(model))
+            from lowrank.export.gguf import read_source
+
+            n_params = read_source(model).n_params
             print(f"model: {n_params / 1e9:.2f} B parameters, fp16, reused from {model}")
         else:
             n_params = build_model(model, args.layers)
@@ -223,15 +225,6 @@ def main() -> None:
             shutil.rmtree(work / "out", ignore_errors=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _shapes(model: Path):
-    from safetensors import safe_open
-
-    for f in sorted(model.glob("*.safetensors")):
-        with safe_open(str(f), framework="np") as st:
-            for name in st.keys():
-                yield st.get_slice(name).get_shape()
 
 
 if __name__ == "__main__":

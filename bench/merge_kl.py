@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from lowrank.export.verify import kl_and_top1  # mean per-token KL(ref || candidate) in nats, top-1 agreement
 from lowrank.quantize.merge import merge_adapters
 from lowrank.tiny import CORPUS, build_tiny_model
 
@@ -78,15 +78,6 @@ def train_adapter(base: Path, quant: str, train_ids: torch.Tensor, steps: int, o
     return model, float(loss)
 
 
-def kl_and_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """Mean per-token KL(ref || cand) in nats and top-1 agreement; both (tokens, vocab)."""
-    ref_lp = F.log_softmax(ref_logits.double(), -1)
-    lp = F.log_softmax(logits.double(), -1)
-    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item()
-    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
-    return kl, top1
-
-
 @torch.no_grad()
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(input_ids=row[None]).logits[0] for row in ids])  # (rows*seq, vocab)
@@ -94,22 +85,16 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def gguf_logits(merged: Path, work: Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the merged model as Q4_K_M (lowrank export: F16 GGUF, then llama.cpp's quantizer), by llama.cpp."""
-    import numpy as np
-    from llama_cpp import Llama
-
     from lowrank.export.gguf import export_gguf
-    from lowrank.export.llama import plain_cpu_weights
+    from lowrank.export.llama import gguf_logits as llama_logits
+    from lowrank.export.llama import load_llama
 
     (q4,) = export_gguf(str(merged), str(work), types=["q4_k_m"])
-    with plain_cpu_weights():  # AMX VMs fault on llama.cpp's AMX weight buffers
-        llm = Llama(model_path=str(q4), n_ctx=SEQ, logits_all=True, verbose=False, n_threads=2)
-    out = []
-    for row in ids:
-        llm.reset()
-        llm.eval(row.tolist())
-        out.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
-    llm.close()
-    return torch.cat(out)
+    llm = load_llama(q4, n_ctx=SEQ, n_threads=2)  # no AMX weight buffers (AMX VMs fault on them)
+    try:
+        return torch.cat([torch.from_numpy(llama_logits(llm, row.tolist())) for row in ids])
+    finally:
+        llm.close()
 
 
 def run_case(name: str, shape: dict, quant: str, steps: int, work: Path) -> dict:

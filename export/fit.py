@@ -53,9 +53,11 @@ def kv_cache_bytes(n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int, byte
 
 
 def estimate_fit(gguf_path: str | Path, config: dict, n_ctx: int) -> FitEstimate:
+    from lowrank.export.gguf import head_dim
+
     n_head = int(config["num_attention_heads"])
-    hd = int(config.get("head_dim") or config["hidden_size"] // n_head)
-    kv = kv_cache_bytes(int(config["num_hidden_layers"]), n_ctx, int(config.get("num_key_value_heads") or n_head), hd)
+    kv = kv_cache_bytes(int(config["num_hidden_layers"]), n_ctx, int(config.get("num_key_value_heads") or n_head),
+                        head_dim(config))
     compute = 256 * MiB + int(config["vocab_size"]) * min(n_ctx, 512) * 4
     return FitEstimate(str(gguf_path), Path(gguf_path).stat().st_size, kv, compute, n_ctx)
 

@@ -19,9 +19,10 @@ import math
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -282,12 +283,7 @@ def load_tensor(source: SourceModel, tensor: SourceTensor, handles: dict) -> np.
     # touched stays in our RSS until the handle closes, which for a one-file model is the whole model.
     handles.clear()
     handles[tensor.file] = safe_open(str(tensor.file), framework="pt")
-    data = handles[tensor.file].get_tensor(tensor.hf_name)
-    if source.spec.permute_qk:
-        n_head = int(source.config["num_attention_heads"])
-        heads = table.qk_heads(tensor.hf_name, n_head, int(source.config.get("num_key_value_heads") or n_head))
-        if heads is not None:
-            data = table.permute_qk_for_llama_cpp(data, heads)
+    data = table.llama_cpp_rows(handles[tensor.file].get_tensor(tensor.hf_name), tensor.hf_name, source.config)
     if data.dtype == torch.bfloat16:
         data = data.to(torch.float32)
     array = data.numpy()
@@ -327,8 +323,17 @@ def estimate_file_bytes(source: SourceModel, gtype: GGUFType, vocab: GGUFVocab) 
     return sum(tensor_nbytes(t.shape, tensor_qtype(t, gtype)) + 64 for t in source.tensors) + estimate_vocab_bytes(vocab)
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary name next to ``path`` to write to: renamed to ``path`` when the block ends, removed on any error,
+    so a file under the final name is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_direct(source: SourceModel, vocab: GGUFVocab, gtype: GGUFType, path: Path, name: str,
@@ -337,33 +342,30 @@ def write_direct(source: SourceModel, vocab: GGUFVocab, gtype: GGUFType, path: P
     import gguf
 
     check_disk_space(path, estimate_file_bytes(source, gtype, vocab))
-    tmp = _temp_name(path)
     plan = [(t, tensor_qtype(t, gtype)) for t in source.tensors]
-    writer = gguf.GGUFWriter(str(tmp), source.spec.gguf_arch)
-    try:
-        writer.add_name(name)
-        write_hparams(writer, source.config, int(gguf.LlamaFileType[gtype.file_type]))
-        write_vocab(writer, vocab)
-        for t, qtype in plan:
-            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, qtype), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        handles: dict = {}
-        with TensorWriter(writer) as data:  # writes (and starts disk writeback) while the next tensor converts
-            for i, (t, qtype) in enumerate(plan):
-                data.write(convert_tensor(load_tensor(source, t, handles), qtype))
-                if on_tensor:
-                    on_tensor({"file": path.name, "tensor": t.gguf_name, "index": i + 1, "total": len(plan)})
-        handles.clear()
-        writer.fout[0].flush()
-        os.fsync(writer.fout[0].fileno())
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), source.spec.gguf_arch)
+        try:
+            writer.add_name(name)
+            write_hparams(writer, source.config, int(gguf.LlamaFileType[gtype.file_type]))
+            write_vocab(writer, vocab)
+            for t, qtype in plan:
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, qtype),
+                                       raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            handles: dict = {}
+            with TensorWriter(writer) as data:  # writes (and starts disk writeback) while the next tensor converts
+                for i, (t, qtype) in enumerate(plan):
+                    data.write(convert_tensor(load_tensor(source, t, handles), qtype))
+                    if on_tensor:
+                        on_tensor({"file": path.name, "tensor": t.gguf_name, "index": i + 1, "total": len(plan)})
+            handles.clear()
+            writer.fout[0].flush()
+            os.fsync(writer.fout[0].fileno())
+        finally:
+            writer.close()
     return path
 
 
@@ -377,18 +379,13 @@ def write_llama_quantized(intermediate: Path, gtype: GGUFType, path: Path, threa
     from lowrank.export.llama import silence_llama_cpp
 
     silence_llama_cpp()
-    tmp = _temp_name(path)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[gtype.file_type])
     params.nthread = threads
-    try:
+    with atomic_output(path) as tmp:
         rc = llama_cpp.llama_model_quantize(str(intermediate).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize failed with code {rc} for {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

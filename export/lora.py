@@ -20,7 +20,6 @@ convert_lora_to_gguf.py:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -32,33 +31,17 @@ from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora
 log = logging.getLogger(__name__)
 
 
-def _tensor_names_and_permutation(config: dict):
-    """(GGUF arch, hf_name -> gguf_name, permute(rows, hf_name)) exactly as export/gguf.py writes the base.
-
-    Both come from lowrank.export.tensors, the table the base GGUF writer uses, so the adapter
-    can never disagree with the base file about names or q/k row order.
-    """
-    spec = tensors.architecture_spec(config.get("model_type"))
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-
-    def permute_rows(rows: torch.Tensor, hf_name: str) -> torch.Tensor:
-        heads = tensors.qk_heads(hf_name, n_head, n_kv)
-        if not spec.permute_qk or heads is None:
-            return rows
-        return tensors.permute_qk_for_llama_cpp(rows, heads)
-
-    return spec.gguf_arch, tensors.gguf_tensor_name, permute_rows
-
-
 def lora_gguf_tensors(adapter: LoraAdapter, config: dict):
-    """Yield (gguf tensor name, float32 numpy array) for each lora_a / lora_b, sorted by module name."""
-    _, gguf_name, permute_rows = _tensor_names_and_permutation(config)
+    """Yield (gguf tensor name, float32 numpy array) for each lora_a / lora_b, sorted by module name.
+
+    Names and q/k row order come from lowrank.export.tensors, the table the base GGUF writer uses,
+    so the adapter can never disagree with the base file about either.
+    """
     alpha = adapter.alpha
     if alpha == 0:
         raise UserError(f"{adapter.path}/adapter_config.json: lora_alpha is 0; the adapter would do nothing")
     for hf_name, module in adapter.modules.items():
-        name = gguf_name(hf_name)
+        name = tensors.gguf_tensor_name(hf_name)
         if name is None:
             raise UserError(f"{adapter.path}: adapter targets {hf_name}, which has no llama.cpp tensor")
         a, b = module.lora_A.to(torch.float32), module.lora_B.to(torch.float32)
@@ -67,7 +50,7 @@ def lora_gguf_tensors(adapter: LoraAdapter, config: dict):
         rank = a.shape[0]
         # llama.cpp multiplies by alpha / rank; fold PEFT's own scaling in so the product is exact.
         b = b * (module.scaling * rank / alpha)
-        b = permute_rows(b, hf_name)
+        b = tensors.llama_cpp_rows(b, hf_name, config)
         yield f"{name}.lora_a", a.contiguous().numpy()
         yield f"{name}.lora_b", b.contiguous().numpy()
 
@@ -81,6 +64,7 @@ def export_lora_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: st
     """
     import gguf
 
+    from lowrank.export.gguf import atomic_output
     from lowrank.models import model_digest, recorded_base
     from lowrank.quantize.merge import base_tensor_shapes, resolve_base_dir
 
@@ -89,29 +73,26 @@ def export_lora_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: st
     adapter = load_lora_adapter(adapter_dir)
     digest = model_digest(str(base)) if recorded_base(adapter.meta).get("digest") else None
     check_against_base(adapter, base_tensor_shapes(base), digest)
-    arch, _, _ = _tensor_names_and_permutation(config)
-    tensors = list(lora_gguf_tensors(adapter, config))
+    arch = tensors.architecture_spec(config.get("model_type")).gguf_arch
+    pairs = list(lora_gguf_tensors(adapter, config))
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
-        writer.add_name(adapter.path.name)
-        for name, array in tensors:
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    log.info("wrote %s (%d LoRA tensors, alpha %g)", out, len(tensors), adapter.alpha)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
+            writer.add_name(adapter.path.name)
+            for name, array in pairs:
+                writer.add_tensor(name, array)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    log.info("wrote %s (%d LoRA tensors, alpha %g)", out, len(pairs), adapter.alpha)
     return out
 
 

@@ -18,10 +18,10 @@ and picks its closest built-in) and a warning in the log.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
+from lowrank.export.gguf import atomic_output
 from lowrank.templates import BUILTIN_TEMPLATES, end_of_turn
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ def write_modelfile(gguf_path: str | Path, chat_template: str | None, eos_token:
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
     out = (Path(adapter) if adapter is not None else gguf_path).with_suffix(".Modelfile")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return out

@@ -102,6 +102,20 @@ def qk_heads(hf_name: str, n_head: int, n_head_kv: int) -> int | None:
     return None
 
 
+def llama_cpp_rows(rows, hf_name: str, config: dict):
+    """``rows`` of the HF tensor ``hf_name`` (a weight, a bias or a LoRA B) in the order llama.cpp keeps them:
+    q_proj/k_proj permuted (permute_qk_for_llama_cpp) where config's architecture needs it, anything else as is.
+
+    The base GGUF writer and the LoRA GGUF writer both go through here, so an adapter's delta always
+    lands on the base file's rows.
+    """
+    if not architecture_spec(config.get("model_type")).permute_qk:
+        return rows
+    n_head = int(config["num_attention_heads"])
+    heads = qk_heads(hf_name, n_head, int(config.get("num_key_value_heads") or n_head))
+    return rows if heads is None else permute_qk_for_llama_cpp(rows, heads)
+
+
 def permute_qk_for_llama_cpp(weight, n_head: int, n_head_kv: int | None = None):
     """Reorder q_proj/k_proj rows (or biases) from HF's rotary layout to llama.cpp's.
 

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrank.errors import UserError
-from lowrank.export.llama import (cpu_advertises_amx, gguf_logits, load_llama, plain_cpu_weights,  # noqa: F401
-                                  silence_llama_cpp)
+from lowrank.export.llama import gguf_logits, load_llama
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +112,7 @@ def check_gguf_file(path: str | Path):
 
 def _field(reader, key: str):
     f = reader.fields.get(key)
-    if f is None:
-        return None
-    value = f.contents()
-    return value
+    return None if f is None else f.contents()
 
 
 def file_type_name(reader) -> str:
@@ -130,6 +126,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl_and_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """Mean per-position KL(ref || got) in nats, and how often the two argmaxes agree; both (positions, vocab)."""
+    ref, got = np.asarray(ref), np.asarray(got)
+    p_log, q_log = log_softmax(ref), log_softmax(got)
+    kl = float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+    return kl, float((ref.argmax(-1) == got.argmax(-1)).mean())
 
 
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
@@ -205,7 +209,8 @@ def _check_chat_template(report: VerifyReport, reader, vocab_llm, tokenizer, exp
         report.problems.append("chat template: " + report.chat_template_problem)
 
 
-def _hf_model(model_dir: Path):
+def load_hf_model(model_dir: str | Path):
+    """The HF model as verify_gguf compares against it (float32, eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -280,9 +285,7 @@ def _check_quantized(report: VerifyReport, llm, model, tokenizer, reference_gguf
         report.reference = str(reference_gguf)
     else:
         ref, report.reference = ref_hf, "hf"
-    p_log, q_log = log_softmax(ref), log_softmax(got)
-    report.kl_divergence = float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
-    report.top1_agreement = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    report.kl_divergence, report.top1_agreement = kl_and_top1(ref, got)
 
 
 def _check_lora_files(lora_gguf: Path, base_gguf: Path) -> str:
@@ -318,7 +321,7 @@ def _check_lora(report: VerifyReport, merged: Path, base_gguf: Path, lora_gguf: 
 def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gguf: str | Path | None = None,
                 chat_template: str | None = None, greedy_tokens: int = 32, n_ctx: int = 256,
                 n_threads: int = 2, lora_gguf: str | Path | None = None,
-                base_gguf: str | Path | None = None, lora_exact: bool = True) -> VerifyReport:
+                base_gguf: str | Path | None = None, lora_exact: bool = True, hf_model=None) -> VerifyReport:
     """Compare ``gguf_path`` with the HF model in ``hf_model_dir``; return the report (never raises on a mismatch).
 
     ``chat_template``: the Jinja template training used (default: the HF tokenizer's own).
@@ -327,6 +330,7 @@ def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gg
     adapter ``lora_gguf`` gives the logits of ``gguf_path`` (the merged file). ``lora_exact=False``
     reports the gap without a tolerance (a merge into dequantized nf4/int8 weights differs from
     base + adapter by the base's quantization error, by design).
+    ``hf_model``: load_hf_model(hf_model_dir), when the caller checks several files against one model.
     """
     from lowrank.models import load_tokenizer
 
@@ -354,7 +358,7 @@ def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gg
         vocab_llm.close()
     del reader
 
-    model = _hf_model(model_dir)
+    model = hf_model if hf_model is not None else load_hf_model(model_dir)
     llm = load_llama(path, n_ctx=n_ctx, n_threads=n_threads)
     try:
         if report.file_type in LOGIT_TOLERANCE:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -130,15 +131,13 @@ def _plan_output(shards: dict[str, list[str]], headers, dtype: torch.dtype, max_
     """Group tensor names into output shards: like the base, or packed up to max_shard_bytes."""
     def out_bytes(name):
         shape, st_dtype = headers[name]
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         is_float = st_dtype in ("F16", "BF16", "F32", "F64")
         return numel * (dtype.itemsize if is_float else {"I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}.get(st_dtype, 8))
 
     sizes = {name: out_bytes(name) for names in shards.values() for name in names}
     if not max_shard_bytes:
-        groups = [names for names in shards.values()]
+        groups = list(shards.values())
     else:
         groups, current, size = [], [], 0
         for names in shards.values():

@@ -124,7 +124,7 @@ def test_exported_q_files_hold_gguf_py_bytes_and_q8_0_runs_in_llama_cpp(tiny_bpe
     import gguf
 
     from lowrank.export.gguf import export_gguf, load_tensor, read_source
-    from lowrank.export.verify import gguf_logits, load_llama
+    from lowrank.export.llama import gguf_logits, load_llama
 
     paths = export_gguf(tiny_bpe, tmp_path, ["q8_0", "q4_0", "q5_0"], name="m")
     source = read_source(tiny_bpe)

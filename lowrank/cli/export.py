@@ -72,7 +72,7 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
     from lowrank.export.fit import estimate_fit, format_fit, parse_size
     from lowrank.export.gguf import export_gguf, parse_types, read_config
     from lowrank.export.modelfile import write_modelfile
-    from lowrank.export.verify import format_report, verify_gguf
+    from lowrank.export.verify import format_report, load_hf_model, verify_gguf
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py logs every file it opens at INFO
     parse_types(config.type)  # fail on a bad type before any work
@@ -89,11 +89,14 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
         paths = export_gguf(model_dir, config.out, config.type, name=config.name, chat_template=template,
                             threads=config.threads, on_tensor=on_tensor)
         base_paths, lora_paths = [], []
+        # Loaded once, after export_gguf has read it without error, for the base files' template and the Modelfiles.
+        tokenizer = _tokenizer(model_dir) if lora or config.modelfile else None
+        model_template = template or (tokenizer.chat_template if tokenizer else None)
         if lora:
             # The base file carries the training template too: llama.cpp formats chats with the base
             # GGUF's tokenizer.chat_template when it runs base + adapter.
             base_paths = export_gguf(lora["base_dir"], config.out, config.type, name=lora["base_stem"],
-                                     chat_template=template or _tokenizer(model_dir).chat_template,
+                                     chat_template=model_template,
                                      threads=config.threads, on_tensor=on_tensor)
             lora_paths = write_lora_files(lora["adapters"], lora["base_dir"], Path(config.out), config.name)
     finally:
@@ -104,8 +107,6 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
         print(p)
     print(format_fit([estimate_fit(p, hf_config, config.context_length) for p in paths], budget))
     if config.modelfile:
-        tokenizer = _tokenizer(model_dir)
-        model_template = template or tokenizer.chat_template
         eos, bos = tokenizer.eos_token or "", tokenizer.bos_token or ""
         for p in paths + base_paths:
             write_modelfile(p, model_template, eos, bos_token=bos)
@@ -116,6 +117,7 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
     reference = next((p for p in paths if p.name.endswith("-f16.gguf")), None)
     base_reference = next((p for p in base_paths if p.name.endswith("-f16.gguf")), None)
     failed = 0
+    hf_model = load_hf_model(model_dir) if paths else None  # loaded once for every file checked against it
     for i, p in enumerate(paths):
         extra = {}
         if base_paths and len(lora_paths) == 1:
@@ -123,14 +125,16 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
             exact = (_record(model_dir).get("into") or "original") == "original"
             extra = {"lora_gguf": lora_paths[0], "base_gguf": base_paths[i], "lora_exact": exact}
         report = verify_gguf(p, model_dir, chat_template=template,
-                             reference_gguf=reference if p != reference else None, **extra)
+                             reference_gguf=reference if p != reference else None, hf_model=hf_model, **extra)
         print(format_report(report))
         failed += not report.passed
         if reports is not None:
             reports.append(report)
+    hf_model = None  # freed before the base is loaded
+    hf_model = load_hf_model(lora["base_dir"]) if base_paths else None
     for p in base_paths:
         report = verify_gguf(p, lora["base_dir"], chat_template=template,
-                             reference_gguf=base_reference if p != base_reference else None)
+                             reference_gguf=base_reference if p != base_reference else None, hf_model=hf_model)
         print(format_report(report))
         failed += not report.passed
     if lora and len(lora_paths) > 1:
