@@ -283,10 +283,10 @@ def _load_inputs(config: PPOConfig):
 
     Returns (model path, tokenizer, (template name, jinja), prompt token ids, SFT lowrank.json or None).
     """
-    from lowrank.data import load_prompts
+    from lowrank.data import load_prompts, tokenize_prompt
     from lowrank.models import QUANT_CHOICES, load_tokenizer
     from lowrank.reward import check_adapter_base
-    from lowrank.templates import render, resolve_template
+    from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
     for name in ("reward_adapter", "prompts", "output_dir"):
@@ -320,8 +320,7 @@ def _load_inputs(config: PPOConfig):
     context = _context_length(model_path)
     prompt_ids = []
     for number, messages in enumerate(load_prompts(config.prompts), 1):
-        text = render(template, messages, tokenizer, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+        ids = tokenize_prompt(tokenizer, template, messages)  # BOS as in SFT and reward training
         if len(ids) + config.max_new_tokens > context:
             raise UserError(f"{config.prompts}: prompt {number} has {len(ids)} tokens, which with "
                             f"--max-new-tokens {config.max_new_tokens} exceeds the model's context of {context} "

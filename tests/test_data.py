@@ -89,6 +89,21 @@ def test_exactly_one_bos_when_the_template_does_not_write_it(spm_tokenizer):
     assert ids[0] == spm_tokenizer.bos_token_id and ids.count(spm_tokenizer.bos_token_id) == 1
 
 
+
+@pytest.mark.parametrize("template", ["plain", "vicuna"])
+def test_prompt_tokens_are_the_start_of_the_trained_conversation(spm_tokenizer, template):
+    """PPO's rollout prompts (tokenize_prompt) begin exactly as SFT saw the conversation, one BOS included."""
+    from lowrank.data import tokenize_prompt
+
+    jinja = (BUILTIN_TEMPLATES["vicuna"] if template == "vicuna" else
+             "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+    prompt = [{"role": "user", "content": "Hi"}]
+    ids = tokenize_prompt(spm_tokenizer, jinja, prompt)
+    full = tokenize_conversation(spm_tokenizer, jinja, prompt + [{"role": "assistant", "content": "Hello"}], 512)
+    assert ids[0] == spm_tokenizer.bos_token_id and ids.count(spm_tokenizer.bos_token_id) == 1
+    assert full["input_ids"][:len(ids)] == ids
+
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_every_builtin_template_masks_replies_with_their_end_marker(spm_tokenizer, name):
     from lowrank.data import assistant_spans
