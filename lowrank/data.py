@@ -34,10 +34,9 @@ import torch
 
 from lowrank.errors import UserError
 from lowrank.templates import render
+from lowrank.train import IGNORE_INDEX  # label of a position without loss
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of a position without loss (torch cross_entropy's default ignore_index)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLE_FILES: dict[str, Path] = {

@@ -349,11 +349,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     from lowrank.roles import build_roles, trainable_parameters
 
     model_path, tokenizer, (template_name, template), prompt_ids, sft_meta = _load_inputs(config)
-    checkpoint = None
-    if config.resume:
-        checkpoint = train.latest_checkpoint(config.output_dir)
-        if checkpoint is None:
-            raise UserError(f"--resume: no checkpoint in {config.output_dir}; run without --resume first")
+    checkpoint = train.resume_checkpoint(config.output_dir) if config.resume else None
     out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
     train.seed_everything(config.seed)
     accelerator = Accelerator()
@@ -374,7 +370,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         kl_controller.load_state_dict(extra["kl_controller"])
         metrics_log.truncate_after(start)
     device = base.get_output_embeddings().weight.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer makes eos the pad when the model has none
     stop_ids = _stop_ids(tokenizer, template_name)
     order = seeded_prompt_order(len(prompt_ids), config.seed)
     for _ in range(start * config.rollout_batch_size):  # replay the prompt stream up to the resumed step

@@ -26,7 +26,6 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch import nn
 
 POLICY, REFERENCE, REWARD, VALUE = "policy", "reference", "reward", "value"
@@ -133,7 +132,3 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path, sft_adapter: str
             module.p = 0.0
     return model
 
-
-def adapter_state(model, role: str) -> dict[str, torch.Tensor]:
-    """A copy of one adapter's weights (LoRA and head copy), for checkpoints and tests."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if adapter_of(name) == role}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +92,7 @@ def default_data() -> str:
     """The shipped alpaca sample (what `lowrank sft` trains on when no --data is given)."""
     from lowrank.data import SAMPLE_FILES
 
-    for name, path in SAMPLE_FILES.items():
-        if "alpaca" in name:
-            return str(path)
-    return str(next(iter(SAMPLE_FILES.values())))
+    return str(SAMPLE_FILES["alpaca"])
 
 
 def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -207,11 +205,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
                        target_modules=list(config.target_modules))
 
     out_dir = Path(config.output_dir).expanduser()
-    resume_from = None
-    if config.resume:
-        resume_from = train.latest_checkpoint(out_dir)
-        if resume_from is None:
-            raise UserError(f"--resume: no checkpoint in {out_dir / train.CHECKPOINTS}; run without --resume")
+    resume_from = train.resume_checkpoint(out_dir) if config.resume else None
     if accelerator.is_main_process:
         train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
     accelerator.wait_for_everyone()
@@ -236,7 +230,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     start_step = 0
     if resume_from is not None:
         start_step, extra = train.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        changed = [k for k in _RESUME_KEYS if extra.get("config", {}).get(k) != config_to_dict(config).get(k)]
+        recorded, current = extra.get("config", {}), config_to_dict(config)
+        changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
         if changed:
             raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
                             f"use the same settings or start without --resume")
@@ -300,8 +295,6 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
             "metrics": metrics,
         }
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta)
-        import shutil
-
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()
     return out_dir

@@ -11,6 +11,7 @@ rename, so an interrupted run never leaves a dir that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -181,20 +182,12 @@ def accumulate_gradients(accelerator, model, micro_batches: list[dict],
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         # Gradients are all-reduced only on the last micro-batch of the step.
-        ctx = accelerator.no_sync(model) if not last and accelerator.num_processes > 1 else _nullcontext()
+        ctx = accelerator.no_sync(model) if not last and accelerator.num_processes > 1 else contextlib.nullcontext()
         with ctx:
             loss_sum = loss_sum_fn(model, batch)
             accelerator.backward(loss_sum * scale)
         loss_total += float(loss_sum.detach())
     return loss_total, local_tokens
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -281,6 +274,15 @@ def list_checkpoints(out_dir) -> list[int]:
 def latest_checkpoint(out_dir) -> Path | None:
     steps = list_checkpoints(out_dir)
     return Path(out_dir) / CHECKPOINTS / f"step-{steps[-1]}" if steps else None
+
+
+def resume_checkpoint(out_dir) -> Path:
+    """The newest checkpoint in ``out_dir`` for ``--resume``; UserError when there is none."""
+    root = Path(out_dir).expanduser()
+    found = latest_checkpoint(root)
+    if found is None:
+        raise UserError(f"--resume: no checkpoint in {root / CHECKPOINTS}; run without --resume")
+    return found
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> tuple[int, dict]:

@@ -269,3 +269,17 @@ def test_overwrite_replaces_a_finished_run(tiny_spm, tmp_path, capsys):
 def test_cli_unknown_quant(tmp_path, capsys):
     code, _, err = _cli(["--model", "tiny", "--quant", "fp3", "--output-dir", str(tmp_path / "out")], capsys)
     _assert_one_line_error(code, err, "--quant: unknown value 'fp3'; choose one of nf4, int8, none")
+
+
+def test_resume_checkpoint_expands_home_and_takes_the_newest(tmp_path, monkeypatch):
+    from lowrank import train
+    from lowrank.errors import UserError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError, match="--resume: no checkpoint in"):
+        train.resume_checkpoint("~/run")
+    for step in (2, 10, 3):
+        (tmp_path / "run" / train.CHECKPOINTS / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "run" / train.CHECKPOINTS / f"step-{step}" / "state.pt").write_bytes(b"")
+    (tmp_path / "run" / train.CHECKPOINTS / "step-11").mkdir()  # no state.pt: an incomplete checkpoint
+    assert train.resume_checkpoint("~/run") == tmp_path / "run" / train.CHECKPOINTS / "step-10"

@@ -234,26 +234,6 @@ def check_inputs(config: PipelineConfig) -> None:
 
 # --- progress -------------------------------------------------------------------------------------
 
-class _StepBar:
-    """A tqdm bar fed by a stage's on_step records; ``show`` picks the postfix from a record."""
-
-    def __init__(self, desc: str, show):
-        self.desc, self.show, self.bar, self.shown = desc, show, None, {}
-
-    def __call__(self, record: dict) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=record["max_steps"], initial=record["step"] - 1, desc=self.desc, unit="step")
-        self.shown.update(self.show(record))
-        self.bar.set_postfix(self.shown, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _fmt(record: dict, **keys: str) -> dict:
     return {label: f"{record[key]:.3f}" for label, key in keys.items() if isinstance(record.get(key), (int, float))}
 
@@ -286,6 +266,7 @@ def run_stages(config: PipelineConfig, configs: dict) -> dict:
     import warnings
 
     from lowrank.cli.export import export_and_report
+    from lowrank.cli.progress import StepBar
     from lowrank.ppo import train_ppo
     from lowrank.quantize.merge import merge
     from lowrank.reward import train_reward
@@ -295,25 +276,27 @@ def run_stages(config: PipelineConfig, configs: dict) -> dict:
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     seconds: dict[str, float] = {}
 
-    def stage(number: int, name: str, what: str, fn, bar: _StepBar | None = None):
+    def stage(number: int, name: str, what: str, fn, show=None):
+        """Run ``fn``; with ``show`` (record -> values), ``fn`` gets an on_step that feeds a progress bar."""
         print(f"[{number}/5] {name}: {what}", flush=True)
         started = time.perf_counter()
         try:
-            return fn(bar) if bar is not None else fn()
+            if show is None:
+                return fn()
+            with StepBar(name) as bar:
+                return fn(lambda record: bar(record, **show(record)))
         finally:
-            if bar is not None:
-                bar.close()
             seconds[name] = round(time.perf_counter() - started, 1)
 
     sft_dir = stage(1, "sft", f"LoRA on {config.model} ({configs['sft'].quant} base)",
-                    lambda bar: train_sft(configs["sft"], on_step=bar),
-                    _StepBar("sft", lambda r: _fmt(r, loss="loss", eval="eval_loss")))
+                    lambda on_step: train_sft(configs["sft"], on_step=on_step),
+                    lambda r: _fmt(r, loss="loss", eval="eval_loss"))
     reward_dir = stage(2, "reward", "reward model from the SFT adapter",
-                       lambda bar: train_reward(configs["reward"], on_step=bar),
-                       _StepBar("reward", lambda r: _fmt(r, loss="loss", acc="eval_accuracy")))
+                       lambda on_step: train_reward(configs["reward"], on_step=on_step),
+                       lambda r: _fmt(r, loss="loss", acc="eval_accuracy"))
     ppo_dir = stage(3, "ppo", "policy against the reward model",
-                    lambda bar: train_ppo(configs["ppo"], on_step=bar),
-                    _StepBar("ppo", lambda r: _fmt(r, score="score", kl="kl")))
+                    lambda on_step: train_ppo(configs["ppo"], on_step=on_step),
+                    lambda r: _fmt(r, score="score", kl="kl"))
     merged_dir = stage(4, "merge", "PPO policy into the base", lambda: merge(configs["merge"]))
     reports: list = []
     export_code = stage(5, "export", f"GGUF {','.join(config.type)}" + (" and verify" if configs["export"].verify else ""),
