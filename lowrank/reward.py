@@ -484,14 +484,6 @@ def _load_sft_lora(peft_model, sft_adapter: Path, adapter_name: str) -> None:
     set_peft_model_state_dict(peft_model, {**state, **sft_weights}, adapter_name=adapter_name)
 
 
-def _data_digest(source: str) -> str | None:
-    """sha256 of a local data file (None for a hub dataset: its name and revision identify it)."""
-    import hashlib
-
-    path = Path(source)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = None) -> Path:
     """Train a reward adapter on preference pairs and write it to ``config.output_dir``; return that path.
 
@@ -590,7 +582,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         "stage": "reward",
         "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
         "chat_template": {"name": template_name, "jinja": template},
-        "data": {"source": config.data, "digest": _data_digest(config.data), "pairs": len(examples),
+        "data": {"source": config.data, "digest": train.data_digest(config.data), "pairs": len(examples),
                  "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
         "sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
         "config": config_to_dict(config),
