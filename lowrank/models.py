@@ -244,12 +244,13 @@ def load_base_model(model: str, quant: str = "nf4", *, gradient_checkpointing: b
         raise UserError(f"{model}: cannot load the model weights ({str(e).splitlines()[0]})") from None
     if quant == "nf4" and device == "cpu":
         _disable_cpu_weight_repacking(base)
-    if quant != "none":
-        from peft import prepare_model_for_kbit_training
-
-        # Freezes the base and casts norms (and other non-quantized half-precision parameters) to
-        # fp32 for stable training. Checkpointing is switched on below, the same way for every quant.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # The base is frozen and keeps its loaded dtypes. peft's prepare_model_for_kbit_training would
+    # also cast every non-quantized half-precision weight to fp32: embeddings and LM head (2 x vocab
+    # x hidden x 4 bytes: 1 GiB on Llama-2-7B, 4 GiB on Llama-3-8B, for weights that do not train)
+    # and the norms, whose fp32 output turns the whole residual stream, and so every activation
+    # kept for the backward pass, into fp32. Norms compute their statistics in fp32 anyway, the
+    # LoRA weights are fp32 (peft), and the loss upcasts each chunk of logits
+    # (lowrank.train.linear_cross_entropy_sum).
     for p in base.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:

@@ -340,6 +340,7 @@ class RewardConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
     batch_size: int = field(default=8, metadata={"help": "preference pairs per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (when max_steps is 0)"})
@@ -539,9 +540,10 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
     steps_per_epoch = max(1, math.ceil(len(train_examples) / pairs_per_step))
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
+    optimizer = train.build_optimizer(params, config.learning_rate, weight_decay=config.weight_decay,
+                                      paged=config.quant != "none", optim_bits=config.optim_bits)
+    scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
+                                      kind="constant")
     metrics_log = train.MetricsLog(out_dir)
     order_rng = random.Random(config.seed)
     order: list[int] = []

@@ -56,6 +56,7 @@ class SFTConfig:
     optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
     batch_size: int = field(default=4, metadata={"help": "rows (packed) or examples per micro-batch, per process"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    tokens_per_step: int = field(default=0, metadata={"help": "tokens per optimizer step (all processes); when > 0 it sets the micro-batches per step (replaces --gradient-accumulation-steps)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training data (when max_steps is 0)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
     eval_every: int = field(default=20, metadata={"help": "eval loss every N optimizer steps (and at start and end; 0: only those)"})
@@ -68,7 +69,7 @@ class SFTConfig:
 # Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
 _RESUME_KEYS = ("model", "data", "eval_data", "eval_fraction", "template", "max_length", "pack", "quant", "lora_r",
                 "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "weight_decay", "lr_scheduler",
-                "warmup_steps", "max_grad_norm", "batch_size", "gradient_accumulation_steps", "epochs",
+                "warmup_steps", "max_grad_norm", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "epochs",
                 "max_steps", "seed")
 
 
@@ -82,6 +83,8 @@ def _validate(config: SFTConfig) -> None:
 
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose one of {', '.join(QUANT_CHOICES)}")
+    if config.tokens_per_step < 0:
+        raise UserError(f"--tokens-per-step must be 0 (off) or positive, got {config.tokens_per_step}")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
     if config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0:
@@ -135,6 +138,19 @@ class BatchStream:
 
     def epoch(self) -> float:
         return self.consumed / self.batches_per_epoch
+
+
+def accumulation_for_tokens(tokens_per_step: int, rows: list[dict], batch_size: int, processes: int) -> int:
+    """Micro-batches per process and optimizer step that take about ``tokens_per_step`` tokens in all.
+
+    Rows are packed (nearly ``max_length`` tokens each) or single examples; the count uses their
+    mean length, so a step's tokens vary a little around the budget while each step still has
+    the same number of micro-batches (which DDP and --resume need). The loss of a step is
+    normalised by its loss tokens (train.accumulate_gradients), so the varying count is exact.
+    """
+    mean_row = sum(len(r["input_ids"]) for r in rows) / max(1, len(rows))
+    rows_per_step = max(1, round(tokens_per_step / max(1.0, mean_row)))
+    return max(1, math.ceil(rows_per_step / (batch_size * processes)))
 
 
 def _to_rows(examples: list[dict], config: SFTConfig) -> list[dict]:
@@ -216,7 +232,13 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     model = get_peft_model(base, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    micro_per_step = config.gradient_accumulation_steps * accelerator.num_processes
+    accumulation = config.gradient_accumulation_steps
+    if config.tokens_per_step:
+        accumulation = accumulation_for_tokens(config.tokens_per_step, train_rows, config.batch_size,
+                                               accelerator.num_processes)
+        log.info("--tokens-per-step %d: %d micro-batches of %d rows per process and step", config.tokens_per_step,
+                 accumulation, config.batch_size)
+    micro_per_step = accumulation * accelerator.num_processes
     stream = BatchStream(len(train_rows), config.batch_size, config.seed)
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
     optimizer = train.build_optimizer(params, config.learning_rate, weight_decay=config.weight_decay,
@@ -248,7 +270,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     last: dict = {}
     for step in range(start_step + 1, max_steps + 1):
         started = time.perf_counter()
-        indices = stream.take(config.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index)
+        indices = stream.take(accumulation, accelerator.num_processes, accelerator.process_index)
         rows = [[train_rows[i] for i in batch] for batch in indices]
         micro_batches = [collate(r, pad_id) for r in rows if r]
         real_tokens = sum(len(row["input_ids"]) for r in rows for row in r)  # non-padding tokens
@@ -279,6 +301,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
         metrics = {k: last[k] for k in ("loss", "eval_loss") if k in last}
         metrics.update({"initial_eval_loss": evals[0] if evals else None, "steps": max_steps,
                         "epochs": round(stream.epoch(), 4), "train_tokens": train_tokens,
+                        "micro_batches_per_step": accumulation,
                         "tokens_per_second": train_tokens / max(train_seconds, 1e-9)})
         meta = {
             "stage": "sft",

@@ -49,6 +49,14 @@ def tiny_spm(tiny_model_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def spm_tokenizer(tiny_spm):
+    """The tiny SentencePiece model's tokenizer, as transformers loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_spm))
+
+
+@pytest.fixture(scope="session")
 def tiny_bpe(tiny_model_factory) -> Path:
     """A tiny LLaMA with a byte-level BPE tokenizer (LLaMA-3 style) and the llama3 chat template."""
     return tiny_model_factory(tokenizer="bpe")

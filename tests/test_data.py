@@ -31,13 +31,6 @@ def tokenizer_and_template(request, tiny_spm, tiny_bpe):
     return tokenizer, name, template
 
 
-@pytest.fixture(scope="module")
-def spm_tokenizer(tiny_spm):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_spm))
-
-
 def write_jsonl(path, records) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)

@@ -40,13 +40,6 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def spm_tokenizer(tiny_spm):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_spm))
-
-
-@pytest.fixture(scope="module")
 def bpe_tokenizer(tiny_bpe):
     from transformers import AutoTokenizer
 
