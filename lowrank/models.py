@@ -244,13 +244,22 @@ def load_base_model(model: str, quant: str = "nf4", *, gradient_checkpointing: b
         raise UserError(f"{model}: cannot load the model weights ({str(e).splitlines()[0]})") from None
     if quant == "nf4" and device == "cpu":
         _disable_cpu_weight_repacking(base)
-    # The base is frozen and keeps its loaded dtypes. peft's prepare_model_for_kbit_training would
-    # also cast every non-quantized half-precision weight to fp32: embeddings and LM head (2 x vocab
-    # x hidden x 4 bytes: 1 GiB on Llama-2-7B, 4 GiB on Llama-3-8B, for weights that do not train)
-    # and the norms, whose fp32 output turns the whole residual stream, and so every activation
-    # kept for the backward pass, into fp32. Norms compute their statistics in fp32 anyway, the
-    # LoRA weights are fp32 (peft), and the loss upcasts each chunk of logits
-    # (lowrank.train.linear_cross_entropy_sum).
+    prepare_for_training(base, gradient_checkpointing)
+    log.info("loaded %s (%s, %s, gradient checkpointing %s) on %s", model, quant, str(dtype).removeprefix("torch."),
+             "on" if gradient_checkpointing else "off", device)
+    return base
+
+
+def prepare_for_training(base, gradient_checkpointing: bool = True) -> None:
+    """Freeze a loaded base and switch (non-reentrant) gradient checkpointing on or off, in place.
+
+    The base keeps its loaded dtypes. peft's prepare_model_for_kbit_training would also cast every
+    non-quantized half-precision weight to fp32: embeddings and LM head (2 x vocab x hidden x 4
+    bytes: 1 GiB on Llama-2-7B, 4 GiB on Llama-3-8B, for weights that do not train) and the norms,
+    whose fp32 output turns the whole residual stream, and so every activation kept for the
+    backward pass, into fp32. Norms compute their statistics in fp32 anyway, the LoRA weights are
+    fp32 (peft), and the loss upcasts each chunk of logits (lowrank.train.linear_cross_entropy_sum).
+    """
     for p in base.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
@@ -263,9 +272,6 @@ def load_base_model(model: str, quant: str = "nf4", *, gradient_checkpointing: b
     if not gradient_checkpointing and is_checkpointing(base):
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
     base.config.use_cache = not gradient_checkpointing  # the KV cache is useless (and warns) when checkpointing
-    log.info("loaded %s (%s, %s, gradient checkpointing %s) on %s", model, quant, str(dtype).removeprefix("torch."),
-             "on" if gradient_checkpointing else "off", device)
-    return base
 
 
 def is_checkpointing(model) -> bool:
