@@ -273,7 +273,8 @@ def section_rl(args, shape_name: str = "llama2-7b") -> list[dict]:
                     "rollout_s": round(rollout_s, 2), "update_s": round(update_s, 2), "peak_alloc_gib": peak_gib(),
                     "plan_gib": predicted_peak("ppo", shape_name, shape, tokens_per_step=8 * (
                         args.rl_prompt_len + args.rl_new_tokens), ppo_rollout_batch=8,
-                        ppo_prompt_len=args.rl_prompt_len, ppo_new_tokens=args.rl_new_tokens)})
+                        ppo_prompt_len=args.rl_prompt_len, ppo_new_tokens=args.rl_new_tokens,
+                        gradient_checkpointing=True, paged_optimizer=True)})
     return results
 
 
@@ -376,7 +377,7 @@ def main() -> None:
     if base and ours:
         print(f"lowrank / HF QLoRA recipe tokens/s on {args.shape}: {ours['tok_per_s'] / base['tok_per_s']:.2f}x")
     else:
-        print("lowrank / HF QLoRA recipe tokens/s: n/a (a section failed)")
+        print("lowrank / HF QLoRA recipe tokens/s: n/a (no baseline or no lowrank SFT result in this run)")
 
 
 if __name__ == "__main__":

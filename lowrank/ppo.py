@@ -102,8 +102,9 @@ def response_logprobs(model, input_ids, attention_mask, response_len: int, *, wi
     response_len + 1 positions are kept (``logits_to_keep`` spares the (batch, seq, vocab) tensor
     of the prompt) and the final one dropped.
     """
+    # use_cache=False: a scoring pass has no use for the KV cache it would otherwise build (GiBs on a 7B).
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
-                   logits_to_keep=response_len + 1).logits[:, :-1]  # (batch, response_len, vocab)
+                   logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]  # (batch, response_len, vocab)
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = rl.logprobs_from_logits(logits, input_ids[:, -response_len:])
@@ -116,7 +117,7 @@ def response_values(model, input_ids, attention_mask, response_len: int) -> torc
     base = model.get_base_model()
     decoder = getattr(base, base.base_model_prefix)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=_position_ids(attention_mask)).last_hidden_state
+                     position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
     hidden = hidden[:, -response_len - 1:-1]  # (batch, response_len, hidden)
     head_dtype = next(base.score.parameters()).dtype
     return base.score(hidden.to(head_dtype)).squeeze(-1).float()
@@ -343,7 +344,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     """
     from accelerate import Accelerator
 
-    from lowrank import train
+    from lowrank import plan, train
     from lowrank.config import config_to_dict
     from lowrank.models import load_base_model, lora_config, model_digest
     from lowrank.roles import build_roles, trainable_parameters
@@ -353,6 +354,9 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
     train.seed_everything(config.seed)
     accelerator = Accelerator()
+    memory_plan = plan.plan_for_training(model_path, "ppo", config, accelerator.device,
+                                         prompt_len=max(map(len, prompt_ids)))
+    plan.report_start(memory_plan, accelerator.device)
     base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
                            device=accelerator.device)
     policy_lora = None if config.sft_adapter else lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=0.0)
@@ -360,7 +364,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
                         policy_lora_config=policy_lora)
     groups = trainable_parameters(model)
     parameters = groups[POLICY] + groups[VALUE]  # the only parameters with optimizer state
-    optimizer = train.build_optimizer(parameters, config.learning_rate)
+    optimizer = train.build_optimizer(parameters, config.learning_rate, paged=config.quant != "none")
     scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps, kind="constant")
     kl_controller = make_kl_controller(config)
     metrics_log = train.MetricsLog(out_dir)
@@ -394,6 +398,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     metrics_log.plot(out_dir / "ppo_metrics.png", ["score", "kl", "entropy", "value_loss", "clip_fraction"])
     final = metrics_log.records[-1] if metrics_log.records else {}
+    final.update(plan.peak_metrics(memory_plan, accelerator.device))
     meta = {
         "stage": "ppo",
         "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},

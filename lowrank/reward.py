@@ -207,7 +207,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with using_adapter(model, adapter_name):
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids).last_hidden_state  # (batch, seq, hidden)
+                         position_ids=position_ids, use_cache=False).last_hidden_state  # (batch, seq, hidden)
         last = last_token_index(attention_mask).to(hidden.device)
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (batch, hidden)
         head_dtype = next(head.parameters()).dtype
@@ -493,7 +493,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
     """
     from peft import get_peft_model
 
-    from lowrank import train
+    from lowrank import plan, train
     from lowrank.data import load_preference_pairs
     from lowrank.models import load_base_model, load_tokenizer, model_digest
     from lowrank.templates import resolve_template
@@ -523,6 +523,9 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # LoRA init and dropout; the head and the split have their own seeds
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory_plan = plan.plan_for_training(model_path, "reward", config, device)
+    plan.report_start(memory_plan, device)
     base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing)
     add_score_head(base, seed=config.seed)
     lora = reward_lora_config(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
@@ -589,7 +592,8 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         "sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
         "config": config_to_dict(config),
         "seed": config.seed,
-        "metrics": {k: v for k, v in final.items() if k not in ("step", "max_steps", "lr")},
+        "metrics": {**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr")},
+                    **plan.peak_metrics(memory_plan, device)},
     }
     train.write_adapter(model, out_dir, meta)
     return out_dir

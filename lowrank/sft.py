@@ -198,6 +198,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     from accelerate import Accelerator
     from peft import get_peft_model
 
+    from lowrank import plan
     from lowrank.data import build_sft_dataset, collate
     from lowrank.models import check_architecture, load_base_model, load_tokenizer, lora_config, model_digest
     from lowrank.templates import resolve_template
@@ -227,6 +228,9 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     accelerator.wait_for_everyone()
 
     train.seed_everything(config.seed)
+    memory_plan = plan.plan_for_training(model_path, "sft", config, accelerator.device) \
+        if accelerator.is_main_process else None
+    plan.report_start(memory_plan, accelerator.device)
     base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
                            device=accelerator.device)
     model = get_peft_model(base, lora)
@@ -301,7 +305,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
         metrics = {k: last[k] for k in ("loss", "eval_loss") if k in last}
         metrics.update({"initial_eval_loss": evals[0] if evals else None, "steps": max_steps,
                         "epochs": round(stream.epoch(), 4), "train_tokens": train_tokens,
-                        "micro_batches_per_step": accumulation,
+                        "micro_batches_per_step": accumulation, **plan.peak_metrics(memory_plan, accelerator.device),
                         "tokens_per_second": train_tokens / max(train_seconds, 1e-9)})
         meta = {
             "stage": "sft",
