@@ -156,3 +156,39 @@ def test_quantized_base_keeps_embeddings_and_head_in_the_compute_dtype(tiny_spm,
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "norm" in n)
     assert not any(p.requires_grad for p in model.parameters())
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_training_stages_plan_before_loading_and_record_the_peak(tiny_spm, tmp_path, monkeypatch, stage):
+    """On CUDA a stage asks lowrank.plan for its plan before the model loads, and records the peak beside it.
+
+    CI has no GPU: the plan hooks are replaced by recorders, which is what the CUDA path calls.
+    """
+    import json
+
+    from lowrank import models, plan
+    from lowrank.data import SAMPLE_FILES
+
+    events = []
+    fake = plan.Plan(model=str(tiny_spm), stage=stage, phase="backward", breakdown={"weights": 3 * 2**30})
+    monkeypatch.setattr(plan, "plan_for_training", lambda path, name, config, device, **kw:
+                        events.append(("plan", name, config.lora_r)) or fake)
+    monkeypatch.setattr(plan, "report_start", lambda p, device=None: events.append(("start", p is fake)))
+    monkeypatch.setattr(plan, "report_end", lambda p, device=None: events.append(("end", p is fake)) or 2 * 2**30)
+    real_load = models.load_base_model
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **kw: events.append(("load",)) or real_load(*a, **kw))
+    out = tmp_path / stage
+    if stage == "sft":
+        from lowrank.sft import SFTConfig, default_data, train_sft
+
+        train_sft(SFTConfig(model=str(tiny_spm), data=default_data(), output_dir=str(out), quant="none", max_steps=1,
+                            batch_size=2, max_length=64, lora_r=4, eval_fraction=0.02, gradient_checkpointing=False))
+    else:
+        from lowrank.reward import RewardConfig, train_reward
+
+        train_reward(RewardConfig(model=str(tiny_spm), data=str(SAMPLE_FILES["preferences"]), output_dir=str(out),
+                                  quant="none", max_steps=1, batch_size=2, max_length=64, lora_r=4,
+                                  gradient_checkpointing=False))
+    assert events == [("plan", stage, 4), ("start", True), ("load",), ("end", True)]
+    metrics = json.loads((out / "lowrank.json").read_text())["metrics"]
+    assert (metrics["peak_gpu_gib"], metrics["planned_gpu_gib"]) == (2.0, 3.0)
