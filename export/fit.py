@@ -11,7 +11,6 @@ A Raspberry Pi 4 keeps about 1 GB for the OS and everything else, so a 4 GB boar
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +40,10 @@ class FitEstimate:
 
 
 def parse_size(text: str) -> int:
-    """'4GB', '512MiB', '8g' -> bytes (GB and GiB both read as 1024**3: RAM is sold in GiB)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
-    if not m:
-        raise UserError(f"--fit: cannot read size {text!r}; write e.g. 4GB or 512MB")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+    """A --fit budget: '4GiB' (2^30 bytes each; what a '4 GB' board has), '4GB' (10^9), '512MiB'."""
+    from lowrank.config import parse_size as parse
+
+    return parse(text, "--fit", bare="GiB")
 
 
 def kv_cache_bytes(n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int, bytes_per_value: int = 2) -> int:

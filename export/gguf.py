@@ -68,7 +68,7 @@ class ExportConfig:
     name: str | None = field(default=None, metadata={"help": "file name stem (default: the model dir's name)"})
     chat_template: str | None = field(default=None, metadata={"help": "chat template (Jinja, or a built-in name) to store instead of the tokenizer's"})
     context_length: int = field(default=2048, metadata={"help": "context length for the fit report"})
-    fit: str | None = field(default=None, metadata={"help": "RAM budget to check the files against, e.g. 4GB"})
+    fit: str | None = field(default=None, metadata={"help": "RAM budget to check the files against, e.g. 4GiB (2^30 bytes) or 4GB (10^9); a bare number is GiB"})
     modelfile: bool = field(default=True, metadata={"help": "write an Ollama Modelfile next to each GGUF"})
     verify: bool = field(default=True, metadata={"help": "run lowrank verify on each file after export"})
     threads: int = field(default=0, metadata={"help": "threads for llama.cpp's quantizer (0: all cores)"})

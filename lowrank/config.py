@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -121,3 +122,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     for k, v in dataclasses.asdict(config).items():
         out[k] = str(v) if isinstance(v, Path) else v
     return out
+
+
+_SIZE_UNITS = {"b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+               "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text, flag: str, *, bare: str = "b") -> int:
+    """Bytes of a size such as '24GB' (10^9 bytes each), '24GiB' (2^30), '500MB' or '1.5gib'.
+
+    The one reader of sizes for every flag (--gpu-memory, --fit, --max-shard-size), so '4GB' means
+    the same everywhere: SI units for GB/MB, binary for GiB/MiB. A bare number is in ``bare`` units.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = (match.group(2) or bare).lower() if match else None
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"{flag}: cannot read size '{text}'; write a positive size such as 4GB (10^9 bytes) "
+                        f"or 4GiB (2^30 bytes)" + (f"; a bare number is {bare}" if bare != "b" else ""))
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

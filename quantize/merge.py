@@ -61,15 +61,10 @@ class MergeConfig:
 
 
 def parse_size(text: str) -> int:
-    """'2GB' / '500MB' / '1.5GiB' / '123' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    try:
-        return int(float(number) * units[s[len(number):]])
-    except (ValueError, KeyError):
-        raise UserError(f"max shard size {text!r}: expected a size such as 2GB or 500MB") from None
+    """--max-shard-size: '2GB' (10^9 bytes each, as Hugging Face's max_shard_size), '1.5GiB', '123' bytes."""
+    from lowrank.config import parse_size as parse
+
+    return parse(text, "--max-shard-size")
 
 
 def resolve_base_dir(base: str) -> Path:

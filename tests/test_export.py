@@ -86,7 +86,7 @@ def test_gguf_tensors_are_permuted_hf_weights(tiny_bpe, tmp_path):
 
 
 def test_cli_export_prints_fit_and_writes_modelfile(tiny_bpe, tmp_path, capsys):
-    rc = main(["export", str(tiny_bpe), "--type", "q8_0", "--out", str(tmp_path), "--fit", "4GB", "--no-verify",
+    rc = main(["export", str(tiny_bpe), "--type", "q8_0", "--out", str(tmp_path), "--fit", "4GiB", "--no-verify",
                "--name", "m"])
     out = capsys.readouterr().out
     assert rc == 0

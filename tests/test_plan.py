@@ -242,3 +242,23 @@ def test_gpu_memory_units():
     assert parse_memory("24GiB") == parse_memory("24") == 24 * GiB
     assert parse_memory("1.5 gib") == 3 * GiB // 2
     assert parse_memory("24564MiB") == 24564 * 2**20
+
+
+def test_every_size_flag_reads_sizes_the_same_way():
+    """--gpu-memory, --fit and --max-shard-size share one reader: GB is 10^9 bytes, GiB 2^30."""
+    from lowrank.cli.plan import parse_memory
+    from lowrank.export.fit import parse_size as fit_size
+    from lowrank.quantize.merge import parse_size as shard_size
+
+    for parse in (parse_memory, fit_size, shard_size):
+        assert parse("4GB") == 4 * 10**9 and parse("4GiB") == 4 * 2**30 and parse("500 MB") == 500 * 10**6
+    assert fit_size("4") == 4 * 2**30 and shard_size("4096") == 4096  # bare numbers: GiB for RAM, bytes for shards
+
+
+@pytest.mark.parametrize("text", ["abc", "4XB", "-1GB", "0GB", ""])
+def test_unreadable_sizes_are_refused_naming_the_flag(text):
+    from lowrank.errors import UserError
+    from lowrank.quantize.merge import parse_size
+
+    with pytest.raises(UserError, match=r"^--max-shard-size: cannot read size"):
+        parse_size(text)

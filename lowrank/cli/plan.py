@@ -7,21 +7,14 @@ Exit status: 0 when the run fits the card, 1 when it does not ("does not fit: ne
 from __future__ import annotations
 
 import argparse
-import re
 
 from lowrank.errors import UserError
 
-_UNITS = {"": 1 << 30, "gib": 1 << 30, "gb": 10**9, "mib": 1 << 20, "mb": 10**6, "tib": 1 << 40, "tb": 10**12}
-
-
 def parse_memory(text: str) -> int:
-    """Bytes of a size such as "24GB" (10^9 bytes), "24GiB" (2^30) or "24" (GiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"--gpu-memory: cannot read '{text}'; write a positive size such as 24GB (10^9 bytes) "
-                        f"or 24GiB (2^30 bytes); a bare number is GiB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    """Bytes of a card size such as "24GB" (10^9 bytes), "24GiB" (2^30) or "24" (GiB)."""
+    from lowrank.config import parse_size
+
+    return parse_size(text, "--gpu-memory", bare="GiB")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
