@@ -1,0 +1,331 @@
+"""Synthetic instruction tasks a tiny model can learn on a CPU, and their exact-match accuracy.
+
+The demo (`lowrank run recipes/demo.yaml`) needs a task whose learning shows in numbers, not
+noise: each problem here has one right answer that a program checks, so "accuracy on held-out
+problems" means the same for the base, the SFT adapter and the PPO policy. The default, ``sort``
+(put 3 to 6 distinct letters in alphabetical order), is the one a 1M-parameter model learns best
+in a minute of CPU: every letter is one token, and the answer is a function of the input alone.
+
+:func:`write_task` writes, deterministically for a seed, the files every stage reads with the
+project's own loaders (lowrank.data, lowrank.pretrain):
+
+- ``pretrain.jsonl``: ``{"text"}`` documents, worksheets of practice problems in a raw format
+  (``sort: q d m a = a d m q``, one per line). No chat template and no instruction wording: the
+  base learns the skill, not how to answer in a chat.
+- ``sft.jsonl``: Alpaca records (``instruction``, ``output``), the training split.
+- ``eval.jsonl``: Alpaca records of held-out problems. A problem is identified by its *answer*
+  (for sort: the sorted letters), and no held-out answer occurs in any other file, so a model
+  cannot score by remembering a training answer.
+- ``preferences.jsonl``: ``prompt``, ``chosen`` (the right answer), ``rejected`` (a plausible
+  wrong one, see :func:`_wrong_sequence`).
+- ``prompts.jsonl``: ``prompt`` records for PPO rollouts, training problems only.
+
+:func:`is_correct` and :func:`task_accuracy` score a model's greedy answers in the chat template
+exactly as SFT renders it (lowrank.data.tokenize_prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lowrank.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FILES = ("pretrain", "sft", "eval", "preferences", "prompts")
+MARKER = "task.json"  # written last: names the task, seed and sizes, and the digest of each file
+VERSION = 3  # bump when the generated text changes, so an old task dir is not taken for a new one
+
+
+# --------------------------------------------------------------------------------------------
+# The tasks: one generator of (problem key, instruction, answer, raw practice line) each
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # identity for the held-out split: equal keys are the same problem
+    instruction: str  # the user's message
+    answer: str  # the one right response
+    practice: str  # the same problem in the raw pretraining format
+    items: tuple  # the task's own data, for making wrong answers
+
+
+def _letters(rng: random.Random, low: int, high: int) -> list[str]:
+    return rng.sample(string.ascii_lowercase, rng.randint(low, high))
+
+
+def _sort_problem(rng: random.Random) -> Problem:
+    letters = _letters(rng, 3, 6)
+    answer = " ".join(sorted(letters))
+    return Problem(answer, f"Sort these letters: {' '.join(letters)}", answer,
+                   f"sort: {' '.join(letters)} = {answer}", tuple(letters))
+
+
+def _reverse_problem(rng: random.Random) -> Problem:
+    letters = _letters(rng, 3, 6)
+    answer = " ".join(reversed(letters))
+    return Problem(answer, f"Reverse these letters: {' '.join(letters)}", answer,
+                   f"reverse: {' '.join(letters)} = {answer}", tuple(letters))
+
+
+def _add_problem(rng: random.Random) -> Problem:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    key = f"{min(a, b)}+{max(a, b)}"  # 3 + 5 and 5 + 3 are one problem
+    return Problem(key, f"What is {a} plus {b}?", str(a + b), f"{a} + {b} = {a + b}", (a, b))
+
+
+def _wrong_sequence(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong answer to a letter task, of the kinds a half-trained model gives.
+
+    A tiny model that has learned to sort mostly errs by writing a letter that is not in the input
+    (a neighbour in the alphabet of one that is), one letter too many or too few, or by running on
+    past the answer; less often it swaps two letters or leaves the input as it was.
+    """
+    right = problem.answer.split()
+    ordered = right == sorted(right)  # sort's answers are sorted, so a wrong one should look sorted too
+    foreign = [c for c in string.ascii_lowercase if c not in problem.items]
+    while True:
+        kind = rng.choices(("near", "insert", "drop", "swap", "input", "run-on"), weights=(30, 20, 25, 10, 5, 10))[0]
+        wrong = list(right)
+        if kind == "near":  # one letter replaced by a neighbour of it that is not in the input
+            i = rng.randrange(len(wrong))
+            near = [c for c in foreign if 0 < abs(ord(c) - ord(wrong[i])) <= 2] or foreign
+            wrong[i] = rng.choice(near)
+        elif kind == "insert":  # one letter that is not in the input, added
+            wrong.insert(rng.randrange(len(wrong) + 1), rng.choice(foreign))
+        elif kind == "drop":
+            del wrong[rng.randrange(len(wrong))]
+        elif kind == "swap":
+            i = rng.randrange(len(wrong) - 1)
+            wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+        elif kind == "input":
+            wrong = list(problem.items)
+        else:  # the answer, then the start of another practice line (what a base model does)
+            return problem.answer + "\n" + problem.practice.split(" = ", 1)[0]
+        if ordered and kind in ("near", "insert"):
+            wrong.sort()
+        if wrong != right:
+            return " ".join(wrong)
+
+
+def _wrong_sum(problem: Problem, rng: random.Random) -> str:
+    a, b = problem.items
+    while True:
+        wrong = a + b + rng.choice((-10, -1, 1, 10)) if rng.random() < 0.8 else abs(a - b)
+        if wrong >= 0 and wrong != a + b:
+            return str(wrong)
+
+
+_GENERATORS: dict[str, tuple[Callable[[random.Random], Problem], Callable[[Problem, random.Random], str]]] = {
+    "sort": (_sort_problem, _wrong_sequence),
+    "reverse": (_reverse_problem, _wrong_sequence),
+    "add": (_add_problem, _wrong_sum),
+}
+TASKS: tuple[str, ...] = tuple(_GENERATORS)
+DEFAULT_TASK = "sort"
+# How many problems go into each file by default (the demo's sizes).
+DEFAULT_SIZES = {"pretrain": 20000, "sft": 1000, "eval": 200, "preferences": 1500, "prompts": 500}
+PRACTICE_PER_DOCUMENT = 8  # practice problems per pretraining document (one per line)
+
+
+def _check(name: str, sizes: dict) -> dict[str, int]:
+    if name not in _GENERATORS:
+        raise UserError(f"task: unknown name '{name}'; choose one of {', '.join(TASKS)}")
+    for key, value in sizes.items():
+        if key not in DEFAULT_SIZES:
+            raise UserError(f"task: unknown size '{key}'; sizes are {', '.join(DEFAULT_SIZES)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"task: size '{key}' must be a positive integer, got {value!r}")
+    return {**DEFAULT_SIZES, **sizes}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the files
+# --------------------------------------------------------------------------------------------
+
+def generate(name: str = DEFAULT_TASK, seed: int = 0, **sizes: int) -> dict[str, list[dict]]:
+    """The records of every file, by file name (see the module docstring); deterministic for a seed.
+
+    The held-out problems are drawn first; every other file draws only problems whose key is not
+    held out. Problems may repeat across the training files (pretraining practice, SFT,
+    preferences, prompts): they are one training pool.
+    """
+    sizes = _check(name, sizes)
+    make_problem, make_wrong = _GENERATORS[name]
+    rng = random.Random(f"lowrank-task-{name}-{seed}")
+    held_out: dict[str, Problem] = {}
+    for _ in range(100 * sizes["eval"]):  # the problem space is large: this never runs dry in practice
+        if len(held_out) == sizes["eval"]:
+            break
+        problem = make_problem(rng)
+        held_out.setdefault(problem.key, problem)
+    if len(held_out) < sizes["eval"]:
+        raise UserError(f"task: cannot draw {sizes['eval']} distinct held-out '{name}' problems; lower the eval size")
+
+    def train_problems(count: int) -> list[Problem]:
+        drawn = []
+        while len(drawn) < count:
+            problem = make_problem(rng)
+            if problem.key not in held_out:
+                drawn.append(problem)
+        return drawn
+
+    def alpaca(problem: Problem) -> dict:
+        return {"instruction": problem.instruction, "output": problem.answer}
+
+    practice = [p.practice for p in train_problems(sizes["pretrain"])]
+    documents = ["\n".join(practice[i:i + PRACTICE_PER_DOCUMENT])
+                 for i in range(0, len(practice), PRACTICE_PER_DOCUMENT)]
+    return {
+        "pretrain": [{"text": text} for text in documents],
+        "sft": [alpaca(p) for p in train_problems(sizes["sft"])],
+        "eval": [alpaca(p) for p in held_out.values()],
+        "preferences": [{"prompt": p.instruction, "chosen": p.answer, "rejected": make_wrong(p, rng)}
+                        for p in train_problems(sizes["preferences"])],
+        "prompts": [{"prompt": p.instruction} for p in train_problems(sizes["prompts"])],
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, **sizes: int) -> dict[str, Path]:
+    """Write the task's files (``<file>.jsonl`` for each of FILES) to ``out_dir``; return their paths by file.
+
+    Every file is written to a temporary name and renamed; ``task.json`` (task, seed, sizes and
+    each file's sha256) is renamed in last. When it already records the same task, seed and sizes
+    and the files still match their digests, nothing is rewritten.
+    """
+    full_sizes = _check(name, sizes)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: task dir is a file; choose another dir")
+    paths = {file: out / f"{file}.jsonl" for file in FILES}
+    wanted = {"version": VERSION, "task": name, "seed": seed, "sizes": full_sizes}
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            recorded = {}
+        digests = recorded.get("digests", {})
+        if {k: recorded.get(k) for k in wanted} == wanted and all(
+                p.is_file() and digests.get(f) == _digest(p) for f, p in paths.items()):
+            log.info("%s: task '%s' (seed %d) already written", out, name, seed)
+            return paths
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        records = generate(name, seed, **full_sizes)
+        for file, path in paths.items():
+            _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[file]))
+        summary = {**wanted, "digests": {f: _digest(p) for f, p in paths.items()},
+                   "counts": {f: len(r) for f, r in records.items()}}
+        _write_atomic(marker, json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the task files ({e.strerror})") from None
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+# End-of-turn markers of the built-in templates: a response is cut at the first one.
+_END_MARKERS = ("</s>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+def _normalise(text: str) -> str:
+    for marker in _END_MARKERS:
+        text = text.split(marker, 1)[0]
+    return " ".join(text.split())
+
+
+def is_correct(record: dict, response: str) -> bool:
+    """True when ``response`` (generated assistant text) is the record's answer, up to whitespace.
+
+    Text after an end-of-turn marker (``</s>``, ``<|eot_id|>``, ...) is ignored; anything else
+    the model adds (a second line, another problem) makes the answer wrong.
+    """
+    return _normalise(response) == _normalise(str(record["output"]))
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The messages before the answer, exactly as SFT builds them from an Alpaca record."""
+    from lowrank.data import to_messages
+
+    messages = to_messages(record, "task record")
+    return messages[:-1]
+
+
+def stop_token_ids(tokenizer, template: str) -> list[int]:
+    """EOS and every end-of-turn token the template writes (what ends a greedy answer)."""
+    ids = {tokenizer.eos_token_id}
+    for marker in _END_MARKERS:
+        token_id = tokenizer.convert_tokens_to_ids(marker)
+        if marker in template and isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_answers(model, tokenizer, template: str, records: list[dict], *, max_new_tokens: int = 24,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy responses to each record's prompt (left-padded batches, the chat template as in SFT)."""
+    import torch
+
+    from lowrank.data import tokenize_prompt
+
+    prompts = [tokenize_prompt(tokenizer, template, prompt_messages(r)) for r in records]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, template)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    responses: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, ids in enumerate(chunk):  # left padding: every answer starts in the same column
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                     pad_token_id=pad_id, use_cache=True,
+                                     # greedy: no sampling settings from the model's generation_config
+                                     temperature=None, top_p=None, top_k=None)
+            responses += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return responses
+
+
+def task_accuracy(model, tokenizer, template: str, records: list[dict], *, max_new_tokens: int = 24,
+                  batch_size: int = 64) -> float:
+    """Share of ``records`` the model answers exactly right, greedily, in the chat ``template``.
+
+    ``model`` is a transformers causal LM or a PeftModel (its active adapter is used).
+    """
+    if not records:
+        raise UserError("task accuracy: no records to score")
+    responses = generate_answers(model, tokenizer, template, records, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size)
+    return sum(is_correct(r, text) for r, text in zip(records, responses)) / len(records)

@@ -1,0 +1,213 @@
+"""Synthetic tasks: deterministic files the loaders read, a held-out split that is really held out,
+exact-match scoring, and greedy accuracy in the chat template as SFT renders it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from lowrank.errors import UserError
+from lowrank.tasks import TASKS, generate, is_correct, task_accuracy, write_task
+
+SMALL = {"pretrain": 64, "sft": 40, "eval": 20, "preferences": 30, "prompts": 20}
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sort_files(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("sort") / "task", "sort", seed=0, **SMALL)
+
+
+def test_same_seed_writes_identical_files_and_another_seed_does_not(tmp_path):
+    first = write_task(tmp_path / "a", "sort", seed=3, **SMALL)
+    again = write_task(tmp_path / "b", "sort", seed=3, **SMALL)
+    other = write_task(tmp_path / "c", "sort", seed=4, **SMALL)
+    assert set(first) == {"pretrain", "sft", "eval", "preferences", "prompts"}
+    for name in first:
+        assert first[name].read_bytes() == again[name].read_bytes(), name
+    assert first["eval"].read_bytes() != other["eval"].read_bytes()
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_rerun_with_same_settings_skips_and_a_changed_file_is_rewritten(tmp_path):
+    paths = write_task(tmp_path, "sort", seed=0, **SMALL)
+    stamps = {name: p.stat().st_mtime_ns for name, p in paths.items()}
+    write_task(tmp_path, "sort", seed=0, **SMALL)
+    assert {name: p.stat().st_mtime_ns for name, p in paths.items()} == stamps
+    paths["sft"].write_text("{}\n")  # damaged: its digest no longer matches task.json
+    write_task(tmp_path, "sort", seed=0, **SMALL)
+    assert len(_read(paths["sft"])) == SMALL["sft"]
+
+
+def _keys(name: str, texts: list[str]) -> set[str]:
+    """The problem keys (as lowrank.tasks defines them) of the problems quoted in ``texts``."""
+    keys = set()
+    for text in texts:
+        if name == "add":
+            for a, b in re.findall(r"(\d+)(?: \+ | plus )(\d+)", text):
+                keys.add(f"{min(int(a), int(b))}+{max(int(a), int(b))}")
+        else:
+            for letters in re.findall(r"(?:letters: |sort: |reverse: )([a-z](?: [a-z])*)", text):
+                keys.add(" ".join(sorted(letters.split()) if name == "sort" else reversed(letters.split())))
+    return keys
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_held_out_problems_appear_in_no_training_file(name):
+    # Full default sizes: with 20k practice problems, most 3-letter problems would occur by chance.
+    files = generate(name, seed=1)
+    held_out = _keys(name, [r["instruction"] for r in files["eval"]])
+    assert len(held_out) == len(files["eval"])  # distinct problems
+    training = {
+        "pretrain": [r["text"] for r in files["pretrain"]],
+        "sft": [r["instruction"] for r in files["sft"]],
+        "preferences": [r["prompt"] for r in files["preferences"]],
+        "prompts": [r["prompt"] for r in files["prompts"]],
+    }
+    for file, texts in training.items():
+        keys = _keys(name, texts)
+        assert keys, file  # the parser found the problems
+        assert not keys & held_out, file
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_answers_are_right_and_rejected_answers_wrong(name):
+    files = generate(name, seed=0, **SMALL)
+    for record in files["sft"] + files["eval"]:
+        assert is_correct(record, record["output"])
+    for pair in files["preferences"]:
+        record = {"output": pair["chosen"]}
+        assert is_correct(record, pair["chosen"]) and not is_correct(record, pair["rejected"])
+    if name == "sort":
+        assert files["eval"][0]["output"].split() == sorted(files["eval"][0]["instruction"].split(": ")[1].split())
+
+
+def test_files_are_read_by_the_project_loaders(sort_files, tiny_spm):
+    from lowrank.data import build_sft_dataset, load_preference_pairs, load_prompts
+    from lowrank.models import load_tokenizer
+    from lowrank.pretrain import load_documents
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    tokenizer = load_tokenizer(str(tiny_spm))
+    for split in ("sft", "eval"):
+        examples = build_sft_dataset(tokenizer, BUILTIN_TEMPLATES["vicuna"], str(sort_files[split]), 256)
+        assert len(examples) == SMALL[split]
+    pairs = load_preference_pairs(str(sort_files["preferences"]))
+    assert len(pairs) == SMALL["preferences"] and pairs[0]["prompt_messages"][0]["role"] == "user"
+    assert len(load_prompts(str(sort_files["prompts"]))) == SMALL["prompts"]
+    documents = load_documents(tokenizer, str(sort_files["pretrain"]), 512)
+    assert len(documents) == len(_read(sort_files["pretrain"]))
+    assert documents[0]["input_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("response, right", [
+    ("a d m q", True),
+    ("  a  d m\nq ", True),  # whitespace does not count
+    ("a d m q</s> USER: more", True),  # nor what follows an end-of-turn marker
+    ("a d m q<|eot_id|>", True),
+    ("a d m", False),
+    ("a d m q r", False),
+    ("a d m q\nsort: b c = b c", False),  # an answer that runs on is wrong
+    ("", False),
+])
+def test_is_correct(response, right):
+    assert is_correct({"instruction": "Sort these letters: q d m a", "output": "a d m q"}, response) is right
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Answers each prompt from a table keyed by its token ids, then stops with EOS (a stand-in for a
+    model that knows the answers); a prompt rendered differently from SFT's rendering is not in the table."""
+
+    def __init__(self, tokenizer, answers: dict[tuple, str]):
+        super().__init__()
+        self.tokenizer, self.answers = tokenizer, answers
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **_):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = tuple(ids[mask.bool()].tolist())
+            answer = self.answers.get(prompt, "not in the table")
+            tokens = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            rows.append(tokens[:max_new_tokens])
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), pad_token_id)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r)
+        return torch.cat([input_ids, out], 1)
+
+
+def _sft_prompts(tokenizer, template, records) -> list[tuple]:
+    """The prompt tokens of each record as SFT trains on them: everything before the first loss token."""
+    from lowrank.data import to_messages, tokenize_conversation
+    from lowrank.train import IGNORE_INDEX
+
+    prompts = []
+    for record in records:
+        example = tokenize_conversation(tokenizer, template, to_messages(record, "test"), 512)
+        first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+        prompts.append(tuple(example["input_ids"][:first]))
+    return prompts
+
+
+@pytest.mark.parametrize("template_name", ["vicuna", "llama2"])
+def test_task_accuracy_is_one_for_right_answers_and_zero_for_wrong_ones(sort_files, tiny_spm, template_name):
+    from lowrank.models import load_tokenizer
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    tokenizer = load_tokenizer(str(tiny_spm))
+    template = BUILTIN_TEMPLATES[template_name]
+    records = _read(sort_files["eval"])
+    prompts = _sft_prompts(tokenizer, template, records)
+    right = _ScriptedModel(tokenizer, {p: r["output"] for p, r in zip(prompts, records)})
+    # batch_size 8 over 20 records of several lengths: left padding and a short last batch
+    assert task_accuracy(right, tokenizer, template, records, batch_size=8) == 1.0
+    wrong = _ScriptedModel(tokenizer, {p: r["output"] + " z" for p, r in zip(prompts, records)})
+    assert task_accuracy(wrong, tokenizer, template, records, batch_size=8) == 0.0
+    half = _ScriptedModel(tokenizer, {p: r["output"] for p, r in list(zip(prompts, records))[::2]})
+    assert task_accuracy(half, tokenizer, template, records, batch_size=8) == 0.5
+
+
+def test_task_accuracy_runs_a_real_model_and_a_peft_model(sort_files, tiny_spm):
+    from peft import get_peft_model
+
+    from lowrank.models import load_base_model, load_tokenizer, lora_config
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    tokenizer = load_tokenizer(str(tiny_spm))
+    records = _read(sort_files["eval"])[:6]
+    model = load_base_model(str(tiny_spm), "none", gradient_checkpointing=False)
+    template = BUILTIN_TEMPLATES["vicuna"]
+    assert task_accuracy(model, tokenizer, template, records, max_new_tokens=4) == 0.0  # random weights
+    peft_model = get_peft_model(model, lora_config(r=2, target_modules=["q_proj"]))
+    peft_model.train()
+    assert task_accuracy(peft_model, tokenizer, template, records, max_new_tokens=4) == 0.0
+    assert peft_model.training  # the caller's mode is restored
+
+
+def test_unknown_task_name_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"unknown name 'sorting'; choose one of sort, reverse, add"):
+        write_task(tmp_path, "sorting")
+    assert not tmp_path.joinpath("task.json").exists()
+
+
+def test_unknown_size_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"unknown size 'train'"):
+        write_task(tmp_path, "sort", train=10)
+
+
+def test_size_below_one_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"size 'eval' must be a positive integer, got 0"):
+        write_task(tmp_path, "sort", eval=0)
+
+
+def test_task_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "task").write_text("")
+    with pytest.raises(UserError, match=r"task dir is a file"):
+        write_task(tmp_path / "task", "sort", **SMALL)
