@@ -22,9 +22,10 @@ browser:
 		|| echo "could not install chromium: the browser test will skip"; \
 	fi
 
-# The main job on the embedded default: the whole pipeline on the tiny model and shipped data.
+# The main job: recipes/demo.yaml, every stage on the embedded tiny model and a synthetic task (CPU,
+# a few minutes). Run again, it skips the finished stages and prints the table again.
 demo: install
-	lowrank run --model tiny --output-dir runs/demo --overwrite
+	lowrank run recipes/demo.yaml
 
 test: install-dev browser
 	$(PYTHON) -m pytest -q -m "not slow" -n 2

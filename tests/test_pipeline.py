@@ -1,40 +1,255 @@
-"""`lowrank run`: the whole pipeline (SFT -> reward -> PPO -> merge -> GGUF + verify) in one command,
-stage outputs chained through their files, a marker written last, and bad input refused in one line."""
+"""`lowrank run RECIPE.yaml`: every stage of a recipe chained through one output dir, a table whose
+numbers all come from the stages' files, finished stages skipped on a second run, an interrupted
+stage run again with the ones after it, and a bad recipe refused in one line before anything runs."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-STAGES = ("sft", "reward", "ppo")
+# Every stage, each as short as it can be: a task of a few problems, a few optimizer steps.
+RECIPE = """\
+model: tiny
+seed: 0
+stages:
+  - task: {name: sort, sizes: {pretrain: 160, sft: 24, eval: 8, preferences: 16, prompts: 4}, eval_max_new_tokens: 8}
+  - pretrain: {max_steps: 3, batch_size: 4, max_length: 96, warmup_steps: 1}
+  - sft: {max_steps: 2, batch_size: 2, max_length: 128, eval_every: 0, save_every: 0, gradient_checkpointing: false}
+  - reward: {max_steps: 2, batch_size: 2, max_length: 128, gradient_checkpointing: false}
+  - ppo: {steps: 1, rollout_batch_size: 2, minibatch_size: 2, ppo_epochs: 1, max_new_tokens: 6}
+  - merge: {}
+  - export: {type: [f16]}
+  - verify: {greedy_tokens: 4, sample_max_tokens: 8}
+"""
+STAGES = ["task", "pretrain", "sft", "reward", "ppo", "merge", "export", "verify"]
+# What loads a model or runs a stage: none of it may run when every stage is finished.
+HEAVY = {"lowrank.cli.pipeline": ["run_stage"], "lowrank.report": ["measure_task_accuracy", "run_verify"],
+         "lowrank.models": ["load_base_model"], "lowrank.export.verify": ["load_hf_model"]}
 
 
-def _head(source: Path, dest: Path, lines: int) -> str:
-    dest.write_text("".join(source.read_text().splitlines(keepends=True)[:lines]))
-    return str(dest)
+def _run(args: list[str]) -> tuple[int, str]:
+    from lowrank.cli import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["run", *args])
+    return code, stdout.getvalue()
+
+
+def _table(printed: str) -> list[str]:
+    """The lines of the final table, its first line (the header) left out."""
+    lines = printed.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("lowrank run "))
+    return lines[start + 1:]
+
+
+def _spy(monkeypatch, calls: list, *, block: bool) -> None:
+    """Record each call of HEAVY (and raise when ``block``); stage runs record the stage's name."""
+    import importlib
+
+    for module_name, names in HEAVY.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            real = getattr(module, name)
+
+            def spy(*args, _real=real, _name=name, **kwargs):
+                stage = args[0] if args and hasattr(args[0], "name") and _name == "run_stage" else None
+                calls.append(stage.name if stage is not None else _name)
+                if block:
+                    raise AssertionError(f"{_name} called")
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, spy)
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """`lowrank run --model tiny --quick --type f16` on the head of each shipped sample: (code, out dir, stdout)."""
-    from lowrank.cli import main
-    from lowrank.data import SAMPLE_FILES
+def runs(tmp_path_factory):
+    """The recipe run in one output dir: finished, again, after its merge was interrupted, with a failed
+    verification. Made once per session (under pytest-xdist too: the workers share it behind a lock)."""
+    from filelock import FileLock
 
-    work = tmp_path_factory.mktemp("pipeline")
-    data = {"--data": _head(SAMPLE_FILES["alpaca"], work / "alpaca.jsonl", 24),
-            "--preferences": _head(SAMPLE_FILES["preferences"], work / "pairs.jsonl", 16),
-            "--prompts": _head(SAMPLE_FILES["prompts"], work / "prompts.jsonl", 4)}
-    out = work / "run"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = main(["run", "--model", "tiny", "--output-dir", str(out), "--quick", "--type", "f16",
-                     *[x for pair in data.items() for x in pair]])
-    return code, out, stdout.getvalue()
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_path_factory.getbasetemp()
+    root = shared / "pipeline-runs"
+    with FileLock(str(shared / "pipeline-runs.lock")):
+        summary = root / "runs.json"
+        if not summary.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            (root / "recipe.yaml").write_text(RECIPE)
+            args = [str(root / "recipe.yaml"), "--output-dir", str(root / "run")]
+            result = {"first": _run(args)}
+            with pytest.MonkeyPatch.context() as mp:
+                calls: list = []
+                _spy(mp, calls, block=True)
+                result["again"] = (*_run(args), calls)
+            (root / "run" / "merged" / "lowrank.json").unlink()  # the merge never finished
+            with pytest.MonkeyPatch.context() as mp:
+                calls = []
+                _spy(mp, calls, block=False)
+                result["interrupted"] = (*_run(args), calls)
+            verify = root / "run" / "gguf" / "verify.json"
+            saved = verify.read_text()
+            failed = json.loads(saved)
+            failed["files"][0].update(passed=False, problems=["logits differ by 1.00e-01"])
+            verify.write_text(json.dumps(failed))
+            result["failed"] = _run(args)
+            verify.write_text(saved)
+            summary.write_text(json.dumps(result))
+    return {**json.loads(summary.read_text()), "out": root / "run", "recipe": root / "recipe.yaml"}
 
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_recipe_runs_every_stage_in_order_and_chains_their_files(runs):
+    code, printed = runs["first"]
+    out = runs["out"]
+    assert code == 0, printed
+    starts = [line.split(":")[0] for line in printed.splitlines() if line.startswith("[")]
+    assert starts == [f"[{i}/8] {name}" for i, name in enumerate(STAGES, 1)]
+    task = out / "task"
+    sft, reward, ppo = (_read(out / s / "lowrank.json") for s in ("sft", "reward", "ppo"))
+    # The task's files feed the stages; the pretrained model is the base of every later one.
+    assert (sft["data"]["source"], sft["data"]["eval_source"]) == (str(task / "sft.jsonl"), str(task / "eval.jsonl"))
+    assert reward["data"]["source"] == str(task / "preferences.jsonl")
+    assert ppo["data"]["source"] == str(task / "prompts.jsonl")
+    assert {m["base"]["path"] for m in (sft, reward, ppo)} == {str(out / "pretrain")}
+    assert _read(out / "pretrain" / "lowrank.json")["data"]["source"] == str(task / "pretrain.jsonl")
+    assert reward["sft_adapter"] == str(out / "sft")
+    assert (ppo["sft_adapter"], ppo["reward_adapter"]) == (str(out / "sft"), str(out / "reward"))
+    assert _read(out / "merged" / "lowrank.json")["adapters"] == [str(out / "ppo")]
+    assert sft["chat_template"] == ppo["chat_template"] and sft["chat_template"]["jinja"]
+    verified = _read(out / "gguf" / "verify.json")
+    assert [(Path(f["path"]).name, f["passed"]) for f in verified["files"]] == [("run-f16.gguf", True)]
+    state = _read(out / "pipeline.json")["stages"]
+    assert list(state) == STAGES and {s["status"] for s in state.values()} == {"done"}
+    assert state["sft"]["settings"]["max_steps"] == 2
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and not list(out.glob(".*tmp*"))
+
+
+def test_table_shows_every_number_as_the_stages_wrote_it(runs):
+    _, printed = runs["first"]
+    out = runs["out"]
+    table = "\n".join(_table(printed))
+    pretrain, sft, reward = (_read(out / s / "lowrank.json")["metrics"] for s in ("pretrain", "sft", "reward"))
+    assert f"held-out loss {pretrain['initial_eval_loss']:.3f} -> {pretrain['eval_loss']:.3f}" in table
+    assert f"held-out loss {sft['initial_eval_loss']:.3f} -> {sft['eval_loss']:.3f}  (8 held-out examples)" in table
+    accuracy = {s: _read(out / s / "task_eval.json")["accuracy"] for s in ("pretrain", "sft", "ppo")}
+    assert (f"base {accuracy['pretrain']:.1%},  after SFT {accuracy['sft']:.1%},  after PPO {accuracy['ppo']:.1%}"
+            "  (greedy exact match, 8 held-out problems)") in table
+    pairs = _read(out / "reward" / "lowrank.json")["data"]["eval_pairs"]
+    assert f"pairwise accuracy {reward['eval_accuracy']:.1%} on {pairs} held-out pairs" in table
+    step = json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert f"mean reward {step['score']:.3f} -> {step['score']:.3f} (first / last 1 of 1 steps)" in table
+    assert f"KL to the reference {step['kl']:.3f} nats" in table
+    size = (out / "gguf" / "run-f16.gguf").stat().st_size / 2**20
+    assert any(line.split()[-4:] == [f"{size:.1f}", "MiB", "verify", "PASS"] and "run-f16.gguf" in line
+               for line in table.splitlines())
+    sample = _read(out / "gguf" / "verify.json")["sample"]
+    question = json.loads((out / "task" / "eval.jsonl").read_text().splitlines()[0])
+    assert sample["messages"] == [{"role": "user", "content": question["instruction"]}]
+    assert sample["expected"] == question["output"] and Path(sample["file"]).name == "run-f16.gguf"
+    verdict = "(correct)" if sample["correct"] else f"(wrong: expected {question['output']})"
+    answer = sample["answer"].strip().replace("\n", "\\n") or "(empty answer)"
+    assert f"    user       {question['instruction']}" in table.splitlines()
+    assert f"    assistant  {answer}  {verdict}" in table.splitlines()
+
+
+def test_task_accuracy_is_measured_on_the_held_out_split(runs):
+    from lowrank.tasks import is_correct
+
+    out = runs["out"]
+    held_out = [json.loads(line) for line in (out / "task" / "eval.jsonl").read_text().splitlines()]
+    for stage in ("pretrain", "sft", "ppo"):
+        result = _read(out / stage / "task_eval.json")
+        assert result["eval_data"] == str(out / "task" / "eval.jsonl") and result["problems"] == len(held_out) == 8
+        assert result["accuracy"] == result["correct"] / 8
+        for example, record in zip(result["examples"], held_out):
+            assert example["prompt"] == record["instruction"] and example["expected"] == record["output"]
+            assert example["correct"] == is_correct(record, example["answer"])
+    assert _read(out / "ppo" / "task_eval.json")["adapter"] == str(out / "ppo")
+
+
+def test_second_run_prints_the_same_table_without_loading_a_model(runs):
+    code, printed, calls = runs["again"]
+    assert code == 0 and calls == []
+    assert not [line for line in printed.splitlines() if line.startswith("[")]  # no stage line: only the table
+    assert "(every stage finished earlier: nothing ran)" in printed
+    assert _table(printed) == _table(runs["first"][1])
+
+
+def test_interrupted_stage_runs_again_with_every_stage_after_it(runs):
+    code, printed, calls = runs["interrupted"]
+    assert code == 0, printed
+    assert [c for c in calls if c in STAGES] == ["merge", "export", "verify"]  # what run_stage ran
+    assert "measure_task_accuracy" not in calls and "load_base_model" not in calls  # nothing earlier measured again
+    assert [line for line in printed.splitlines() if "done (skipped)" in line] == [
+        f"[{i}/8] {name}: done (skipped)" for i, name in enumerate(STAGES[:5], 1)]
+    assert _table(printed)[:5] == _table(runs["first"][1])[:5]  # the trained stages' rows are unchanged
+
+
+def test_failed_verification_shows_in_the_table_and_exits_1(runs):
+    code, printed = runs["failed"]
+    assert code == 1
+    assert "verify FAIL (logits differ by 1.00e-01)" in printed
+
+
+def test_changed_settings_of_a_finished_stage_are_refused_without_overwrite(runs, tmp_path, capsys):
+    out = runs["out"]
+    recipe = tmp_path / "changed.yaml"
+    recipe.write_text(runs["recipe"].read_text().replace("reward: {max_steps: 2,", "reward: {max_steps: 3,"))
+    before = (out / "pipeline.json").read_bytes()
+    code, _, err = _cli([str(recipe), "--output-dir", str(out)], capsys)
+    assert code == 2
+    assert err == (f"lowrank run: error: {out / 'reward'}: the reward stage finished with other settings "
+                   "(max_steps: 2 -> 3); pass --overwrite to run it again, and every stage after it, "
+                   "or choose another --output-dir\n")
+    assert (out / "pipeline.json").read_bytes() == before
+
+
+def test_overwrite_runs_a_changed_stage_again_and_every_stage_after_it(runs, tmp_path):
+    from lowrank.pipeline import decide, read_state
+
+    changed = runs["recipe"].read_text().replace("reward: {max_steps: 2,", "reward: {max_steps: 3,")
+    _, stages = _plan(tmp_path, changed, "--output-dir", str(runs["out"]))
+    assert decide(list(stages.values()), read_state(runs["out"]), overwrite=True) == ["skip"] * 3 + ["run"] * 5
+
+
+def test_interrupted_training_resumes_only_with_the_settings_it_started_with(tmp_path):
+    from lowrank.pipeline import may_resume, settings
+
+    _, stages = _plan(tmp_path, None)
+    sft, reward = stages["sft"], stages["reward"]
+    for stage in (sft, reward):
+        (stage.dir / "checkpoints" / "step-2").mkdir(parents=True)
+        (stage.dir / "checkpoints" / "step-2" / "state.pt").write_bytes(b"")
+    state = {"stages": {s.name: {"settings": settings(s), "status": "started"} for s in (sft, reward)}}
+    assert may_resume(sft, state)
+    assert not may_resume(reward, state)  # the reward stage keeps no checkpoints to resume from: it starts over
+    state["stages"]["sft"]["settings"]["learning_rate"] = 1.0
+    assert not may_resume(sft, state)
+
+
+def test_chat_loads_the_ppo_adapter_on_the_pretrained_base(runs):
+    from lowrank.apps.backends import SamplingConfig, load_backend
+
+    backend = load_backend(runs["out"] / "ppo", device="cpu")
+    try:
+        assert backend.kind == "adapter" and backend.template_source.endswith("from lowrank.json")
+        assert "".join(backend.generate([{"role": "user", "content": "Hi"}], SamplingConfig(max_tokens=4, seed=0)))
+    finally:
+        backend.close()
+
+
+# --- refused before anything runs ----------------------------------------------------------------
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
     from lowrank.cli import main
@@ -45,185 +260,166 @@ def _cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_run_chains_every_stage_and_marks_the_run_finished(finished):
-    code, out, printed = finished
-    assert code == 0, printed
-    for stage in STAGES:
-        assert (out / stage / "adapter_model.safetensors").is_file() and (out / stage / "lowrank.json").is_file()
-    assert (out / "merged" / "model.safetensors").is_file()
-    summary = json.loads((out / "pipeline.json").read_text())
-    assert summary["gguf"] == [{"path": str(out / "gguf" / "run-f16.gguf"), "verified": True, "passed": True,
-                                "problems": []}]
-    # Each stage read the previous stage's output dir.
-    reward = json.loads((out / "reward" / "lowrank.json").read_text())
-    ppo = json.loads((out / "ppo" / "lowrank.json").read_text())
-    merged = json.loads((out / "merged" / "lowrank.json").read_text())
-    assert reward["sft_adapter"] == str(out / "sft")
-    assert (ppo["sft_adapter"], ppo["reward_adapter"]) == (str(out / "sft"), str(out / "reward"))
-    assert merged["adapters"] == [str(out / "ppo")]
-    assert ppo["config"]["steps"] == 1 and reward["config"]["max_steps"] == 2  # --quick
-    # The marker holds the metrics the summary printed.
-    before, after = summary["metrics"]["sft_eval_loss"]
-    assert after < before
-    assert f"held-out loss {before:.4f} -> {after:.4f}" in printed
-    assert "held-out accuracy" in printed and "KL to SFT" in printed
-    assert f"{out / 'gguf' / 'run-f16.gguf'}  verify PASS" in printed
-    assert f"lowrank chat {out / 'gguf' / 'run-f16.gguf'}" in printed
-    assert f"lowrank app --models-dir {out / 'gguf'}" in printed
+def _refused(tmp_path, capsys, recipe: str | None, *flags: str) -> str:
+    """Run a recipe that must be refused: exit 2, one line, nothing written; return the message."""
+    args = ["--output-dir", str(tmp_path / "run"), *flags]
+    if recipe is not None:
+        (tmp_path / "recipe.yaml").write_text(recipe)
+        args.insert(0, str(tmp_path / "recipe.yaml"))
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("lowrank run: error: "), err
+    assert not (tmp_path / "run").exists()
+    return err.removeprefix("lowrank run: error: ").rstrip("\n")
 
 
-def test_stages_record_the_same_base_and_chat_template(finished):
-    from lowrank.models import model_digest
-    from lowrank.tiny import resolve_model_name
-
-    _, out, _ = finished
-    metas = [json.loads((out / stage / "lowrank.json").read_text()) for stage in STAGES]
-    path = resolve_model_name("tiny")
-    for meta in metas:
-        assert meta["base"] == {"id": "tiny", "path": path, "digest": model_digest(path)}
-        assert meta["chat_template"] == metas[0]["chat_template"] and meta["chat_template"]["jinja"]
+def test_missing_recipe_file_is_a_one_line_error(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, None, str(tmp_path / "nope.yaml"))
+    assert message == f"{tmp_path / 'nope.yaml'}: config file not found"
 
 
-def test_chat_loads_the_ppo_adapter_on_the_base_its_lowrank_json_names(finished):
-    from lowrank.apps.backends import SamplingConfig, load_backend
-    from lowrank.tiny import resolve_model_name
-
-    _, out, _ = finished
-    backend = load_backend(out / "ppo", device="cpu")
-    try:
-        assert backend.kind == "adapter"
-        assert backend.template_source.endswith("from lowrank.json")
-        assert "".join(backend.generate([{"role": "user", "content": "Hi"}], SamplingConfig(max_tokens=4, seed=0)))
-    finally:
-        backend.close()
-    # The recorded path is gone (another machine): the id, `tiny`, resolves there, and its digest is checked.
-    from lowrank.apps.hf_backend import base_of, check_base_digest
-    from lowrank.errors import UserError
-
-    meta = json.loads((out / "ppo" / "lowrank.json").read_text())
-    moved = {**meta, "base": {**meta["base"], "path": str(out.parent / "gone")}}
-    assert base_of(out / "ppo", meta) == meta["base"]["path"] and base_of(out / "ppo", moved) == "tiny"
-    check_base_digest(out / "ppo", moved, resolve_model_name("tiny"))
-    other = {**meta, "base": {**meta["base"], "digest": "0" * 64}}
-    with pytest.raises(UserError, match=r"was trained on base 'tiny' \(digest 000000000000\), not on"):
-        check_base_digest(out / "ppo", other, resolve_model_name("tiny"))
+def test_unknown_stage_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - rewrd: {}\n")
+    assert message == (f"{tmp_path / 'recipe.yaml'}: stage 2: unknown stage 'rewrd' (did you mean 'reward'?); "
+                       "stages are task, pretrain, sft, reward, ppo, merge, export, verify")
 
 
-def test_finished_output_dir_is_refused_without_overwrite(finished, capsys):
-    _, out, _ = finished
-    marker = (out / "pipeline.json").read_bytes()
-    code, _, err = _cli(["--output-dir", str(out), "--quick"], capsys)
-    assert code == 2
-    assert err == (f"lowrank run: error: {out}: already holds a finished run (pipeline.json); "
-                   "pass --overwrite to replace it or choose another --output-dir\n")
-    assert (out / "pipeline.json").read_bytes() == marker and (out / "sft" / "lowrank.json").is_file()
+def test_unknown_field_of_a_stage_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - reward: {}\n  - ppo: {stpes: 3}\n")
+    assert message == (f"{tmp_path / 'recipe.yaml'}: unknown field 'stpes' in stage 'ppo' (PPOConfig) "
+                       "(did you mean 'steps'?); see `lowrank ppo --help` for its fields")
 
 
-def test_output_of_an_unfinished_run_is_refused_without_overwrite(tmp_path, capsys):
-    (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / "lowrank.json").write_text("{}")
-    code, _, err = _cli(["--output-dir", str(tmp_path), "--quick"], capsys)
-    assert code == 2
-    assert err == (f"lowrank run: error: {tmp_path}: holds the output of an earlier run (sft/); "
-                   "pass --overwrite to replace it or choose another --output-dir\n")
+def test_field_of_the_wrong_type_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {learning_rate: fast}\n")
+    assert message == f"{tmp_path / 'recipe.yaml'}: stage 'sft': field 'learning_rate' must be float, got 'fast'"
+
+
+def test_unknown_top_level_field_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "modle: tiny\nstages: [sft]\n")
+    assert message.startswith(f"{tmp_path / 'recipe.yaml'}: unknown field 'modle' (did you mean 'model'?)")
+
+
+def test_stage_out_of_order_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - reward: {}\n  - sft: {}\n")
+    assert message == (f"{tmp_path / 'recipe.yaml'}: stage 'sft' comes after 'reward'; stages run in the order "
+                       "task -> pretrain -> sft -> reward -> ppo -> merge -> export -> verify")
+
+
+def test_stage_listed_twice_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - sft: {max_steps: 2}\n")
+    assert message == f"{tmp_path / 'recipe.yaml'}: stage 'sft' is listed twice; each stage runs once"
+
+
+def test_stage_without_the_stage_it_reads_is_refused(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - merge: {}\n  - verify: {}\n")
+    assert message == f"{tmp_path / 'recipe.yaml'}: stage 'verify' needs an 'export' stage (the files to check) before it"
+
+
+def test_recipe_may_not_set_what_the_pipeline_wires(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - reward: {sft_adapter: elsewhere}\n")
+    assert message.startswith(f"{tmp_path / 'recipe.yaml'}: reward.sft_adapter is set by `lowrank run` itself")
+
+
+def test_data_of_a_task_stage_may_not_be_set(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - task: {}\n  - sft: {data: mine.jsonl}\n")
+    assert message == f"{tmp_path / 'recipe.yaml'}: sft.data is set by `lowrank run` itself from the task stage"
+
+
+def test_unknown_task_size_is_refused(tmp_path, capsys):
+    from lowrank.tasks import DEFAULT_SIZES
+
+    message = _refused(tmp_path, capsys, "stages:\n  - task: {sizes: {evl: 5}}\n  - sft: {}\n")
+    assert message == f"{tmp_path / 'recipe.yaml'}: task: unknown size 'evl'; sizes are {', '.join(DEFAULT_SIZES)}"
 
 
 def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
-    missing = tmp_path / "no-such-model"
-    code, _, err = _cli(["--model", str(missing), "--output-dir", str(tmp_path / "run"), "--quick"], capsys)
-    assert code == 2
-    assert err.startswith(f"lowrank run: error: {missing}") and err.count("\n") == 1
-    assert not (tmp_path / "run").exists()
+    message = _refused(tmp_path, capsys, None, "--model", str(tmp_path / "no-such-model"))
+    assert message.startswith(str(tmp_path / "no-such-model"))
 
 
 def test_unknown_gguf_type_is_refused_before_training(tmp_path, capsys):
-    code, _, err = _cli(["--output-dir", str(tmp_path / "run"), "--type", "f16,q3_z"], capsys)
-    assert code == 2
-    assert err.startswith("lowrank run: error: --type: unknown GGUF type 'q3_z'")
-    assert not (tmp_path / "run").exists()
+    message = _refused(tmp_path, capsys, None, "--type", "f16,q3_z")
+    assert message.startswith("--type: unknown GGUF type 'q3_z'")
 
 
 def test_missing_data_file_is_refused_before_training(tmp_path, capsys):
-    code, _, err = _cli(["--output-dir", str(tmp_path / "run"), "--prompts", str(tmp_path / "p.jsonl")], capsys)
+    message = _refused(tmp_path, capsys, None, "--prompts", str(tmp_path / "p.jsonl"))
+    assert message == f"--prompts {tmp_path / 'p.jsonl'}: file not found"
+
+
+def test_finished_output_the_pipeline_did_not_record_is_refused(tmp_path, capsys):
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    (tmp_path / "run" / "sft" / "lowrank.json").write_text("{}")
+    code, _, err = _cli(["--output-dir", str(tmp_path / "run")], capsys)
     assert code == 2
-    assert err == f"lowrank run: error: --prompts {tmp_path / 'p.jsonl'}: file not found\n"
+    assert err == (f"lowrank run: error: {tmp_path / 'run' / 'sft'} holds a finished sft output that pipeline.json "
+                   "does not record (another run's?); pass --overwrite to replace it and every later stage, "
+                   "or choose another --output-dir\n")
 
 
-def test_overwrite_replaces_only_the_pipeline_dirs(tmp_path):
-    from lowrank.cli.pipeline import PipelineConfig, prepare_output_dir
+# --- configuration: recipe, flags, defaults, wiring -----------------------------------------------
 
-    for name in ("sft", "reward", "ppo", "merged", "gguf"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "lowrank.json").write_text("{}")
-    (tmp_path / "pipeline.json").write_text("{}")
-    (tmp_path / "notes.txt").write_text("mine")
-    prepare_output_dir(PipelineConfig(output_dir=str(tmp_path), overwrite=True))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-
-
-# --- configuration: recipe sections, tiny defaults, wiring ---------------------------------------
-
-def _configs(tmp_path, recipe: str | None, *flags: str):
+def _plan(tmp_path, recipe: str | None, *flags: str):
     from lowrank.cli import build_parser
-    from lowrank.cli.pipeline import build_pipeline_config, stage_configs
+    from lowrank.cli.pipeline import build_pipeline_config
+    from lowrank.pipeline import plan_stages
 
     args = ["run", "--output-dir", str(tmp_path / "run"), *flags]
     if recipe is not None:
         (tmp_path / "recipe.yaml").write_text(recipe)
-        args += ["--config", str(tmp_path / "recipe.yaml")]
-    config, sections = build_pipeline_config(build_parser("run").parse_args(args))
-    return config, stage_configs(config, sections)
+        args.insert(1, str(tmp_path / "recipe.yaml"))
+    config, listed, source = build_pipeline_config(build_parser("run").parse_args(args))
+    return config, {s.name: s for s in plan_stages(config, listed, source)}
 
 
-def test_recipe_sections_fill_stage_configs_and_flags_win(tmp_path):
-    config, configs = _configs(tmp_path, "quant: int8\ntype: q8_0\nppo:\n  steps: 3\n  max-new-tokens: 5\n"
-                                         "sft:\n  lora_r: 4\nmerge:\n  dtype: bfloat16\n", "--quant", "none")
+def _configs(tmp_path, recipe: str | None, *flags: str):
+    config, stages = _plan(tmp_path, recipe, *flags)
+    return config, {name: stage.config for name, stage in stages.items()}
+
+
+def test_flags_override_the_recipe_and_stage_fields_fill_stage_configs(tmp_path):
+    config, configs = _configs(tmp_path, "quant: int8\nseed: 3\nstages:\n  - sft: {lora_r: 4}\n  - reward: {}\n"
+                                      "  - ppo: {steps: 3, max-new-tokens: 5}\n  - merge: {dtype: bfloat16}\n"
+                                      "  - export: {type: q8_0}\n", "--quant", "none")
     run = tmp_path / "run"
-    assert config.quant == "none" and config.type == ["q8_0"]
-    assert {s: configs[s].quant for s in STAGES} == {"sft": "none", "reward": "none", "ppo": "none"}
+    assert (config.quant, config.seed) == ("none", 3)
+    assert {configs[s].quant for s in ("sft", "reward", "ppo")} == {"none"}
+    assert {configs[s].seed for s in ("sft", "reward", "ppo")} == {3}
     assert (configs["ppo"].steps, configs["ppo"].max_new_tokens, configs["sft"].lora_r) == (3, 5, 4)
-    assert configs["ppo"].rollout_batch_size == 8  # the tiny default still applies where the recipe is silent
-    assert configs["reward"].sft_adapter == str(run / "sft")
+    assert configs["ppo"].rollout_batch_size == 16  # a recipe's stage starts from the stage's own defaults
     assert (configs["ppo"].sft_adapter, configs["ppo"].reward_adapter) == (str(run / "sft"), str(run / "reward"))
     assert (configs["merge"].adapters, configs["merge"].out, configs["merge"].dtype) == ([str(run / "ppo")], str(run / "merged"), "bfloat16")
-    assert (configs["export"].type, configs["export"].out, configs["export"].name) == (["q8_0"], str(run / "gguf"), "run")
+    assert (configs["export"].type, configs["export"].name, configs["export"].verify) == (["q8_0"], "run", False)
 
 
-def test_quick_overrides_the_recipe_and_real_models_keep_stage_defaults(tmp_path):
+def test_config_flag_names_the_recipe_too(tmp_path, capsys):
+    from lowrank.cli import build_parser
+    from lowrank.cli.pipeline import build_pipeline_config
+
+    (tmp_path / "a.yaml").write_text("stages: [sft, merge]\n")
+    args = build_parser("run").parse_args(["run", "--config", str(tmp_path / "a.yaml"), "--output-dir", "x"])
+    assert [name for name, _ in build_pipeline_config(args)[1]] == ["sft", "merge"]
+    message = _refused(tmp_path, capsys, "stages: [sft]\n", "--config", str(tmp_path / "a.yaml"))
+    assert message == f"two recipes: {tmp_path / 'recipe.yaml'} and --config {tmp_path / 'a.yaml'}; give one"
+
+
+def test_without_a_recipe_tiny_models_run_the_default_stages_short(tmp_path):
+    from lowrank.data import SAMPLE_FILES
     from lowrank.ppo import PPOConfig
 
-    _, configs = _configs(tmp_path, "ppo:\n  steps: 50\n", "--quick")
+    _, configs = _configs(tmp_path, None)
+    assert list(configs) == ["sft", "reward", "ppo", "merge", "export", "verify"]
+    assert configs["ppo"].steps == 16 and configs["ppo"].prompts == str(SAMPLE_FILES["prompts"])
+    assert configs["export"].type == ["f16", "q8_0", "q4_k_m"]
+    _, configs = _configs(tmp_path, None, "--quick")
     assert configs["ppo"].steps == 1 and configs["sft"].max_steps == 2
     _, configs = _configs(tmp_path, None, "--model", str(tmp_path / "some-model"))
     assert configs["ppo"].steps == PPOConfig().steps and configs["ppo"].model == str(tmp_path / "some-model")
 
 
-def test_recipe_may_not_set_what_the_pipeline_wires(tmp_path):
-    from lowrank.errors import UserError
-
-    with pytest.raises(UserError, match=r"recipe.yaml: reward.sft_adapter is set by `lowrank run` itself"):
-        _configs(tmp_path, "reward:\n  sft_adapter: elsewhere\n")
-
-
-def test_recipe_with_an_unknown_field_names_its_section(tmp_path):
-    from lowrank.errors import UserError
-
-    with pytest.raises(UserError, match=r"recipe.yaml: unknown field 'stpes' in section 'ppo' \(PPOConfig\)"):
-        _configs(tmp_path, "ppo:\n  stpes: 3\n")
-
-
-def test_failed_verification_exits_1_without_the_marker(tmp_path, monkeypatch, capsys):
-    from lowrank.cli import pipeline
-
-    def fake_stages(config, configs):
-        return {"stage": "pipeline", "model": "tiny", "quant": "none", "dirs": {"merged": "m", "gguf": "g"},
-                "metrics": {"sft_eval_loss": [2.0, 1.0], "reward_eval_accuracy": 1.0, "reward_eval_margin": 0.5,
-                            "ppo_score": [0.1, 0.2], "ppo_score_window": 1, "ppo_kl": 0.01, "ppo_steps": 1},
-                "gguf": [{"path": "g/x-f16.gguf", "verified": True, "passed": False, "problems": ["logits differ"]}],
-                "seconds": dict.fromkeys(("sft", "reward", "ppo", "merge", "export"), 1.0), "config": {}}
-
-    monkeypatch.setattr(pipeline, "run_stages", fake_stages)
-    code, out, _ = _cli(["--output-dir", str(tmp_path), "--quick"], capsys)
-    assert code == 1
-    assert "g/x-f16.gguf  verify FAIL" in out and "verification failed for g/x-f16.gguf" in out
-    assert not (tmp_path / "pipeline.json").exists()
+def test_shipped_recipes_are_valid(tmp_path):
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert {r.name for r in recipes} >= {"demo.yaml", "llama2-7b-qlora.yaml", "llama2-7b-int8.yaml"}
+    for recipe in recipes:
+        _, configs = _configs(tmp_path, recipe.read_text())
+        assert list(configs)[-3:] == ["merge", "export", "verify"], recipe.name

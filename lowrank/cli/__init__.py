@@ -19,7 +19,8 @@ from lowrank.errors import UserError
 
 # subcommand name -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("lowrank.cli.pipeline", "run the whole pipeline (SFT -> reward -> PPO -> merge -> export) on a model and data"),
+    "run": ("lowrank.cli.pipeline", "run a recipe: every stage (task, pretrain, SFT, reward, PPO, merge, export, verify), each skipped when finished"),
+    "pretrain": ("lowrank.cli.pretrain", "train every weight of a small base on plain text (no LoRA)"),
     "plan": ("lowrank.cli.plan", "predict a training run's peak GPU memory and the largest micro-batch that fits"),
     "sft": ("lowrank.cli.sft", "supervised fine-tuning of a LoRA adapter"),
     "reward": ("lowrank.cli.reward", "train a reward model (LoRA + score head) on preference pairs"),

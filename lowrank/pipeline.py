@@ -1,0 +1,443 @@
+"""The pipeline behind `lowrank run`: a recipe's stages made into stage configs chained through one
+output dir, and the record that lets a later run skip what is finished.
+
+A recipe (YAML) holds the pipeline's fields (PipelineConfig) and an ordered list of stages, each
+with fields of that stage's config (SFTConfig, RewardConfig, ...)::
+
+    model: tiny
+    output_dir: runs/demo
+    stages:
+      - task: {name: sort}
+      - pretrain: {max_steps: 300}
+      - sft: {epochs: 2}
+      - reward: {}
+      - ppo: {steps: 16}
+      - merge: {}
+      - export: {type: [f16, q8_0, q4_k_m]}
+      - verify: {}
+
+Stages run in the order of STAGES, each reading what earlier ones wrote. The pipeline sets what
+links them (model, data files of the task, adapters, output dirs, quant, seed); a recipe may not.
+Under output_dir::
+
+    task/         lowrank.tasks' files: pretrain, sft, eval (held out), preferences, prompts
+    pretrain/     the base every later stage trains on (a Hugging Face dir)
+    sft/ reward/ ppo/   adapters (PEFT dir + lowrank.json, metrics.jsonl)
+    merged/       the last adapter merged into the base
+    gguf/         one GGUF per type (+ Modelfiles); verify.json: each file's check and a sample answer
+    pipeline.json each stage's settings and state;  curves.png: the training curves
+
+With a task stage, the held-out accuracy of each model is cached in ``task_eval.json`` next to it:
+pretrain/, sft/, ppo/, and task/ for the base when there is no pretrain stage.
+
+A second run skips a stage whose output is finished (its marker, written last, is there) and whose
+recorded settings are today's. A stage without its marker (interrupted) runs again, from its newest
+checkpoint when it has one; every stage after a stage that runs runs too, since its input changed.
+A finished stage whose settings changed is refused unless ``overwrite``: then it and every stage
+after it run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowrank.errors import UserError
+
+STAGES = ("task", "pretrain", "sft", "reward", "ppo", "merge", "export", "verify")
+DEFAULT_STAGES = ("sft", "reward", "ppo", "merge", "export", "verify")  # without a recipe: shipped data
+STAGE_DIRS = {"task": "task", "pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo",
+              "merge": "merged", "export": "gguf", "verify": "gguf"}
+STATE_FILE = "pipeline.json"
+TASK_EVAL = "task_eval.json"
+VERIFY_FILE = "verify.json"
+CURVES = "curves.png"
+DEFAULT_TYPES = ["f16", "q8_0", "q4_k_m"]
+COMMAND_STAGES = ("pretrain", "sft", "reward", "ppo", "merge", "export")  # stages whose fields are the flags of `lowrank <stage>`
+# Fields the pipeline sets itself (they chain the stages), by stage.
+WIRED = {
+    "task": set(),
+    "pretrain": {"model", "output_dir", "seed", "overwrite"},
+    "sft": {"model", "output_dir", "quant", "seed", "overwrite", "resume"},
+    "reward": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite"},
+    "ppo": {"model", "output_dir", "sft_adapter", "reward_adapter", "quant", "seed", "overwrite", "resume"},
+    "merge": {"base", "adapters", "out", "overwrite"},
+    "export": {"out", "verify", "lora", "lora_only"},
+    "verify": set(),
+}
+# ... and, with a task stage, the data files it writes.
+WIRED_BY_TASK = {"pretrain": {"data"}, "sft": {"data", "eval_data"}, "reward": {"data"}, "ppo": {"prompts"}}
+
+# The embedded tiny models have random weights: without a recipe, the default stages run these short
+# settings, whose metrics still move. Their LM head is frozen random behind an RMSNorm of weight 1, so a
+# LoRA on the other linears alone barely moves any token's probability: SFT also adapts lm_head,
+# which the PPO policy inherits (the reward model leaves it out: the score never passes through it).
+_TINY_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+TINY_RECIPE = {
+    "sft": {"learning_rate": 5e-3, "epochs": 2.0, "eval_every": 0, "save_every": 0, "gradient_checkpointing": False,
+            "target_modules": _TINY_LORA_TARGETS},
+    "reward": {"learning_rate": 1e-3, "gradient_checkpointing": False},
+    # every rollout is logged (log_samples), so the summary can count the rewarded property in them
+    "ppo": {"steps": 16, "rollout_batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 16,
+            "learning_rate": 1e-3, "init_kl_coef": 0.2, "log_samples": 8},
+}
+# --quick: a smoke test of the plumbing (two optimizer steps per training stage).
+QUICK_RECIPE = {
+    "pretrain": {"max_steps": 2},
+    "sft": {"max_steps": 2, "eval_every": 0, "save_every": 0, "gradient_checkpointing": False},
+    "reward": {"max_steps": 2, "gradient_checkpointing": False},
+    "ppo": {"steps": 1, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
+            "log_samples": 0},
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of `lowrank run` (a recipe's top-level fields; flags override them)."""
+
+    model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe'"})
+    output_dir: str = field(default="", metadata={"help": "where every stage's output and pipeline.json go"})
+    quant: str = field(default="auto", metadata={"help": "base weights of the training stages: nf4, int8, none, or auto (nf4 on CUDA, none on a CPU, where bitsandbytes' 4-bit is ~20x slower)"})
+    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    type: list[str] = field(default_factory=list, metadata={"help": "GGUF types of the export stage (default: the recipe's, else f16,q8_0,q4_k_m)"})
+    data: str = field(default="", metadata={"help": "SFT data when there is no task stage (default: the recipe's, else the shipped alpaca sample)"})
+    preferences: str = field(default="", metadata={"help": "reward-model pairs when there is no task stage (default: the recipe's, else the shipped sample)"})
+    prompts: str = field(default="", metadata={"help": "PPO prompts when there is no task stage (default: the recipe's, else the shipped sample)"})
+    quick: bool = field(default=False, metadata={"help": "two steps per training stage: checks the plumbing, trains nothing"})
+    overwrite: bool = field(default=False, metadata={"help": "run again a finished stage whose settings changed, and every stage after it"})
+
+
+@dataclass
+class TaskConfig:
+    """The task stage: a synthetic task's data files (lowrank.tasks) and how accuracy on it is measured."""
+
+    name: str = field(default="sort", metadata={"help": "task: sort, reverse or add"})
+    seed: int | None = field(default=None, metadata={"help": "seed of the problems (default: the pipeline's)"})
+    sizes: dict[str, int] = field(default_factory=dict, metadata={"help": "problems per file (pretrain, sft, eval, preferences, prompts); default lowrank.tasks.DEFAULT_SIZES"})
+    eval_max_new_tokens: int = field(default=24, metadata={"help": "length limit of a greedy answer when measuring accuracy"})
+    eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when measuring accuracy"})
+
+
+@dataclass
+class VerifyConfig:
+    """The verify stage: every GGUF checked against the merged model, and one held-out prompt answered."""
+
+    greedy_tokens: int = field(default=32, metadata={"help": "greedy continuation compared token by token (float files)"})
+    threads: int = field(default=2, metadata={"help": "llama.cpp threads"})
+    sample_max_tokens: int = field(default=48, metadata={"help": "length limit of the sample answer"})
+
+
+@dataclass
+class Stage:
+    name: str
+    config: Any  # the stage's config dataclass, wired
+    dir: Path
+    eval_file: Path | None = None  # task_eval.json of the model this stage makes (with a task stage)
+    evaluates: dict = field(default_factory=dict)  # task/pretrain: the plain base measured (model, quant, template)
+
+
+def stage_classes() -> dict[str, type]:
+    from lowrank.export.gguf import ExportConfig
+    from lowrank.ppo import PPOConfig
+    from lowrank.pretrain import PretrainConfig
+    from lowrank.quantize.merge import MergeConfig
+    from lowrank.reward import RewardConfig
+    from lowrank.sft import SFTConfig
+
+    return {"task": TaskConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+            "ppo": PPOConfig, "merge": MergeConfig, "export": ExportConfig, "verify": VerifyConfig}
+
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+def read_recipe(path: Path) -> tuple[dict, list[tuple[str, dict]] | None]:
+    """(pipeline fields, [(stage, fields), ...] in order, or None when it lists no stages), checked."""
+    from lowrank.config import load_yaml
+
+    recipe = {str(k).replace("-", "_"): v for k, v in load_yaml(path).items()}
+    listed = recipe.pop("stages", None)
+    known = [f.name for f in dataclasses.fields(PipelineConfig)]
+    for key in recipe:
+        if key not in known:
+            raise UserError(f"{path}: unknown field '{key}'{_did_you_mean(key, known + ['stages'])}; a recipe holds "
+                            f"'stages' and the pipeline's fields ({', '.join(known)})")
+    if listed is None:
+        return recipe, None
+    if not isinstance(listed, list) or not listed:
+        raise UserError(f"{path}: 'stages' must be a list, one '- stage: {{fields}}' item per stage")
+    stages: list[tuple[str, dict]] = []
+    for number, item in enumerate(listed, 1):
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise UserError(f"{path}: stage {number} must be one 'stage: {{fields}}' mapping, got {item!r}")
+        (name, fields), = item.items()
+        if name not in STAGES:
+            raise UserError(f"{path}: stage {number}: unknown stage '{name}'{_did_you_mean(str(name), STAGES)}; "
+                            f"stages are {', '.join(STAGES)}")
+        if fields is not None and not isinstance(fields, dict):
+            raise UserError(f"{path}: stage '{name}' must map to its fields ({{field: value}}), got {fields!r}")
+        stages.append((name, {str(k).replace("-", "_"): v for k, v in (fields or {}).items()}))
+    names = [name for name, _ in stages]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"{path}: stage '{name}' is listed twice; each stage runs once")
+        later = [n for n in names[:i] if STAGES.index(n) > STAGES.index(name)]
+        if later:
+            raise UserError(f"{path}: stage '{name}' comes after '{later[0]}'; stages run in the order "
+                            f"{' -> '.join(STAGES)}")
+    return recipe, stages
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def resolve_quant(quant: str) -> str:
+    from lowrank.models import QUANT_CHOICES
+
+    if quant == "auto":
+        import torch
+
+        return "nf4" if torch.cuda.is_available() else "none"
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"--quant: unknown value '{quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
+    return quant
+
+
+def output_path(config: PipelineConfig) -> Path:
+    """The output dir as an absolute path: every stage records paths in it, valid from any working dir."""
+    if not config.output_dir:
+        raise UserError("no output dir: give --output-dir DIR (or output_dir in the recipe)")
+    return Path(config.output_dir).expanduser().resolve()
+
+
+def _check_dependencies(names: list[str], source: str) -> None:
+    needs = [("ppo", ("reward",), "a 'reward' stage (its reward model)"),
+             ("merge", ("sft", "ppo"), "an 'sft' or 'ppo' stage (the adapter to merge)"),
+             ("export", ("merge",), "a 'merge' stage (the model to export)"),
+             ("verify", ("export",), "an 'export' stage (the files to check)")]
+    for stage, any_of, what in needs:
+        if stage in names and not any(n in names for n in any_of):
+            raise UserError(f"{source}: stage '{stage}' needs {what} before it")
+
+
+def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, source: str) -> list[Stage]:
+    """The stages to run, each config filled: defaults < TINY_RECIPE (no recipe, tiny models) < recipe
+    < --quick < wiring. Every field is checked here, before any stage runs."""
+    from lowrank.config import build_config
+    from lowrank.data import SAMPLE_FILES
+    from lowrank.tasks import FILES
+    from lowrank.tiny import NAMED_MODELS
+
+    out = output_path(config)
+    tiny_defaults = listed is None and config.model in NAMED_MODELS
+    listed = listed if listed is not None else [(name, {}) for name in DEFAULT_STAGES]
+    names = [name for name, _ in listed]
+    _check_dependencies(names, source)
+    has_task = "task" in names
+    for flag, value in (("--data", config.data), ("--preferences", config.preferences), ("--prompts", config.prompts)):
+        if value and has_task:
+            raise UserError(f"{flag}: the task stage of {source} writes the data; leave {flag} out")
+    dirs = {name: out / STAGE_DIRS[name] for name in STAGES}
+    task_files = {f: str(dirs["task"] / f"{f}.jsonl") for f in FILES}
+    base = str(dirs["pretrain"]) if "pretrain" in names else config.model
+    quant = resolve_quant(config.quant)
+    common = {"model": base, "quant": quant, "seed": config.seed, "overwrite": True}
+    wiring = {
+        "task": {},
+        "pretrain": {"model": config.model, "seed": config.seed, "overwrite": True, "output_dir": str(dirs["pretrain"]),
+                     **({"data": task_files["pretrain"]} if has_task else {})},
+        "sft": {**common, "output_dir": str(dirs["sft"]),
+                **({"data": task_files["sft"], "eval_data": task_files["eval"]} if has_task else {"data": config.data})},
+        "reward": {**common, "output_dir": str(dirs["reward"]),
+                   "sft_adapter": str(dirs["sft"]) if "sft" in names else None,
+                   "data": task_files["preferences"] if has_task else config.preferences},
+        "ppo": {**common, "output_dir": str(dirs["ppo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
+                "reward_adapter": str(dirs["reward"]),
+                "prompts": task_files["prompts"] if has_task else config.prompts},
+        "merge": {"base": base, "adapters": [str(dirs["ppo" if "ppo" in names else "sft"])], "out": str(dirs["merge"]),
+                  "overwrite": True},
+        "export": {"out": str(dirs["export"]), "verify": False, "type": config.type},
+        "verify": {},
+    }
+    shipped = {"reward": ("data", SAMPLE_FILES["preferences"]), "ppo": ("prompts", SAMPLE_FILES["prompts"])}
+    classes = stage_classes()
+    stages = []
+    for name, fields in listed:
+        cls = classes[name]
+        known = [f.name for f in dataclasses.fields(cls)]
+        wired = WIRED[name] | (WIRED_BY_TASK.get(name, set()) if has_task else set())
+        for key in fields:
+            if key in wired:
+                raise UserError(f"{source}: {name}.{key} is set by `lowrank run` itself"
+                                + (" from the task stage" if key in WIRED_BY_TASK.get(name, ()) else
+                                   "; use the pipeline's field or flag (model, quant, seed, output_dir)"))
+            if key not in known:
+                listing = (f"see `lowrank {name} --help` for its fields" if name in COMMAND_STAGES else
+                           f"its fields are {', '.join(k for k in known if k not in wired)}")
+                raise UserError(f"{source}: unknown field '{key}' in stage '{name}' ({cls.__name__})"
+                                f"{_did_you_mean(key, known)}; {listing}")
+        values = dict(TINY_RECIPE.get(name, {})) if tiny_defaults else {}
+        values.update(fields)
+        if config.quick:
+            values.update(QUICK_RECIPE.get(name, {}))
+        values.update({k: v for k, v in wiring[name].items() if v not in ("", None, [])})
+        if name in shipped and not values.get(shipped[name][0]):  # neither task, flag nor recipe gave the data
+            values[shipped[name][0]] = str(shipped[name][1])
+        if name == "task":
+            values.setdefault("seed", config.seed)
+        if name == "export":
+            values.setdefault("type", DEFAULT_TYPES)
+            values.setdefault("name", out.name)  # runs/demo -> demo-q4_k_m.gguf
+        try:
+            stage_config = build_config(cls, None, **values)
+        except UserError as e:
+            raise UserError(f"{source}: stage '{name}': {str(e).removeprefix('config: ')}") from None
+        if name == "task":
+            _check_task(stage_config, source)
+        if name == "pretrain" and not stage_config.data:
+            raise UserError(f"{source}: stage 'pretrain' needs text: give its data (.jsonl of {{\"text\"}} records) "
+                            "or a task stage before it")
+        stages.append(Stage(name, stage_config, dirs[name]))
+    sft_template = next((s.config.template for s in stages if s.name == "sft"), "auto")
+    evaluated = {"pretrain": dirs["pretrain"], "sft": dirs["sft"], "ppo": dirs["ppo"]}
+    if "pretrain" not in names:
+        evaluated["task"] = dirs["task"]  # the plain base's accuracy, measured by the task stage
+    for stage in stages:
+        if has_task and stage.name in evaluated:
+            stage.eval_file = evaluated[stage.name] / TASK_EVAL
+        if stage.name in ("task", "pretrain") and stage.eval_file is not None:
+            # the plain base, measured in the chat template SFT will train it in
+            stage.evaluates = {"model": base, "quant": quant, "template": sft_template}
+    return stages
+
+
+def _check_task(config: TaskConfig, source: str) -> None:
+    """lowrank.tasks' own check of the name and sizes, its message prefixed with the recipe."""
+    from lowrank import tasks
+
+    if not isinstance(config.sizes, dict):
+        raise UserError(f"{source}: task.sizes must map files to problem counts, e.g. {{eval: 100}}")
+    try:
+        tasks._check(config.name, config.sizes)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+# --- what is finished -------------------------------------------------------------------------------
+
+def gguf_paths(export_config) -> list[Path]:
+    """The files the export stage writes (lowrank.export.gguf names them <name>-<type>.gguf)."""
+    from lowrank.export.gguf import parse_types
+
+    return [Path(export_config.out) / f"{export_config.name}-{t.name}.gguf" for t in parse_types(export_config.type)]
+
+
+def output_finished(stage: Stage) -> bool:
+    """Whether the stage's own marker of a finished output is there (each is written last, by rename)."""
+    if stage.name == "task":
+        from lowrank.tasks import MARKER
+
+        return (stage.dir / MARKER).is_file()
+    if stage.name == "export":
+        return all(p.is_file() for p in gguf_paths(stage.config))
+    if stage.name == "verify":
+        return (stage.dir / VERIFY_FILE).is_file()
+    return (stage.dir / "lowrank.json").is_file()
+
+
+def settings(stage: Stage) -> dict:
+    """What a stage's result depends on, as recorded in pipeline.json (JSON-normalised)."""
+    from lowrank.config import config_to_dict
+
+    values = {k: v for k, v in config_to_dict(stage.config).items() if k not in ("overwrite", "resume")}
+    values.update({f"evaluates_{k}": v for k, v in stage.evaluates.items()})
+    return json.loads(json.dumps(values, default=str))
+
+
+def read_state(out: Path) -> dict:
+    path = out / STATE_FILE
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable ({e}); remove it and run with --overwrite") from None
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+        raise UserError(f"{path}: not a pipeline record; remove it and run with --overwrite")
+    return state
+
+
+def write_state(out: Path, state: dict) -> None:
+    write_json(out / STATE_FILE, state)
+
+
+def decide(stages: list[Stage], state: dict, overwrite: bool) -> list[str]:
+    """Per stage: 'skip' (finished with today's settings), 'eval' (finished; only its task accuracy is
+    missing) or 'run'. A finished stage whose settings changed is a UserError unless ``overwrite``."""
+    actions: list[str] = []
+    rerun = False
+    for stage in stages:
+        record = state["stages"].get(stage.name)
+        finished = output_finished(stage)
+        if rerun or not finished:
+            actions.append("run")
+            rerun = True
+            continue
+        if record is None or record.get("settings") != settings(stage):
+            if not overwrite:
+                raise UserError(_changed(stage, record))
+            actions.append("run")
+            rerun = True
+            continue
+        actions.append("eval" if stage.eval_file is not None and not stage.eval_file.is_file() else "skip")
+    return actions
+
+
+def _changed(stage: Stage, record: dict | None) -> str:
+    if record is None:
+        return (f"{stage.dir} holds a finished {stage.name} output that {STATE_FILE} does not record (another run's?); "
+                "pass --overwrite to replace it and every later stage, or choose another --output-dir")
+    old, new = record.get("settings", {}), settings(stage)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    return (f"{stage.dir}: the {stage.name} stage finished with other settings ({'; '.join(diffs[:3])}{more}); "
+            f"pass --overwrite to run it again, and every stage after it, or choose another --output-dir")
+
+
+def may_resume(stage: Stage, state: dict) -> bool:
+    """An interrupted sft/ppo run with today's settings continues from its newest checkpoint."""
+    from lowrank.train import list_checkpoints
+
+    record = state["stages"].get(stage.name) or {}
+    return (hasattr(stage.config, "resume") and record.get("settings") == settings(stage)
+            and bool(list_checkpoints(stage.dir)))
+
+
+def clear_output(stage: Stage) -> None:
+    """Remove a stage's markers before it runs, so that an interrupted rerun never looks finished."""
+    import shutil
+
+    from lowrank.tasks import MARKER
+
+    if stage.name == "export":
+        shutil.rmtree(stage.dir, ignore_errors=True)  # files of types no longer asked for go too
+        return
+    markers = {"task": MARKER, "verify": VERIFY_FILE}
+    (stage.dir / markers.get(stage.name, "lowrank.json")).unlink(missing_ok=True)
+    if stage.eval_file is not None:
+        stage.eval_file.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    """``value`` as JSON at ``path``, written to a temporary name and renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
