@@ -149,7 +149,6 @@ def section_sft(args, shape_name: str, max_length: int, micro_rows: list[int], t
     from lowrank import train
     from lowrank.data import collate, pack_examples
     from lowrank.models import lora_config
-    from lowrank.sft import accumulation_for_tokens
 
     shape = shape_config(shape_name, args.baseline)
     built = time.perf_counter()
@@ -167,7 +166,7 @@ def section_sft(args, shape_name: str, max_length: int, micro_rows: list[int], t
     results = []
     for rows_per_micro in micro_rows:
         cap_memory(args.cap_gib)
-        accumulation = accumulation_for_tokens(tokens_per_step, rows, rows_per_micro, 1)
+        accumulation = train.accumulation_for_tokens(tokens_per_step, [len(r["input_ids"]) for r in rows], rows_per_micro)
         per_step = rows_per_micro * accumulation
         timed_tokens, started, losses = 0, None, []
         for step in range(steps):

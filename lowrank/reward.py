@@ -343,6 +343,7 @@ class RewardConfig:
     optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
     batch_size: int = field(default=8, metadata={"help": "preference pairs per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    tokens_per_step: int = field(default=0, metadata={"help": "tokens (chosen + rejected) per optimizer step; when > 0 it sets the micro-batches per step (replaces --gradient-accumulation-steps)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (when max_steps is 0)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
     max_length: int = field(default=512, metadata={"help": "tokens per prompt+response (longer ones are cut)"})
@@ -505,6 +506,8 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         raise UserError("no output dir: give --output-dir DIR")
     if config.batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise UserError("--batch-size and --gradient-accumulation-steps must be at least 1")
+    if config.tokens_per_step < 0:
+        raise UserError(f"--tokens-per-step must be 0 (off) or positive, got {config.tokens_per_step}")
     model_path = resolve_model_name(config.model)
     sft_meta = None
     if config.sft_adapter:
@@ -539,7 +542,11 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
     device = base.get_output_embeddings().weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    pairs_per_step = config.batch_size * config.gradient_accumulation_steps
+    accumulation = config.gradient_accumulation_steps
+    if config.tokens_per_step:
+        accumulation = train.accumulation_for_tokens(
+            config.tokens_per_step, [len(e["chosen"]) + len(e["rejected"]) for e in train_examples], config.batch_size)
+    pairs_per_step = config.batch_size * accumulation
     steps_per_epoch = max(1, math.ceil(len(train_examples) / pairs_per_step))
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -554,7 +561,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
     for step in range(1, max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_correct, step_pairs = 0.0, 0, 0
-        for _ in range(config.gradient_accumulation_steps):
+        for _ in range(accumulation):
             if len(order) < config.batch_size:  # a new epoch: reshuffle
                 fresh = list(range(len(train_examples)))
                 order_rng.shuffle(fresh)
@@ -572,7 +579,8 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        record = {"step": step, "max_steps": max_steps, "loss": step_loss / step_pairs,
+        record = {"step": step, "max_steps": max_steps, "pairs": step_pairs, "micro_batches": accumulation,
+                  "loss": step_loss / step_pairs,
                   "train_accuracy": step_correct / step_pairs, "lr": scheduler.get_last_lr()[0]}
         if eval_examples and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
             scores = evaluate_pairs(model, eval_examples, pad_id, config.batch_size, device)

@@ -140,19 +140,6 @@ class BatchStream:
         return self.consumed / self.batches_per_epoch
 
 
-def accumulation_for_tokens(tokens_per_step: int, rows: list[dict], batch_size: int, processes: int) -> int:
-    """Micro-batches per process and optimizer step that take about ``tokens_per_step`` tokens in all.
-
-    Rows are packed (nearly ``max_length`` tokens each) or single examples; the count uses their
-    mean length, so a step's tokens vary a little around the budget while each step still has
-    the same number of micro-batches (which DDP and --resume need). The loss of a step is
-    normalised by its loss tokens (train.accumulate_gradients), so the varying count is exact.
-    """
-    mean_row = sum(len(r["input_ids"]) for r in rows) / max(1, len(rows))
-    rows_per_step = max(1, round(tokens_per_step / max(1.0, mean_row)))
-    return max(1, math.ceil(rows_per_step / (batch_size * processes)))
-
-
 def _to_rows(examples: list[dict], config: SFTConfig) -> list[dict]:
     from lowrank.data import pack_examples
 
@@ -238,8 +225,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     params = [p for p in model.parameters() if p.requires_grad]
     accumulation = config.gradient_accumulation_steps
     if config.tokens_per_step:
-        accumulation = accumulation_for_tokens(config.tokens_per_step, train_rows, config.batch_size,
-                                               accelerator.num_processes)
+        accumulation = train.accumulation_for_tokens(config.tokens_per_step, [len(r["input_ids"]) for r in train_rows],
+                                                     config.batch_size, accelerator.num_processes)
         log.info("--tokens-per-step %d: %d micro-batches of %d rows per process and step", config.tokens_per_step,
                  accumulation, config.batch_size)
     micro_per_step = accumulation * accelerator.num_processes

@@ -145,6 +145,19 @@ def build_scheduler(optimizer, *, warmup_steps: int, max_steps: int, kind: str =
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(warmup_steps, max_steps, kind))
 
 
+def accumulation_for_tokens(tokens_per_step: int, lengths: list[int], batch_size: int, processes: int = 1) -> int:
+    """Micro-batches per process and optimizer step that take about ``tokens_per_step`` tokens in all.
+
+    ``lengths``: tokens of each row (a packed row, an example, or a preference pair's two
+    sequences). The count uses their mean, so a step's tokens vary a little around the budget
+    while every step has the same number of micro-batches (which DDP and --resume need); the
+    loss of a step is normalised by its own token or pair count, so the variation is exact.
+    """
+    mean_row = sum(lengths) / max(1, len(lengths))
+    rows_per_step = max(1, round(tokens_per_step / max(1.0, mean_row)))
+    return max(1, math.ceil(rows_per_step / (batch_size * processes)))
+
+
 # --- one optimizer step ------------------------------------------------------------------
 
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -101,9 +101,9 @@ def test_chunked_loss_matches_on_a_quantized_base(tiny_spm, spm_tokenizer, monke
 
 
 def test_accumulation_for_a_token_budget():
-    from lowrank.sft import accumulation_for_tokens
+    from lowrank.train import accumulation_for_tokens
 
-    rows = [{"input_ids": [0] * 100}] * 3 + [{"input_ids": [0] * 40}]  # mean 85 tokens
+    rows = [100, 100, 100, 40]  # mean 85 tokens
     assert accumulation_for_tokens(1700, rows, batch_size=4, processes=1) == 5  # 20 rows
     assert accumulation_for_tokens(1700, rows, batch_size=4, processes=2) == 3  # 20 rows over 8 per micro-step
     assert accumulation_for_tokens(10, rows, batch_size=4, processes=1) == 1
@@ -192,3 +192,17 @@ def test_training_stages_plan_before_loading_and_record_the_peak(tiny_spm, tmp_p
     assert events == [("plan", stage, 4), ("start", True), ("load",), ("end", True)]
     metrics = json.loads((out / "lowrank.json").read_text())["metrics"]
     assert (metrics["peak_gpu_gib"], metrics["planned_gpu_gib"]) == (2.0, 3.0)
+
+
+def test_reward_steps_take_the_token_budget(tiny_spm, tmp_path):
+    """Reward --tokens-per-step: pairs of at most 2 x 64 tokens and a budget of 960 take 4+ micro-batches of 2 pairs."""
+    import json
+
+    from lowrank.data import SAMPLE_FILES
+    from lowrank.reward import RewardConfig, train_reward
+
+    out = train_reward(RewardConfig(model=str(tiny_spm), data=str(SAMPLE_FILES["preferences"]), quant="none",
+                                    output_dir=str(tmp_path / "reward"), max_steps=1, batch_size=2, max_length=64,
+                                    tokens_per_step=960, gradient_checkpointing=False, lora_r=4))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["micro_batches"] >= 4 and records[-1]["pairs"] == 2 * records[-1]["micro_batches"], records[-1]
