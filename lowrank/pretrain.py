@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -114,8 +113,6 @@ def _save_model(model, model_path: str, out_dir: Path, meta: dict) -> None:
     Everything goes to a temp dir first and is renamed into place, so a file under its final name
     is complete.
     """
-    import json
-
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model-"))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -127,14 +124,7 @@ def _save_model(model, model_path: str, out_dir: Path, meta: dict) -> None:
             src = Path(model_path) / name
             if src.is_file() and not (tmp / name).exists():
                 shutil.copy(src, tmp / name)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)  # temp files are private by default; a model is meant to be shared
-                os.replace(f, out_dir / f.name)
-        marker_tmp = out_dir / f".{train.FINISHED_MARKER}.tmp"
-        marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        os.chmod(marker_tmp, 0o644)
-        os.replace(marker_tmp, out_dir / train.FINISHED_MARKER)
+        train.publish(tmp, out_dir, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

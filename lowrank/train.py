@@ -453,6 +453,22 @@ class MetricsLog:
 
 # --- the finished adapter ----------------------------------------------------------------------
 
+def publish(src: Path, out: Path, meta: dict) -> None:
+    """Rename the files of the temp dir ``src`` into ``out``, then write lowrank.json (``meta``) last.
+
+    A file under its final name is complete, and the marker of a finished run appears only after
+    every other file. Temp files are private by default; a model or adapter is meant to be shared.
+    """
+    for f in src.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o644)
+            os.replace(f, out / f.name)
+    marker_tmp = out / f".{FINISHED_MARKER}.tmp"
+    marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    os.chmod(marker_tmp, 0o644)
+    os.replace(marker_tmp, out / FINISHED_MARKER)
+
+
 def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default") -> Path:
     """Write the adapter ``adapter_name`` as a standard PEFT dir in ``out_dir``, then lowrank.json.
 
@@ -470,15 +486,7 @@ def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default"
         # vocabularies, which lowrank never makes.
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name], save_embedding_layers=False)
         # peft puts a non-default adapter in a subdir named after it.
-        src = tmp if adapter_name == "default" else tmp / adapter_name
-        for f in src.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)  # temp files are private by default; an adapter is meant to be shared
-                os.replace(f, out / f.name)
-        marker_tmp = out / f".{FINISHED_MARKER}.tmp"
-        marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        os.chmod(marker_tmp, 0o644)
-        os.replace(marker_tmp, out / FINISHED_MARKER)
+        publish(tmp if adapter_name == "default" else tmp / adapter_name, out, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
