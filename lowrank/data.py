@@ -363,6 +363,18 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     return packed
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask), each (batch, longest): generation then continues every
+    row from the same column."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 def collate(rows: list[dict], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Right-padded tensors (batch, longest) of packed or unpacked rows.
 

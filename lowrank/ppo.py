@@ -161,12 +161,10 @@ class Rollout:
 def collect_rollout(model, prompt_ids: list[list[int]], config: PPOConfig, stop_ids: list[int],
                     pad_id: int, device) -> Rollout:
     """Sample responses with the policy and evaluate them under every role (no gradients)."""
-    width = max(len(p) for p in prompt_ids)
-    queries = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    query_mask = torch.zeros_like(queries)
-    for row, ids in enumerate(prompt_ids):  # left padding: every response starts in the same column
-        queries[row, width - len(ids):] = torch.tensor(ids)
-        query_mask[row, width - len(ids):] = 1
+    from lowrank.data import left_pad
+
+    queries, query_mask = left_pad(prompt_ids, pad_id)  # every response starts in the same column
+    width = queries.shape[1]
     queries, query_mask = queries.to(device), query_mask.to(device)
     model.eval()
     with use_role(model, POLICY):
@@ -268,17 +266,6 @@ def make_kl_controller(config: PPOConfig):
     return rl.FixedKLController(config.init_kl_coef)
 
 
-def _stop_ids(tokenizer, template_name: str) -> list[int]:
-    """Token ids that end a response: EOS and the template's end-of-turn token when it is one token."""
-    from lowrank.templates import end_of_turn
-
-    ids = {tokenizer.eos_token_id}
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn(template_name, tokenizer))
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
-        ids.add(eot)
-    return sorted(i for i in ids if i is not None)
-
-
 def _load_inputs(config: PPOConfig):
     """Check every input before anything is loaded or written.
 
@@ -348,6 +335,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     from lowrank.config import config_to_dict
     from lowrank.models import load_base_model, lora_config, model_digest
     from lowrank.roles import build_roles, trainable_parameters
+    from lowrank.templates import stop_token_ids
 
     model_path, tokenizer, (template_name, template), prompt_ids, sft_meta = _load_inputs(config)
     checkpoint = train.resume_checkpoint(config.output_dir) if config.resume else None
@@ -375,7 +363,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         metrics_log.truncate_after(start)
     device = base.get_output_embeddings().weight.device
     pad_id = tokenizer.pad_token_id  # load_tokenizer makes eos the pad when the model has none
-    stop_ids = _stop_ids(tokenizer, template_name)
+    stop_ids = stop_token_ids(tokenizer, template)
     order = seeded_prompt_order(len(prompt_ids), config.seed)
     for _ in range(start * config.rollout_batch_size):  # replay the prompt stream up to the resumed step
         next(order)

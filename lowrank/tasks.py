@@ -246,12 +246,10 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, **sizes: 
 # Scoring
 # --------------------------------------------------------------------------------------------
 
-# End-of-turn markers of the built-in templates: a response is cut at the first one.
-_END_MARKERS = ("</s>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
-
-
 def _normalise(text: str) -> str:
-    for marker in _END_MARKERS:
+    from lowrank.templates import END_OF_TURN_MARKERS
+
+    for marker in END_OF_TURN_MARKERS:  # a response is cut at the first one
         text = text.split(marker, 1)[0]
     return " ".join(text.split())
 
@@ -273,22 +271,13 @@ def prompt_messages(record: dict) -> list[dict]:
     return messages[:-1]
 
 
-def stop_token_ids(tokenizer, template: str) -> list[int]:
-    """EOS and every end-of-turn token the template writes (what ends a greedy answer)."""
-    ids = {tokenizer.eos_token_id}
-    for marker in _END_MARKERS:
-        token_id = tokenizer.convert_tokens_to_ids(marker)
-        if marker in template and isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return sorted(i for i in ids if i is not None)
-
-
 def generate_answers(model, tokenizer, template: str, records: list[dict], *, max_new_tokens: int = 24,
                      batch_size: int = 64) -> list[str]:
     """Greedy responses to each record's prompt (left-padded batches, the chat template as in SFT)."""
     import torch
 
-    from lowrank.data import tokenize_prompt
+    from lowrank.data import left_pad, tokenize_prompt
+    from lowrank.templates import stop_token_ids
 
     prompts = [tokenize_prompt(tokenizer, template, prompt_messages(r)) for r in records]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -300,12 +289,8 @@ def generate_answers(model, tokenizer, template: str, records: list[dict], *, ma
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(chunk):  # left padding: every answer starts in the same column
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+            input_ids, attention_mask = left_pad(chunk, pad_id)  # every answer starts in the same column
+            width = input_ids.shape[1]
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                      do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,

@@ -87,6 +87,24 @@ def end_of_turn(name: str, tokenizer) -> str:
     return {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}.get(name, tokenizer.eos_token)
 
 
+# Tokens that close a turn in the templates lowrank knows (built-in and the common tokenizer ones).
+END_OF_TURN_MARKERS = ("</s>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end a response: EOS and every end-of-turn token the template's Jinja writes.
+
+    Read from the template text, not its name, so a tokenizer's own template (name "tokenizer")
+    stops at its end-of-turn token too.
+    """
+    ids = {tokenizer.eos_token_id}
+    for marker in END_OF_TURN_MARKERS:
+        token_id = tokenizer.convert_tokens_to_ids(marker)
+        if marker in template and isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
 def resolve_template(tokenizer, name: str | None) -> tuple[str, str]:
     """(name, jinja) of the template to use.
 

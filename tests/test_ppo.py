@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lowrank.cli import main
+from lowrank.templates import stop_token_ids
 
 WORDS = ["red", "blue", "cat", "morning", "window", "robot", "story", "weather"]  # one spm token each
 TARGET = "blue"
@@ -117,13 +118,13 @@ def _evaluate(task, policy_dir, samples: int = 64):
     from lowrank.roles import build_roles
 
     config = _config(task, task["root"] / "unused")
-    model_path, tokenizer, (template_name, _), prompt_ids, _ = ppo._load_inputs(config)
+    model_path, tokenizer, (_, template), prompt_ids, _ = ppo._load_inputs(config)
     model = build_roles(load_base_model(model_path, "none", gradient_checkpointing=False),
                         reward_adapter=task["reward"], sft_adapter=task["sft"])
     set_peft_model_state_dict(model, load_peft_weights(str(policy_dir)), adapter_name="policy")
     torch.manual_seed(1234)
     batch = [prompt_ids[i % len(prompt_ids)] for i in range(samples)]
-    rollout = ppo.collect_rollout(model, batch, config, ppo._stop_ids(tokenizer, template_name),
+    rollout = ppo.collect_rollout(model, batch, config, stop_token_ids(tokenizer, template),
                                   tokenizer.eos_token_id, "cpu")
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(rollout.responses, rollout.mask)]
     kl = ((rollout.old_logprobs - rollout.reference_logprobs) * rollout.mask).sum(1).mean().item()
@@ -176,12 +177,12 @@ def swapped(task):
     from lowrank.roles import build_roles, trainable_parameters
 
     config = _config(task, task["root"] / "unused", rollout_batch_size=8, ppo_epochs=2, learning_rate=1e-3)
-    model_path, tokenizer, (template_name, _), prompt_ids, _ = ppo._load_inputs(config)
+    model_path, tokenizer, (_, template), prompt_ids, _ = ppo._load_inputs(config)
     model = build_roles(load_base_model(model_path, "none", gradient_checkpointing=False),
                         reward_adapter=task["reward"], sft_adapter=task["sft"])
     groups = trainable_parameters(model)
     optimizer = torch.optim.AdamW(groups["policy"] + groups["value"], lr=config.learning_rate)
-    stop_ids = ppo._stop_ids(tokenizer, template_name)
+    stop_ids = stop_token_ids(tokenizer, template)
     torch.manual_seed(0)
     for _ in range(2):
         rollout = ppo.collect_rollout(model, prompt_ids[:4] * 2, config, stop_ids, 2, "cpu")

@@ -92,3 +92,20 @@ def test_tokenizer_template_on_a_tokenizer_without_one_is_refused(spm_tokenizer)
 def test_end_of_turn_is_the_family_stop_string(spm_tokenizer):
     assert [end_of_turn(n, spm_tokenizer) for n in ("alpaca", "vicuna", "llama2", "llama3", "chatml")] == [
         "</s>", "</s>", "</s>", "<|eot_id|>", "<|im_end|>"]
+
+
+def test_stop_ids_come_from_the_template_text_also_for_a_tokenizer_template(tiny_spm):
+    """A tokenizer's own ChatML template (name "tokenizer") stops at <|im_end|>, not only at EOS (</s>)."""
+    from lowrank.models import load_tokenizer
+    from lowrank.templates import BUILTIN_TEMPLATES, end_of_turn, stop_token_ids
+
+    tokenizer = load_tokenizer(str(tiny_spm))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert isinstance(im_end, int) and im_end != tokenizer.eos_token_id
+    own = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    assert stop_token_ids(tokenizer, own) == sorted({tokenizer.eos_token_id, im_end})
+    for name, jinja in BUILTIN_TEMPLATES.items():  # built-in templates: EOS and their end of turn if one token
+        eot = tokenizer.convert_tokens_to_ids(end_of_turn(name, tokenizer))
+        wanted = {tokenizer.eos_token_id} | ({eot} if eot != tokenizer.unk_token_id else set())
+        assert set(stop_token_ids(tokenizer, jinja)) >= wanted, name
