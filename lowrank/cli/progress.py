@@ -38,3 +38,25 @@ class StepBar:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def train_with_loss_bar(name: str, train):
+    """``train(on_step)`` (SFT, pretraining) under a StepBar showing loss, tokens/s and held-out loss."""
+    bar = StepBar(name)
+
+    def on_step(record: dict) -> None:
+        held_out = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
+        bar(record, loss=f"{record['loss']:.3f}", **{"tok/s": f"{record['tokens_per_second']:.0f}"}, **held_out)
+
+    with bar:
+        return train(on_step)
+
+
+def print_held_out_loss(out_dir) -> None:
+    """"held-out loss A -> B" from a finished run's lowrank.json, when it measured both."""
+    import json
+    from pathlib import Path
+
+    metrics = json.loads((Path(out_dir) / "lowrank.json").read_text()).get("metrics", {})
+    if metrics.get("initial_eval_loss") is not None and metrics.get("eval_loss") is not None:
+        print(f"held-out loss {metrics['initial_eval_loss']:.4f} -> {metrics['eval_loss']:.4f}")
