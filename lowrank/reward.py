@@ -34,6 +34,7 @@ from torch import nn
 
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.train import causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,6 @@ _NOT_LORA_TARGETS = ("lm_head", SCORE_HEAD)
 # Model structure
 # --------------------------------------------------------------------------------------------
 
-def _unwrap(model) -> nn.Module:
-    """The transformers model under a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def add_score_head(model, *, seed: int = 0) -> nn.Module:
     """Attach ``score = nn.Linear(hidden, 1)`` (fp32) to the causal-LM base; return the head.
 
@@ -59,7 +55,7 @@ def add_score_head(model, *, seed: int = 0) -> nn.Module:
     ``modules_to_save``. The head is initialised from its own seeded generator (normal, std
     1/sqrt(hidden + 1)) so the initial rewards do not depend on the global RNG state.
     """
-    base = _unwrap(model)
+    base = causal_lm(model)
     if hasattr(base, SCORE_HEAD):
         return getattr(base, SCORE_HEAD)
     hidden = base.config.get_text_config().hidden_size
@@ -82,7 +78,7 @@ def linear_target_modules(model) -> list[str]:
     target_modules; listing the names ourselves keeps adapter_config.json clean for merge/export.
     bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized bases work too.
     """
-    names = {name.rsplit(".", 1)[-1] for name, module in _unwrap(model).named_modules()
+    names = {name.rsplit(".", 1)[-1] for name, module in causal_lm(model).named_modules()
              if isinstance(module, nn.Linear) and name}
     return sorted(names - set(_NOT_LORA_TARGETS))
 
@@ -129,7 +125,7 @@ def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter
         if targets == "all-linear":
             targets = linear_target_modules(model)
         elif isinstance(targets, str):  # a regex over full module names: resolve it, then drop the heads
-            targets = sorted(name for name, _ in _unwrap(model).named_modules()
+            targets = sorted(name for name, _ in causal_lm(model).named_modules()
                              if name and re.fullmatch(targets, name) and not _is_excluded_target(name))
         else:
             targets = sorted(t for t in targets if not _is_excluded_target(t))
@@ -197,7 +193,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     in place, so the decoder runs with the active adapter. Gradients flow (PPO trains the value
     copy through this function); wrap in ``torch.no_grad()`` to score a frozen adapter.
     """
-    base = _unwrap(model)
+    base = causal_lm(model)
     head = getattr(base, SCORE_HEAD, None)
     if head is None:
         raise ValueError("model has no score head: load a reward adapter with load_reward_adapter first")
