@@ -9,7 +9,10 @@ GAE shows up as a failed unit test instead of a flat reward curve.
 References for the formulas: Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO clipped
 surrogate), Ziegler et al. 2019 "Fine-Tuning Language Models from Human Preferences" (per-token
 KL penalty and the adaptive KL controller), Ouyang et al. 2022 (InstructGPT), and John Schulman's
-note "Approximating KL divergence" (2020) for the k1/k3 estimators.
+note "Approximating KL divergence" (2020) for the k1/k3 estimators. GRPO: Shao et al. 2024
+(DeepSeekMath, eq. 3-4) and Liu et al. 2025 ("Understanding R1-Zero-Like Training", Dr. GRPO).
+Preference losses: Rafailov et al. 2023 (DPO, eq. 7), Azar et al. 2023 (IPO, eq. 17), Meng et al.
+2024 (SimPO, eq. 6) and Hong et al. 2024 (ORPO, eq. 6-7).
 """
 
 from __future__ import annotations
@@ -93,6 +96,16 @@ def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, kind: s
     if kind == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {kind!r}; use 'k1' or 'k3'")
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked entries: 1 is a perfect value
+    function, 0 one no better than a constant, negative one worse than a constant."""
+    mask = mask.to(values.dtype)
+    target_var = masked_var(returns, mask, unbiased=False)
+    if target_var.item() <= 0:
+        return float("nan")
+    return 1.0 - (masked_var(returns - values, mask, unbiased=False) / target_var).item()
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -182,3 +195,141 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO (DeepSeekMath): group-relative advantages, no value function
+# --------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """Advantage of each completion relative to the others sampled for the same prompt.
+
+    ``rewards`` (prompts * group_size,) lists each prompt's group contiguously. A = r - mean(group);
+    with ``scale`` (DeepSeekMath's outcome supervision) it is divided by the group's standard
+    deviation (unbiased, as torch.std and TRL), plus ``eps`` so that a group whose completions all
+    score the same gets advantage 0. ``scale=False`` is Dr. GRPO's unbiased form.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (prompts * group_size,), got {tuple(rewards.shape)} for group size {group_size}")
+    grouped = rewards.float().view(-1, group_size)  # (prompts, group)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    reference_logprobs: torch.Tensor | None, *, beta: float, cliprange: float = 0.2,
+                    cliprange_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token GRPO loss (batch, length): -min(ratio * A, clip(ratio) * A) + beta * KL_k3(policy || reference).
+
+    ``advantages`` is (batch,): one value per completion, shared by its tokens (outcome reward).
+    ``reference_logprobs`` may be None when ``beta`` is 0 (no reference pass is needed then).
+    ``cliprange_high`` (DAPO's clip-higher) defaults to ``cliprange``. Returns (loss per token,
+    k3 KL per token, whether the clip was active per token); reduce with :func:`reduce_token_loss`.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantages = advantages.unsqueeze(1).to(logprobs.dtype)  # (batch, 1)
+    high = cliprange if cliprange_high is None else cliprange_high
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    if reference_logprobs is not None:
+        kl = kl_penalty(logprobs, reference_logprobs, "k3")
+    else:
+        kl = torch.zeros_like(logprobs)
+    if beta:
+        if reference_logprobs is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        loss = loss + beta * kl
+    return loss, kl, (clipped < unclipped)
+
+
+def reduce_token_loss(token_loss: torch.Tensor, mask: torch.Tensor, normalization: str, *,
+                      max_length: int | None = None) -> torch.Tensor:
+    """The scalar loss of a batch of completions from a per-token loss (batch, length).
+
+    - "sequence" (DeepSeekMath's GRPO): mean over each completion's tokens, then over completions;
+      a long completion's tokens each weigh less than a short one's.
+    - "token" (DAPO, and TRL's default): sum over every token of the batch / their number; each
+      token weighs the same.
+    - "constant" (Dr. GRPO): sum over tokens / (completions * ``max_length``), a normaliser that
+      does not depend on the lengths the policy chose, so it adds no length bias.
+    """
+    mask = mask.to(token_loss.dtype)
+    if normalization == "sequence":
+        return ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    if normalization == "token":
+        return (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    if normalization == "constant":
+        if not max_length:
+            raise ValueError("normalization 'constant' needs max_length")
+        return (token_loss * mask).sum() / (token_loss.shape[0] * max_length)
+    raise ValueError(f"unknown loss normalization {normalization!r}; use sequence, token or constant")
+
+
+# --------------------------------------------------------------------------------------------
+# Offline preference losses, per pair (batch,): DPO, IPO, SimPO, ORPO
+# --------------------------------------------------------------------------------------------
+# Inputs are log-probabilities of the chosen and rejected responses given the prompt: summed over
+# the response tokens (DPO, IPO) or averaged over them (SimPO, ORPO), as each paper defines.
+
+def dpo_sigmoid_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, reference_chosen_logps: torch.Tensor,
+                     reference_rejected_logps: torch.Tensor, beta: float,
+                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO: -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
+
+    Returns (loss, chosen reward, rejected reward) per pair; the implicit rewards are
+    beta * (log pi - log ref). ``label_smoothing`` eps > 0 is the conservative DPO of
+    Mitchell (2023): (1 - eps) * loss(h) + eps * loss(-h), for pairs whose labels may be wrong.
+    """
+    chosen_rewards = beta * (chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - reference_rejected_logps)
+    margin = chosen_rewards - rejected_rewards
+    loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, reference_chosen_logps: torch.Tensor,
+             reference_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO: (h - 1 / (2 * tau))^2 with h = log [pi(y_w) ref(y_l) / (pi(y_l) ref(y_w))] and tau = ``beta``.
+
+    A squared loss pulls the log-ratio margin to a fixed 1/(2 tau) instead of pushing it to
+    infinity as DPO's does on deterministic preferences. Returns (loss, chosen reward, rejected
+    reward), the rewards as in DPO (beta * log-ratio).
+    """
+    chosen_ratio = chosen_logps - reference_chosen_logps
+    rejected_ratio = rejected_logps - reference_rejected_logps
+    loss = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    return loss, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def simpo_loss(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, beta: float,
+               gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (reference-free): -log sigmoid(beta * avg log pi(y_w) - beta * avg log pi(y_l) - gamma).
+
+    The averages are per response token (length-normalised); ``gamma`` is the target reward margin.
+    Returns (loss, chosen reward, rejected reward) with reward = beta * avg log pi.
+    """
+    chosen_rewards, rejected_rewards = beta * chosen_mean_logps, beta * rejected_mean_logps
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def orpo_loss(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (reference-free): NLL(y_w) - beta * log sigmoid(log odds(y_w) - log odds(y_l)).
+
+    odds(y) = P(y) / (1 - P(y)) with P(y) = exp(avg log pi(y)), the per-token mean likelihood;
+    log odds = avg log pi - log(1 - exp(avg log pi)). The NLL term is the SFT loss on the chosen
+    response (its per-token average), so ORPO needs no SFT stage before it. ``beta`` is the
+    paper's lambda. Returns (loss, chosen reward, rejected reward) with reward = beta * avg log pi.
+    """
+    def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+        # log1p(-exp(x)) for x < 0; clamp keeps a response of likelihood 1 finite
+        return mean_logps - torch.log1p(-torch.exp(mean_logps.clamp(max=-1e-6)))
+
+    ratio_term = F.logsigmoid(log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps))
+    loss = -chosen_mean_logps - beta * ratio_term
+    return loss, (beta * chosen_mean_logps).detach(), (beta * rejected_mean_logps).detach()

@@ -99,15 +99,16 @@ def trainable_parameters(model) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def build_roles(base: nn.Module, *, reward_adapter: str | Path, sft_adapter: str | Path | None = None,
-                policy_lora_config=None):
-    """Load the four role adapters onto ``base`` and return the PeftModel (policy active).
+def build_roles(base: nn.Module, *, reward_adapter: str | Path | None = None, sft_adapter: str | Path | None = None,
+                policy_lora_config=None, value: bool = True):
+    """Load the role adapters onto ``base`` and return the PeftModel (policy active).
 
     With ``sft_adapter`` the policy and the reference both start from it (two copies of a small
     adapter, one base). Without it the policy is a fresh LoRA from ``policy_lora_config`` (B = 0,
-    so it starts equal to the base) and the reference is the base with adapters disabled. The
-    value adapter is a second, trainable load of the reward adapter (InstructGPT initialises the
-    value function from the reward model).
+    so it starts equal to the base) and the reference is the base with adapters disabled.
+    ``reward_adapter`` adds the frozen reward role and, with ``value`` (PPO), the value role: a
+    second, trainable load of the reward adapter (InstructGPT initialises the value function from
+    the reward model). GRPO without a reward model and DPO load only policy and reference.
     """
     from peft import PeftModel, get_peft_model
 
@@ -120,8 +121,10 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path, sft_adapter: str
         if policy_lora_config is None:
             raise ValueError("without an SFT adapter, give policy_lora_config for a fresh policy LoRA")
         model = get_peft_model(base, policy_lora_config, adapter_name=POLICY)
-    load_reward_adapter(model, reward_adapter, adapter_name=REWARD, trainable=False)
-    load_reward_adapter(model, reward_adapter, adapter_name=VALUE, trainable=True)
+    if reward_adapter is not None:
+        load_reward_adapter(model, reward_adapter, adapter_name=REWARD, trainable=False)
+        if value:
+            load_reward_adapter(model, reward_adapter, adapter_name=VALUE, trainable=True)
     model.set_adapter(POLICY)
     apply_trainability(model)
     check_frozen(model)
@@ -131,4 +134,3 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path, sft_adapter: str
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     return model
-
