@@ -153,7 +153,8 @@ def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, lo
             ref, _ = ppo.response_logprobs(reference, ids, attention, length)
             values = ppo.response_values(value, ids, attention, length)
             scores = score_sequences(reward, ids, attention)
-        rollout = ppo.Rollout(queries, query_mask, responses, mask, old, ref, values, scores)
+        rollout = ppo.Rollout(queries, query_mask, responses, mask, torch.ones(len(responses), dtype=torch.bool),
+                              old, ref, values, scores)
         rewards, _ = ppo.token_rewards(rollout, config.init_kl_coef, config)
         advantages, returns = rl.compute_gae(rewards, values, mask, config.gamma, config.lam)
         advantages = rl.masked_whiten(advantages, mask)

@@ -30,6 +30,9 @@ import torch
 from lowrank import rl
 from lowrank.errors import UserError
 from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
+from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
+                             check_reward_accuracy, length_alarm, response_mask, sample,
+                             seeded_prompt_order, tokenize_prompts)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,19 @@ class PPOConfig:
     adaptive_kl: bool = field(default=True, metadata={"help": "steer beta toward target_kl (Ziegler et al.)"})
     target_kl: float = field(default=6.0, metadata={"help": "target KL per response, nats (adaptive controller)"})
     kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller, samples"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward: k1 or k3"})
+    kl_estimator: str = field(default="k3", metadata={"help": "per-token KL estimator in the reward: k3 (>= 0, "
+                                                              "low variance) or k1 (log-ratio)"})
     # advantages
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages per rollout batch"})
     score_clip: float = field(default=0.0, metadata={"help": "clip reward-model scores to +-this (0: off)"})
+    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of a response "
+                                                                      "that hits --max-new-tokens unfinished"})
+    min_reward_accuracy: float = field(default=0.6, metadata={"help": "warn when the reward adapter's held-out "
+                                                                      "pairwise accuracy is below this (0: off)"})
+    refuse_weak_reward: bool = field(default=False, metadata={"help": "stop instead of warning below "
+                                                                     "--min-reward-accuracy"})
     # optimisation
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip epsilon"})
@@ -86,48 +96,15 @@ class PPOConfig:
 # Forward passes of the roles (each must run inside use_role of its role)
 # --------------------------------------------------------------------------------------------
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Count real tokens only, as generate() does for left-padded prompts.
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(model, input_ids, attention_mask, response_len: int, *, with_entropy: bool = False,
-                      temperature: float = 1.0):
-    """Log-probs (batch, response_len) of the response tokens (the last ``response_len`` columns), and entropy.
-
-    Logits are divided by the sampling ``temperature`` so that the log-probs are those of the
-    distribution the rollouts were actually sampled from (on-policy ratios).
-
-    The token at column t is predicted by the logits at t - 1, so the logits of the last
-    response_len + 1 positions are kept (``logits_to_keep`` spares the (batch, seq, vocab) tensor
-    of the prompt) and the final one dropped.
-    """
-    # use_cache=False: a scoring pass has no use for the KV cache it would otherwise build (GiBs on a 7B).
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
-                   logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]  # (batch, response_len, vocab)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logprobs = rl.logprobs_from_logits(logits, input_ids[:, -response_len:])
-    entropy = rl.entropy_from_logits(logits.detach()) if with_entropy else None
-    return logprobs, entropy
-
-
 def response_values(model, input_ids, attention_mask, response_len: int) -> torch.Tensor:
     """Values (batch, response_len): the value head on the state *before* each response token."""
     base = model.get_base_model()
     decoder = getattr(base, base.base_model_prefix)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
+                     position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
     hidden = hidden[:, -response_len - 1:-1]  # (batch, response_len, hidden)
     head_dtype = next(base.score.parameters()).dtype
     return base.score(hidden.to(head_dtype)).squeeze(-1).float()
-
-
-def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """1 up to and including the first stop token of each row (or to the end when none), else 0."""
-    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
-    stopped_before = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # a stop token strictly earlier
-    return (~stopped_before).long()
 
 
 def score_responses(model, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
@@ -140,44 +117,24 @@ def score_responses(model, queries: torch.Tensor, query_mask: torch.Tensor, resp
 
 
 @dataclass
-class Rollout:
-    """One rollout batch: left-padded queries (batch, P), right-padded responses (batch, R) and what PPO needs."""
+class Rollout(Samples):
+    """One rollout batch: the sampled responses (lowrank.rollout.Samples) and what PPO needs of them."""
 
-    queries: torch.Tensor
-    query_mask: torch.Tensor
-    responses: torch.Tensor
-    mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    reference_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-
-    def sequences(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.cat([self.queries[rows], self.responses[rows]], 1),
-                torch.cat([self.query_mask[rows], self.mask[rows]], 1))
+    old_logprobs: torch.Tensor = None
+    reference_logprobs: torch.Tensor = None
+    values: torch.Tensor = None
+    scores: torch.Tensor = None  # the reward model's, before any penalty
 
 
 @torch.no_grad()
 def collect_rollout(model, prompt_ids: list[list[int]], config: PPOConfig, stop_ids: list[int],
                     pad_id: int, device) -> Rollout:
     """Sample responses with the policy and evaluate them under every role (no gradients)."""
-    from lowrank.data import left_pad
-
-    queries, query_mask = left_pad(prompt_ids, pad_id)  # every response starts in the same column
-    width = queries.shape[1]
-    queries, query_mask = queries.to(device), query_mask.to(device)
-    model.eval()
     with use_role(model, POLICY):
-        generated = model.generate(input_ids=queries, attention_mask=query_mask, do_sample=True,
-                                   # top_k 0 = off: None would fall back to the model's generation_config (often 50)
-                                   temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                                   max_new_tokens=config.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-                                   use_cache=True)  # the base may have use_cache off for checkpointing
-    responses = generated[:, width:]
-    mask = response_mask(responses, stop_ids)
-    responses = responses.masked_fill(mask == 0, pad_id)
-    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
-    length = responses.shape[1]
+        samples = sample(model, prompt_ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         top_p=config.top_p, top_k=config.top_k, stop_ids=stop_ids, pad_id=pad_id, device=device)
+    input_ids, attention_mask = samples.sequences()
+    length = samples.responses.shape[1]
     with use_role(model, POLICY):
         old_logprobs, _ = response_logprobs(model, input_ids, attention_mask, length, temperature=config.temperature)
     with use_role(model, REFERENCE):
@@ -185,17 +142,26 @@ def collect_rollout(model, prompt_ids: list[list[int]], config: PPOConfig, stop_
                                                   temperature=config.temperature)
     with use_role(model, VALUE):
         values = response_values(model, input_ids, attention_mask, length)
-    scores = score_responses(model, queries, query_mask, responses, mask)
-    return Rollout(queries, query_mask, responses, mask, old_logprobs, reference_logprobs, values, scores)
+    scores = score_responses(model, samples.queries, samples.query_mask, samples.responses, samples.mask)
+    return Rollout(**vars(samples), old_logprobs=old_logprobs, reference_logprobs=reference_logprobs,
+                   values=values, scores=scores)
+
+
+def penalised_scores(rollout: Rollout, config: PPOConfig) -> torch.Tensor:
+    """The reward-model scores, clipped (``score_clip``) and minus ``missing_eos_penalty`` for responses
+    that ran into ``max_new_tokens`` without an end-of-turn token."""
+    scores = rollout.scores.clamp(-config.score_clip, config.score_clip) if config.score_clip > 0 else rollout.scores
+    if config.missing_eos_penalty:
+        scores = scores - config.missing_eos_penalty * (~rollout.ended).to(scores.dtype)
+    return scores
 
 
 def token_rewards(rollout: Rollout, kl_coef: float, config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards, kl) per token: -kl_coef * KL everywhere, plus the score on the last response token."""
+    """(rewards, kl) per token: -kl_coef * KL everywhere, plus the (penalised) score on the last response token."""
     kl = rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, config.kl_estimator) * rollout.mask
-    scores = rollout.scores.clamp(-config.score_clip, config.score_clip) if config.score_clip > 0 else rollout.scores
     rewards = -kl_coef * kl
     last = rollout.mask.sum(1).clamp(min=1) - 1  # index of the last response token of each row
-    rewards[torch.arange(len(last)), last] += scores
+    rewards[torch.arange(len(last)), last] += penalised_scores(rollout, config)
     return rewards, kl
 
 
@@ -242,21 +208,29 @@ def ppo_update(model, optimizer, parameters, rollout: Rollout, advantages, retur
 
 def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, config: PPOConfig,
              generator: torch.Generator) -> dict:
-    """Rewards, GAE, whitening and the PPO update for one rollout batch; the step's metrics."""
-    rewards, kl = token_rewards(rollout, kl_controller.value, config)
+    """Rewards, GAE, whitening and the PPO update for one rollout batch; the step's metrics.
+
+    "kl" is the k3 estimate of KL(policy || reference) per response, in nats: non-negative
+    whichever estimator the penalty uses (k1 is unbiased too, but its per-sample values go negative
+    and a plotted "KL" below zero is no divergence).
+    """
+    rewards, penalty_kl = token_rewards(rollout, kl_controller.value, config)
     advantages, returns = rl.compute_gae(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     if config.whiten_advantages and rollout.mask.sum() > 1:
         advantages = rl.masked_whiten(advantages, rollout.mask)
     update = ppo_update(model, optimizer, parameters, rollout, advantages, returns, config, generator)
-    mean_kl = kl.sum(1).mean().item()  # KL of a whole response, nats
+    kl = (rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, "k3") * rollout.mask).sum(1).mean().item()
     record = {
         "score": rollout.scores.mean().item(),
-        "kl": mean_kl,
+        "score_std": rollout.scores.std().item() if len(rollout.scores) > 1 else 0.0,
+        "kl": kl,
         "kl_coef": kl_controller.value,
         "response_length": rollout.mask.sum(1).float().mean().item(),
+        "truncated": (~rollout.ended).float().mean().item(),
+        "explained_variance": rl.explained_variance(rollout.values, returns, rollout.mask),
         **update,
     }
-    kl_controller.update(mean_kl, len(rollout.scores))
+    kl_controller.update(penalty_kl.sum(1).mean().item(), len(rollout.scores))
     return record
 
 
@@ -271,7 +245,7 @@ def _load_inputs(config: PPOConfig):
 
     Returns (model path, tokenizer, (template name, jinja), prompt token ids, SFT lowrank.json or None).
     """
-    from lowrank.data import load_prompts, tokenize_prompt
+    from lowrank.data import load_prompts
     from lowrank.models import QUANT_CHOICES, load_tokenizer
     from lowrank.reward import check_adapter_base
     from lowrank.templates import resolve_template
@@ -292,6 +266,8 @@ def _load_inputs(config: PPOConfig):
         raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
                         "of `lowrank reward`")
     reward_meta = check_adapter_base(config.reward_adapter, config.model, stage="reward")
+    check_reward_accuracy(reward_meta, config.reward_adapter, config.min_reward_accuracy, config.refuse_weak_reward,
+                          log)
     model_path = resolve_model_name(config.model)
     tokenizer = load_tokenizer(model_path)
     recorded = (sft_meta or reward_meta).get("chat_template")
@@ -305,22 +281,9 @@ def _load_inputs(config: PPOConfig):
         config.quant = (sft_meta or reward_meta).get("config", {}).get("quant") or "nf4"
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
-    context = _context_length(model_path)
-    prompt_ids = []
-    for number, messages in enumerate(load_prompts(config.prompts), 1):
-        ids = tokenize_prompt(tokenizer, template, messages)  # BOS as in SFT and reward training
-        if len(ids) + config.max_new_tokens > context:
-            raise UserError(f"{config.prompts}: prompt {number} has {len(ids)} tokens, which with "
-                            f"--max-new-tokens {config.max_new_tokens} exceeds the model's context of {context} "
-                            "tokens; shorten or drop it, or lower --max-new-tokens")
-        prompt_ids.append(ids)
+    prompt_ids = tokenize_prompts(tokenizer, template, load_prompts(config.prompts), source=config.prompts,
+                                  max_new_tokens=config.max_new_tokens, context=context_length(model_path))
     return model_path, tokenizer, (template_name, template), prompt_ids, sft_meta
-
-
-def _context_length(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
 
 
 def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -368,6 +331,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     for _ in range(start * config.rollout_batch_size):  # replay the prompt stream up to the resumed step
         next(order)
     generator = torch.Generator()
+    lengths, last_alarm = [r["response_length"] for r in metrics_log.records if "response_length" in r], None
     for step in range(start + 1, config.steps + 1):
         torch.manual_seed(config.seed * 100003 + step)  # sampling is reproducible per step, also on resume
         generator.manual_seed(config.seed * 100003 + step)
@@ -377,6 +341,11 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
                   **ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator),
                   "samples": samples_for_log(tokenizer, rollout, config.log_samples)}
         scheduler.step()
+        lengths.append(record["response_length"])
+        alarm = length_alarm(lengths, config.max_new_tokens)
+        if alarm and alarm != last_alarm:
+            log.warning("step %d: %s", step, alarm)
+        last_alarm = alarm
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
             train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
@@ -384,7 +353,8 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         if on_step is not None:
             on_step(record)
 
-    metrics_log.plot(out_dir / "ppo_metrics.png", ["score", "kl", "entropy", "value_loss", "clip_fraction"])
+    metrics_log.plot(out_dir / "ppo_metrics.png", ["score", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
+                                                         "explained_variance", "response_length", "truncated"])
     final = metrics_log.records[-1] if metrics_log.records else {}
     final.update(plan.peak_metrics(memory_plan, accelerator.device))
     meta = {
@@ -411,12 +381,3 @@ def samples_for_log(tokenizer, rollout: Rollout, count: int) -> list[dict]:
         out.append({"response": tokenizer.decode(response, skip_special_tokens=True),
                     "score": round(rollout.scores[row].item(), 4)})
     return out
-
-
-def seeded_prompt_order(count: int, seed: int):
-    """An endless stream of prompt indices, reshuffled each epoch with a seeded RNG (resumable by position)."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(count))
-        rng.shuffle(order)
-        yield from order

@@ -164,15 +164,7 @@ def evaluate(accelerator, model, rows: list[dict], batch_size: int, pad_id: int)
     return loss_sum / max(1.0, tokens)
 
 
-def _multi_cpu() -> bool:
-    """True when launched as several processes on a machine without CUDA.
-
-    accelerate only sets up DDP over gloo (its MULTI_CPU mode) when told to use the CPU; without
-    this, each process of `accelerate launch --multi_gpu` / torchrun on a CPU box would train alone.
-    """
-    import os
-
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+_multi_cpu = train.multi_cpu  # the old name, still imported by other stages
 
 
 def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -182,7 +174,6 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     tokens (non-padding, this step, all processes), tokens_per_second, epoch, and eval_loss when
     evaluated. The same dicts go to metrics.jsonl; a record with step 0 holds the initial eval loss.
     """
-    from accelerate import Accelerator
     from peft import get_peft_model
 
     from lowrank import plan
@@ -192,7 +183,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     from lowrank.tiny import resolve_model_name
 
     _validate(config)
-    accelerator = Accelerator(cpu=_multi_cpu())
+    accelerator = train.make_accelerator()
     # Validate every input (model, template, data) before touching the output dir.
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)

@@ -253,6 +253,22 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], *, chunked: bool =
                                              reduction="sum")
 
 
+def multi_cpu() -> bool:
+    """True when launched as several processes on a machine without CUDA.
+
+    accelerate only sets up DDP over gloo (its MULTI_CPU mode) when told to use the CPU; without
+    this, each process of `accelerate launch --multi_gpu` / torchrun on a CPU box would train alone.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator():
+    """The Accelerator of a training stage: DDP on CUDA or, under a multi-process launch without CUDA, on gloo."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=multi_cpu())
+
+
 def accumulate_gradients(accelerator, model, micro_batches: list[dict],
                          loss_sum_fn: Callable[[Any, dict], torch.Tensor] = causal_lm_loss_sum,
                          count_fn: Callable[[dict], int] = count_loss_tokens) -> tuple[float, int]:

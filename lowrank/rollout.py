@@ -1,0 +1,169 @@
+"""Sampling and scoring responses of the policy: the part of PPO and GRPO that is the same.
+
+Both stages render prompts in the SFT adapter's chat template, left-pad them so that every
+response starts in the same column, sample with the policy adapter active, cut each response at
+its first stop token (EOS or the template's end-of-turn) and then need the log-probs of the
+sampled tokens under one adapter or another. Everything here is role-agnostic: the caller enters
+the role (lowrank.roles.use_role) around each call.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowrank import rl
+from lowrank.errors import UserError
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, as generate() does for left-padded prompts."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, input_ids, attention_mask, response_len: int, *, with_entropy: bool = False,
+                      temperature: float = 1.0):
+    """Log-probs (batch, response_len) of the response tokens (the last ``response_len`` columns), and entropy.
+
+    Logits are divided by the sampling ``temperature`` so that the log-probs are those of the
+    distribution the rollouts were actually sampled from (on-policy ratios).
+
+    The token at column t is predicted by the logits at t - 1, so the logits of the last
+    response_len + 1 positions are kept (``logits_to_keep`` spares the (batch, seq, vocab) tensor
+    of the prompt) and the final one dropped.
+    """
+    # use_cache=False: a scoring pass has no use for the KV cache it would otherwise build (GiBs on a 7B).
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]  # (batch, response_len, vocab)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = rl.logprobs_from_logits(logits, input_ids[:, -response_len:])
+    entropy = rl.entropy_from_logits(logits.detach()) if with_entropy else None
+    return logprobs, entropy
+
+
+def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row (or to the end when none), else 0."""
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
+    stopped_before = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # a stop token strictly earlier
+    return (~stopped_before).long()
+
+
+def ended(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """(batch,) bool: the response reached a stop token (False: it ran into max_new_tokens)."""
+    return torch.isin(responses, torch.tensor(stop_ids, device=responses.device)).any(1)
+
+
+@dataclass
+class Samples:
+    """Left-padded queries (batch, P) and right-padded responses (batch, R), cut at their stop token."""
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor
+    ended: torch.Tensor  # (batch,) bool: a stop token was sampled within max_new_tokens
+
+    def sequences(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.queries[rows], self.responses[rows]], 1),
+                torch.cat([self.query_mask[rows], self.mask[rows]], 1))
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+           top_k: int, stop_ids: list[int], pad_id: int, device) -> Samples:
+    """Sample one response per prompt with the active adapter (call inside ``use_role(model, POLICY)``)."""
+    from lowrank.data import left_pad
+
+    queries, query_mask = left_pad(prompt_ids, pad_id)  # every response starts in the same column
+    width = queries.shape[1]
+    queries, query_mask = queries.to(device), query_mask.to(device)
+    was_training = model.training
+    model.eval()
+    # top_k 0 = off: None would fall back to the model's generation_config (often 50).
+    # use_cache=True: the base may have it off for gradient checkpointing.
+    generated = model.generate(input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=temperature,
+                               top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                               pad_token_id=pad_id, use_cache=True)
+    model.train(was_training)
+    responses = generated[:, width:]
+    if responses.shape[1] == 0:  # nothing generated at all (max_new_tokens 0 is refused earlier)
+        raise RuntimeError("generate() returned no new tokens")
+    mask = response_mask(responses, stop_ids)
+    return Samples(queries, query_mask, responses.masked_fill(mask == 0, pad_id), mask, ended(responses, stop_ids))
+
+
+def decode_responses(tokenizer, samples: Samples) -> list[str]:
+    """Each response's text without its stop token (what a reward function or a log sees)."""
+    return [tokenizer.decode(row[keep.bool()], skip_special_tokens=True)
+            for row, keep in zip(samples.responses, samples.mask)]
+
+
+def length_alarm(lengths: list[float], max_new_tokens: int, *, window: int = 3) -> str | None:
+    """A warning when the mean response length collapsed or exploded compared with the first steps.
+
+    Collapse: the mean of the last ``window`` steps is under a third of the first ``window``'s
+    (or under 1.5 tokens); explosion: at least 3x the first, or most responses at the limit.
+    Returns None while fewer than 2 * window steps are known.
+    """
+    if len(lengths) < 2 * window:
+        return None
+    first = sum(lengths[:window]) / window
+    last = sum(lengths[-window:]) / window
+    if last < 1.5 or last < first / 3:
+        return f"response length collapsed: {first:.1f} -> {last:.1f} tokens (mean of {window} steps)"
+    if last > 3 * first or last > 0.9 * max_new_tokens:
+        return (f"response length exploded: {first:.1f} -> {last:.1f} tokens (mean of {window} steps; "
+                f"limit {max_new_tokens})")
+    return None
+
+
+def seeded_prompt_order(count: int, seed: int):
+    """An endless stream of prompt indices, reshuffled each epoch with a seeded RNG (resumable by position)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        yield from order
+
+
+def context_length(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
+
+
+def tokenize_prompts(tokenizer, template: str, prompts: list[list[dict]], *, source: str, max_new_tokens: int,
+                     context: int) -> list[list[int]]:
+    """Token ids of each prompt with the generation prompt; refuses one that leaves no room to answer."""
+    from lowrank.data import tokenize_prompt
+
+    prompt_ids = []
+    for number, messages in enumerate(prompts, 1):
+        ids = tokenize_prompt(tokenizer, template, messages)  # BOS as in SFT and reward training
+        if len(ids) + max_new_tokens > context:
+            raise UserError(f"{source}: prompt {number} has {len(ids)} tokens, which with --max-new-tokens "
+                            f"{max_new_tokens} exceeds the model's context of {context} tokens; shorten or drop "
+                            "it, or lower --max-new-tokens")
+        prompt_ids.append(ids)
+    return prompt_ids
+
+
+def check_reward_accuracy(reward_meta: dict, adapter: str | Path, threshold: float, refuse: bool, log) -> None:
+    """Warn (or refuse, with ``refuse``) when the reward adapter ranked too few held-out pairs right.
+
+    A policy optimised against a reward model that is right on 55% of pairs learns its mistakes as
+    eagerly as its knowledge. The accuracy is the one `lowrank reward` recorded in lowrank.json.
+    """
+    accuracy = (reward_meta.get("metrics") or {}).get("eval_accuracy")
+    if accuracy is None or threshold <= 0:
+        return
+    if accuracy < threshold:
+        message = (f"reward adapter {adapter} ranks only {accuracy:.1%} of its held-out pairs right (threshold "
+                   f"{threshold:.0%}): the policy will learn its mistakes")
+        if refuse:
+            raise UserError(message + "; train a better reward model, or lower --min-reward-accuracy")
+        log.warning("WARNING: %s. Pass --refuse-weak-reward to stop instead.", message)
