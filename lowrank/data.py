@@ -28,6 +28,7 @@ import logging
 import re
 from bisect import bisect_left, insort
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -484,15 +485,36 @@ def load_preference_pairs(source: str) -> list[dict]:
     return pairs
 
 
-def load_prompts(source: str) -> list[list[dict]]:
-    """Prompts for PPO rollouts: records with ``prompt`` (a string or messages) or ``messages``."""
+@dataclass(frozen=True)
+class PromptRow:
+    """One record of a prompts file (PPO and GRPO rollouts)."""
+
+    prompt_messages: list[dict]  # the prompt as chat messages, ending with the user turn to answer
+    fields: dict  # the record's other fields, e.g. {"answer": "a b c"}: what a reward function may check
+    where: str  # "file line N" / "file record N" / "dataset row N", for error messages
+
+
+_PROMPT_FIELDS = ("prompt", "messages")
+
+
+def load_prompt_rows(source: str) -> list[PromptRow]:
+    """Each record's prompt (``prompt``: a string or messages, else ``messages``) and its other fields.
+
+    ``fields`` holds every key except ``prompt`` and ``messages``; a null value counts as absent
+    and is left out, because ``datasets`` gives a field that only some records have to every
+    record, as null where it is missing.
+    """
     records, wheres = load_records_with_locations(source)
-    prompts = []
+    rows = []
     for record, where in zip(records, wheres):
-        for field in ("prompt", "messages"):
-            if record.get(field) is not None:
-                prompts.append(_prompt_messages(record[field], where, field))
-                break
-        else:
+        field = next((f for f in _PROMPT_FIELDS if record.get(f) is not None), None)
+        if field is None:
             raise UserError(f"{where}: no 'prompt' or 'messages' field")
-    return prompts
+        fields = {key: value for key, value in record.items() if key not in _PROMPT_FIELDS and value is not None}
+        rows.append(PromptRow(_prompt_messages(record[field], where, field), fields, where))
+    return rows
+
+
+def load_prompts(source: str) -> list[list[dict]]:
+    """Prompts for PPO rollouts: the messages of :func:`load_prompt_rows`."""
+    return [row.prompt_messages for row in load_prompt_rows(source)]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lowrank.data import (IGNORE_INDEX, SAMPLE_FILES, build_sft_dataset, collate, load_preference_pairs, load_prompts,
-                          load_records, pack_examples, sample_property, to_messages, tokenize_conversation)
+from lowrank.data import (IGNORE_INDEX, SAMPLE_FILES, PromptRow, build_sft_dataset, collate, load_preference_pairs,
+                          load_prompt_rows, load_prompts, load_records, pack_examples, sample_property, to_messages, tokenize_conversation)
 from lowrank.errors import UserError
 from lowrank.templates import BUILTIN_TEMPLATES, render, resolve_template
 
@@ -334,3 +334,43 @@ def test_prompts_load_as_messages_ending_with_a_user_turn(tmp_path):
     bad = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hi"}, {"text": "no prompt here"}])
     with pytest.raises(UserError, match="line 2: no 'prompt' or 'messages'"):
         load_prompts(bad)
+
+
+def test_prompt_rows_carry_the_other_fields_of_each_record(tmp_path):
+    system = {"role": "system", "content": "Answer with the letters only."}
+    user = {"role": "user", "content": "Sort these letters: c a b"}
+    data = write_jsonl(tmp_path / "q.jsonl", [
+        {"prompt": "Sort these letters: q d m a", "answer": "a d m q", "level": 2},
+        {"prompt": [system, user], "answer": "a b c"},
+        {"messages": [user], "answer": "a b c", "source": "hand-made"},
+        {"prompt": "What is 2 plus 2?"},  # no answer: datasets gives it answer=None, which is left out
+    ])
+    rows = load_prompt_rows(data)
+    assert rows == [
+        PromptRow([{"role": "user", "content": "Sort these letters: q d m a"}], {"answer": "a d m q", "level": 2},
+                  f"{data} line 1"),
+        PromptRow([system, user], {"answer": "a b c"}, f"{data} line 2"),
+        PromptRow([user], {"answer": "a b c", "source": "hand-made"}, f"{data} line 3"),
+        PromptRow([{"role": "user", "content": "What is 2 plus 2?"}], {}, f"{data} line 4"),
+    ]
+    assert load_prompts(data) == [row.prompt_messages for row in rows]
+
+
+def test_prompt_rows_keep_field_types_a_column_cannot_hold_together(tmp_path):
+    # a number in one record and text in another: Arrow cannot make one column of them, the parsed records are used
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([{"prompt": "What is 1,000 plus 234?", "answer": 1234},
+                                {"prompt": "Natalia sold clips...", "answer": "She sold 72 clips.\n#### 72"}]))
+    rows = load_prompt_rows(str(data))
+    assert [row.fields for row in rows] == [{"answer": 1234}, {"answer": "She sold 72 clips.\n#### 72"}]
+    assert [row.where for row in rows] == [f"{data} record 1", f"{data} record 2"]
+
+
+def test_prompt_rows_refuse_a_record_without_a_prompt(tmp_path):
+    bad = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Hi", "answer": "a"}, {"answer": "b"}])
+    with pytest.raises(UserError, match=r"q\.jsonl line 2: no 'prompt' or 'messages' field"):
+        load_prompt_rows(bad)
+    ends_with_reply = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                                         {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(UserError, match=r"r\.jsonl line 1: the prompt in 'messages' ends with an assistant message"):
+        load_prompt_rows(ends_with_reply)
