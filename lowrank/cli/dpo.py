@@ -1,0 +1,41 @@
+"""`lowrank dpo`: optimise the SFT policy on preference pairs with DPO, IPO, SimPO or ORPO (no reward model)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from lowrank.config import add_dataclass_arguments
+    from lowrank.dpo import DPOConfig
+
+    add_dataclass_arguments(parser, DPOConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from lowrank.cli.progress import StepBar
+    from lowrank.config import build_config
+    from lowrank.dpo import DPOConfig, train_dpo
+
+    config = build_config(DPOConfig, args)
+    bar = StepBar(config.loss if config.loss != "sigmoid" else "dpo")
+
+    def on_step(record: dict) -> None:
+        held_out = ({"eval_acc": f"{record['eval_accuracy']:.2f}", "eval_margin": f"{record['eval_margin']:.3f}"}
+                    if "eval_accuracy" in record else {})
+        bar(record, loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}", acc=f"{record['accuracy']:.2f}",
+            **held_out)
+
+    with bar:
+        out_dir = train_dpo(config, on_step=on_step)
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one process reports
+        return 0
+    metrics = json.loads((out_dir / "lowrank.json").read_text()).get("metrics", {})
+    if "initial_eval_accuracy" in metrics:
+        print(f"held-out pairwise accuracy {metrics['initial_eval_accuracy']:.3f} -> {metrics['eval_accuracy']:.3f}, "
+              f"margin {metrics['initial_eval_margin']:.4f} -> {metrics['eval_margin']:.4f}")
+    print(f"policy adapter written to {out_dir}")
+    return 0

@@ -1,0 +1,450 @@
+"""Offline preference optimisation of the SFT policy on preference pairs: DPO, IPO, SimPO, ORPO.
+
+No reward model and no sampling: each pair (prompt, chosen y_w, rejected y_l) is scored by the
+policy's own log-probabilities of the two responses. One step of ``train_dpo``:
+
+1. once, before training: the log-probs of every chosen and rejected response under the frozen
+   reference (the SFT adapter, or the bare base without one), summed over the response tokens
+   (``reference_logprobs``; DPO and IPO only, SimPO and ORPO need no reference);
+2. per micro-batch: chosen and rejected rows in ONE right-padded forward pass of the policy; the
+   sequence log-prob sums (DPO, IPO) or per-token means (SimPO, ORPO) over the response tokens;
+3. the pair losses of lowrank/rl.py, summed and normalised by the pairs of the whole optimizer
+   step (lowrank.train.accumulate_gradients), then clip and step.
+
+The implicit reward of a response is beta * (log pi - log ref) (Rafailov et al. 2023, section 5),
+or beta * mean log pi for the reference-free losses; the pairwise accuracy is the share of pairs
+whose chosen response gets the higher reward. Policy and reference are two adapters on one base
+(lowrank/roles.py), and the loop is SFT's: the same stream, accumulation, checkpoints and DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowrank import rl, train
+from lowrank.config import config_to_dict
+from lowrank.errors import UserError
+from lowrank.roles import POLICY, REFERENCE, use_role
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of per-token mean log-probs, without a reference
+# beta when none is given: TRL's for DPO, IPO and ORPO (its lambda); SimPO's reward is beta times a per-token
+# MEAN log-prob, about 1/length of DPO's scale, and its paper trains with beta of about 2 (Meng et al. 2024).
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+@dataclass
+class DPOConfig:
+    """Settings of `lowrank dpo`; defaults follow TRL's DPOTrainer where they fit a LoRA run."""
+
+    model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
+    sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: the initial policy and the frozen "
+                                                           "reference (empty: a fresh LoRA, the base as reference)"})
+    pairs: str = field(default="", metadata={"help": "preference pairs (.json/.jsonl with prompt/chosen/rejected, "
+                                                     "chat-format records, or a hub dataset)"})
+    output_dir: str = field(default="", metadata={"help": "where the policy adapter, metrics.jsonl and checkpoints go"})
+    quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
+                                                         "adapter was trained on, else nf4)"})
+    template: str = field(default="auto", metadata={"help": "chat template without --sft-adapter (with one, its "
+                                                            "recorded template is used)"})
+    loss: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, simpo or orpo"})
+    beta: float | None = field(default=None, metadata={"help": "DPO/SimPO beta, IPO tau, ORPO lambda (default: 2.0 "
+                                                                "for simpo, 0.1 for the others)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: share of labels assumed "
+                                                                   "flipped, in [0, 0.5) (sigmoid only)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin"})
+    learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "cosine, linear or constant after warm-up"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (when max_steps is 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per optimizer step, all processes together"})
+    micro_batch_size: int = field(default=2, metadata={"help": "pairs per forward pass and process (two rows "
+                                                               "each); batch_size must be a multiple"})
+    max_length: int = field(default=512, metadata={"help": "tokens per prompt + response (longer ones are cut)"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out for accuracy/margin"})
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at start and end; 0: only those)"})
+    lora_r: int = field(default=16, metadata={"help": "rank of a fresh policy LoRA when no SFT adapter is given"})
+    lora_alpha: int = field(default=32, metadata={"help": "alpha of a fresh policy LoRA"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, LoRA init and pair order"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps for --resume (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
+
+
+# Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
+_RESUME_KEYS = ("model", "sft_adapter", "pairs", "quant", "template", "loss", "beta", "label_smoothing", "simpo_gamma",
+                "learning_rate", "lr_scheduler", "warmup_steps", "max_grad_norm", "epochs", "max_steps", "batch_size",
+                "micro_batch_size", "max_length", "eval_fraction", "lora_r", "lora_alpha", "seed")
+
+
+def _validate(config: DPOConfig) -> None:
+    """Refuse bad settings before anything is read or loaded; each message names its flag."""
+    for name in ("pairs", "output_dir"):
+        if not getattr(config, name):
+            raise UserError(f"no {name.replace('_', ' ')}: give --{name.replace('_', '-')}")
+    if config.loss not in LOSSES:
+        raise UserError(f"--loss: unknown '{config.loss}'; choose one of {', '.join(LOSSES)}")
+    if config.beta is None:
+        config.beta = DEFAULT_BETA[config.loss]
+    if not config.beta > 0:  # also refuses NaN
+        raise UserError(f"--beta must be positive, got {config.beta}")
+    if not 0.0 <= config.label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
+    if config.label_smoothing and config.loss != "sigmoid":
+        raise UserError(f"--label-smoothing applies to --loss sigmoid only, not {config.loss}")
+    if config.simpo_gamma < 0:
+        raise UserError(f"--simpo-gamma must be 0 or positive, got {config.simpo_gamma}")
+    for name in ("batch_size", "micro_batch_size", "max_length"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.batch_size % config.micro_batch_size:
+        raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
+                        f"{config.micro_batch_size}")
+    if config.lr_scheduler not in ("cosine", "linear", "constant"):
+        raise UserError(f"--lr-scheduler: unknown '{config.lr_scheduler}'; choose cosine, linear or constant")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
+    if config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0:
+        raise UserError("give --max-steps > 0 or --epochs > 0")
+    if config.sft_adapter and not Path(config.sft_adapter).is_dir():
+        raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
+                        "`lowrank sft` (or leave --sft-adapter out to start from the base)")
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs as token ids with a response mask
+# --------------------------------------------------------------------------------------------
+
+def tokenize_response(tokenizer, template: str, prompt: list[dict], response, max_length: int) -> dict:
+    """``input_ids`` of prompt + response rendered with ``template``, and ``response_mask`` (1 on response tokens).
+
+    The response tokens are those of the assistant turns after the prompt, end-of-turn marker
+    included, exactly as SFT puts its loss on them (lowrank.data.assistant_spans); assistant turns
+    inside a multi-turn prompt are context, not response. Both lists are cut to ``max_length``.
+    """
+    from lowrank.data import assistant_spans, tokenize_text
+
+    messages = list(prompt) + ([{"role": "assistant", "content": response}] if isinstance(response, str)
+                               else list(response))
+    text, spans = assistant_spans(template, messages, tokenizer)
+    response_spans = spans[sum(m["role"] == "assistant" for m in prompt):]
+    ids, offsets = tokenize_text(tokenizer, text)
+    mask = [int(end > start and any(s <= start < e for s, e in response_spans)) for start, end in offsets]
+    return {"input_ids": ids[:max_length], "response_mask": mask[:max_length]}
+
+
+def tokenize_preference_pairs(tokenizer, template: str, pairs: list[dict], max_length: int) -> list[dict]:
+    """Pairs as ``{"chosen", "rejected"}`` of tokenize_response, plus ``index`` (their position).
+
+    A pair whose chosen or rejected response is cut away by ``max_length``, or whose two rows are
+    the same tokens after the cut, teaches nothing and is dropped with a warning.
+    """
+    examples = []
+    for pair in pairs:
+        try:
+            chosen, rejected = (tokenize_response(tokenizer, template, pair["prompt_messages"], pair[k], max_length)
+                                for k in ("chosen", "rejected"))
+        except UserError as error:
+            raise UserError(f"{pair.get('where', 'a pair')}: {error}") from None
+        # Position 0 is never predicted, so a response must have a token after it.
+        if any(sum(row["response_mask"][1:]) == 0 for row in (chosen, rejected)) or \
+                chosen["input_ids"] == rejected["input_ids"]:
+            continue
+        examples.append({"index": len(examples), "chosen": chosen, "rejected": rejected})
+    if not examples:
+        raise UserError(f"no preference pair keeps a response of each side within --max-length {max_length} "
+                        "tokens; raise --max-length")
+    if len(examples) < len(pairs):
+        log.warning("dropped %d of %d pairs whose chosen or rejected response does not fit in %d tokens (or "
+                    "that become identical when cut)", len(pairs) - len(examples), len(pairs), max_length)
+    return examples
+
+
+def collate_pairs(examples: list[dict], pad_id: int, reference: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """One micro-batch: the chosen rows, then the rejected rows, right-padded to one width.
+
+    ``input_ids``, ``attention_mask``, ``response_mask`` are (2 * pairs, width); ``reference_chosen``
+    and ``reference_rejected`` (pairs,) are the precomputed reference log-probs (zeros without them).
+    """
+    from lowrank.reward import pad_batch
+
+    rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    input_ids, attention_mask = pad_batch([r["input_ids"] for r in rows], pad_id)
+    response_mask, _ = pad_batch([r["response_mask"] for r in rows], 0)
+    index = torch.tensor([e["index"] for e in examples])
+    ref_chosen, ref_rejected = (r[index] for r in reference) if reference else (torch.zeros(len(index)),) * 2
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "reference_chosen": ref_chosen, "reference_rejected": ref_rejected}
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence log-probs and the pair losses
+# --------------------------------------------------------------------------------------------
+
+def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log pi over each row's response tokens, number of those tokens), each (rows,), fp32.
+
+    Token t is predicted at position t - 1. The LM head runs only on the positions that predict a
+    response token, chunk by chunk under activation checkpointing (as SFT's loss does, see
+    lowrank.train.linear_cross_entropy_sum), so the (rows, seq, vocab) logits never exist.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    keep = batch["response_mask"][:, 1:].bool()  # (rows, seq - 1)
+    targets = batch["input_ids"][:, 1:][keep]  # (response tokens,)
+    lm = train.causal_lm(model)
+    if train._plain_lm_head(lm):
+        hidden = train.final_hidden_states(model, inputs)[:, :-1][keep]  # (response tokens, hidden)
+        lm_head = lm.get_output_embeddings()
+        chunk = max(16, train.LOSS_CHUNK_LOGITS // lm_head.weight.shape[0])
+        pieces = []
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            use_checkpoint = torch.is_grad_enabled() and h.requires_grad
+            pieces.append(checkpoint(_token_logprobs, lm_head, h, y, use_reentrant=False) if use_checkpoint
+                          else _token_logprobs(lm_head, h, y))
+        token_logprobs = torch.cat(pieces)
+    else:  # soft-capped or scaled logits: the plain path
+        logits = model(**inputs, use_cache=False).logits[:, :-1]  # (rows, seq - 1, vocab)
+        token_logprobs = rl.logprobs_from_logits(logits[keep], targets)
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(keep.shape[0], device=token_logprobs.device).index_add(0, rows, token_logprobs)
+    return sums, keep.sum(1).to(sums.device)
+
+
+def pair_losses(config: DPOConfig, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair of a collated micro-batch, under the active adapter."""
+    sums, counts = sequence_logprobs(model, batch)
+    pairs = sums.shape[0] // 2
+    if config.loss in REFERENCE_FREE:
+        means = sums / counts.clamp(min=1)
+        chosen, rejected = means[:pairs], means[pairs:]
+        if config.loss == "simpo":
+            return rl.simpo_loss(chosen, rejected, config.beta, config.simpo_gamma)
+        return rl.orpo_loss(chosen, rejected, config.beta)
+    reference = (batch["reference_chosen"].to(sums.device), batch["reference_rejected"].to(sums.device))
+    if config.loss == "ipo":
+        return rl.ipo_loss(sums[:pairs], sums[pairs:], *reference, config.beta)
+    return rl.dpo_sigmoid_loss(sums[:pairs], sums[pairs:], *reference, config.beta, config.label_smoothing)
+
+
+@torch.no_grad()
+def reference_logprobs(accelerator, model, examples: list[dict], batch_size: int,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (pairs,) of every chosen and rejected response under the reference role, computed once.
+
+    Each process scores every P-th micro-batch; the sums are then added over processes.
+    """
+    chosen = torch.zeros(len(examples), dtype=torch.float64, device=accelerator.device)
+    rejected = torch.zeros_like(chosen)
+    model.eval()
+    with use_role(model, REFERENCE):
+        starts = range(accelerator.process_index * batch_size, len(examples), batch_size * accelerator.num_processes)
+        for start in starts:
+            part = examples[start:start + batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate_pairs(part, pad_id, None).items()}
+            sums, _ = sequence_logprobs(model, batch)
+            index = torch.tensor([e["index"] for e in part], device=accelerator.device)
+            chosen[index], rejected[index] = sums[:len(part)].double(), sums[len(part):].double()
+    model.train()
+    if accelerator.num_processes > 1:
+        chosen, rejected = accelerator.reduce(chosen, reduction="sum"), accelerator.reduce(rejected, reduction="sum")
+    return chosen.float().cpu(), rejected.float().cpu()
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, config: DPOConfig, examples: list[dict], pad_id: int, reference) -> dict:
+    """Held-out loss, pairwise accuracy, mean margin and mean implicit rewards of the policy over ``examples``."""
+    model.eval()
+    totals = [0.0] * 5  # loss, correct, margin, chosen reward, rejected reward
+    size = config.micro_batch_size
+    for start in range(accelerator.process_index * size, len(examples), size * accelerator.num_processes):
+        batch = collate_pairs(examples[start:start + size], pad_id, reference)
+        loss, chosen, rejected = pair_losses(config, model, {k: v.to(accelerator.device) for k, v in batch.items()})
+        for i, value in enumerate((loss, (chosen > rejected).float(), chosen - rejected, chosen, rejected)):
+            totals[i] += value.sum().item()
+    model.train()
+    totals = train.reduce_sum(accelerator, *totals)
+    names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
+    return {f"eval_{name}": value / len(examples) for name, value in zip(names, totals)}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def _load_inputs(config: DPOConfig):
+    """Check every input before anything is loaded or written.
+
+    Returns (model path, tokenizer, (template name, jinja), tokenized pairs, SFT lowrank.json or None).
+    """
+    from lowrank.data import load_preference_pairs
+    from lowrank.models import QUANT_CHOICES, check_architecture, load_tokenizer
+    from lowrank.reward import check_adapter_base
+    from lowrank.templates import resolve_template
+    from lowrank.tiny import resolve_model_name
+
+    _validate(config)
+    sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft") if config.sft_adapter else None
+    if config.quant == "auto":  # the base as the SFT adapter saw it in training
+        config.quant = (sft_meta or {}).get("config", {}).get("quant") or "nf4"
+    if config.quant not in QUANT_CHOICES:
+        raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
+    model_path = resolve_model_name(config.model)
+    check_architecture(model_path)
+    tokenizer = load_tokenizer(model_path)
+    recorded = (sft_meta or {}).get("chat_template")
+    if recorded:
+        template_name, template = recorded["name"], recorded["jinja"]
+    else:
+        template_name, template = resolve_template(tokenizer, None if config.template in ("", "auto") else config.template)
+    examples = tokenize_preference_pairs(tokenizer, template, load_preference_pairs(config.pairs), config.max_length)
+    if not config.sft_adapter and config.loss not in REFERENCE_FREE:
+        log.info("no --sft-adapter: the policy is a fresh LoRA and the reference of --loss %s is the base itself "
+                 "(adapters disabled)", config.loss)
+    return model_path, tokenizer, (template_name, template), examples, sft_meta
+
+
+def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Optimise the policy on preference pairs as configured; write its adapter to ``config.output_dir``.
+
+    ``on_step`` gets one dict per optimizer step on the main process (step, max_steps, loss,
+    chosen_reward, rejected_reward, margin, accuracy, lr, grad_norm, and eval_* after an
+    evaluation); the same dicts go to metrics.jsonl, where a record with step 0 holds the
+    held-out figures before training.
+    """
+    from accelerate import Accelerator
+
+    from lowrank.models import load_base_model, lora_config, model_digest
+    from lowrank.reward import _split
+    from lowrank.roles import build_roles, trainable_parameters
+    from lowrank.sft import BatchStream, _multi_cpu
+
+    model_path, tokenizer, (template_name, template), examples, _ = _load_inputs(config)
+    accelerator = Accelerator(cpu=_multi_cpu())
+    micro_per_step = config.batch_size // config.micro_batch_size
+    if micro_per_step % accelerator.num_processes:
+        raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
+                        f"{config.micro_batch_size} x {accelerator.num_processes} processes")
+    accumulation = micro_per_step // accelerator.num_processes
+    train_examples, eval_examples = _split(examples, config.eval_fraction, config.seed)
+    out_dir = Path(config.output_dir).expanduser()
+    resume_from = train.resume_checkpoint(out_dir) if config.resume else None
+    if accelerator.is_main_process:
+        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
+    accelerator.wait_for_everyone()
+
+    train.seed_everything(config.seed)
+    base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
+                           device=accelerator.device)
+    policy_lora = None if config.sft_adapter else lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=0.0)
+    model = build_roles(base, sft_adapter=config.sft_adapter or None, policy_lora_config=policy_lora)
+    pad_id = tokenizer.pad_token_id  # load_tokenizer makes eos the pad when the model has none
+    reference = None
+    if config.loss not in REFERENCE_FREE:
+        reference = reference_logprobs(accelerator, model, examples, config.micro_batch_size, pad_id)
+    model.train()
+    params = trainable_parameters(model)[POLICY]  # the only parameters with optimizer state
+    stream = BatchStream(len(train_examples), config.micro_batch_size, config.seed)
+    max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
+    optimizer = train.build_optimizer(params, config.learning_rate, paged=config.quant != "none")
+    scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
+                                      kind=config.lr_scheduler)
+    peft_model = model
+    model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
+    metrics_log = train.MetricsLog(out_dir, enabled=accelerator.is_main_process)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step, extra = train.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        recorded, current = extra.get("config", {}), config_to_dict(config)
+        changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
+        if changed:
+            raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
+                            "use the same settings or start without --resume")
+        stream.consumed = extra["consumed"]
+        if accelerator.is_main_process:
+            metrics_log.truncate_after(start_step)
+        log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
+    elif eval_examples:
+        metrics_log.log({"step": 0, "max_steps": max_steps,
+                         **evaluate(accelerator, peft_model, config, eval_examples, pad_id, reference)})
+
+    step_stats: list[torch.Tensor] = []
+
+    def loss_sum(model, batch: dict) -> torch.Tensor:
+        losses, chosen, rejected = pair_losses(config, model, batch)
+        step_stats.append(torch.stack([(chosen > rejected).float().sum(), chosen.sum(), rejected.sum()]).cpu())
+        return losses.sum()
+
+    last: dict = {}
+    for step in range(start_step + 1, max_steps + 1):
+        indices = stream.take(accumulation, accelerator.num_processes, accelerator.process_index)
+        micro_batches = [collate_pairs([train_examples[i] for i in batch], pad_id, reference) for batch in indices]
+        step_stats.clear()
+        loss_total, pairs = train.accumulate_gradients(accelerator, model, micro_batches, loss_sum_fn=loss_sum,
+                                                       count_fn=lambda b: b["reference_chosen"].shape[0])
+        grad_norm = train.optimizer_step(accelerator, params, optimizer, scheduler, config.max_grad_norm)
+        correct, chosen, rejected = torch.stack(step_stats).sum(0).tolist()
+        loss_total, pairs, correct, chosen, rejected = train.reduce_sum(accelerator, loss_total, pairs, correct,
+                                                                        chosen, rejected)
+        record = {"step": step, "max_steps": max_steps, "epoch": round(stream.epoch(), 4), "pairs": int(pairs),
+                  "loss": loss_total / pairs, "chosen_reward": chosen / pairs, "rejected_reward": rejected / pairs,
+                  "margin": (chosen - rejected) / pairs, "accuracy": correct / pairs,
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        if eval_examples and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
+            record.update(evaluate(accelerator, peft_model, config, eval_examples, pad_id, reference))
+        metrics_log.log(record)
+        last.update(record)
+        if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
+            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+                                  extra={"consumed": stream.consumed, "config": config_to_dict(config)})
+        if on_step is not None and accelerator.is_main_process:
+            on_step(record)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics_log.plot(out_dir / "dpo_metrics.png", ["loss", "margin", "accuracy", "eval_accuracy", "eval_margin"])
+        evals = [r for r in metrics_log.records if "eval_accuracy" in r]
+        metrics = {k: v for k, v in last.items() if k not in ("step", "max_steps", "lr", "grad_norm")}
+        if evals:
+            metrics.update({"initial_eval_accuracy": evals[0]["eval_accuracy"],
+                            "initial_eval_margin": evals[0]["eval_margin"], "initial_eval_loss": evals[0]["eval_loss"]})
+        metrics["steps"] = max_steps
+        if torch.cuda.is_available():
+            metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
+        meta = {
+            "stage": "dpo",
+            "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
+            "chat_template": {"name": template_name, "jinja": template},
+            "data": {"source": config.pairs, "digest": train.data_digest(config.pairs), "pairs": len(examples),
+                     "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
+            "sft_adapter": config.sft_adapter or None,
+            # what the implicit rewards are measured against
+            "reference": None if config.loss in REFERENCE_FREE else (config.sft_adapter or "base"),
+            "config": config_to_dict(config),
+            "seed": config.seed,
+            "processes": accelerator.num_processes,
+            "metrics": metrics,
+        }
+        train.write_adapter(peft_model, out_dir, meta, adapter_name=POLICY)
+        shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+    accelerator.wait_for_everyone()
+    return out_dir
