@@ -18,7 +18,9 @@ project's own loaders (lowrank.data, lowrank.pretrain):
   cannot score by remembering a training answer.
 - ``preferences.jsonl``: ``prompt``, ``chosen`` (the right answer), ``rejected`` (a plausible
   wrong one, see :func:`_wrong_sequence`).
-- ``prompts.jsonl``: ``prompt`` records for PPO rollouts, training problems only.
+- ``prompts.jsonl``: ``prompt`` and ``answer`` records for PPO and GRPO rollouts, training problems
+  only. The answer is the problem's right answer, for a programmatic reward: lowrank.rewards'
+  built-in ``exact`` is :func:`is_correct` on it.
 
 :func:`is_correct` and :func:`task_accuracy` score a model's greedy answers in the chat template
 exactly as SFT renders it (lowrank.data.tokenize_prompt).
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FILES = ("pretrain", "sft", "eval", "preferences", "prompts")
 MARKER = "task.json"  # written last: names the task, seed and sizes, and the digest of each file
-VERSION = 3  # bump when the generated text changes, so an old task dir is not taken for a new one
+VERSION = 4  # bump when the generated text changes, so an old task dir is not taken for a new one
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, **sizes: int) -> dict[str,
         "eval": [alpaca(p) for p in held_out.values()],
         "preferences": [{"prompt": p.instruction, "chosen": p.answer, "rejected": make_wrong(p, rng)}
                         for p in train_problems(sizes["preferences"])],
-        "prompts": [{"prompt": p.instruction} for p in train_problems(sizes["prompts"])],
+        "prompts": [{"prompt": p.instruction, "answer": p.answer} for p in train_problems(sizes["prompts"])],
     }
 
 
@@ -246,7 +248,8 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, **sizes: 
 # Scoring
 # --------------------------------------------------------------------------------------------
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """A response as exact-match scoring compares it: cut at the first end-of-turn marker, whitespace collapsed."""
     from lowrank.templates import END_OF_TURN_MARKERS
 
     for marker in END_OF_TURN_MARKERS:  # a response is cut at the first one
@@ -260,7 +263,7 @@ def is_correct(record: dict, response: str) -> bool:
     Text after an end-of-turn marker (``</s>``, ``<|eot_id|>``, ...) is ignored; anything else
     the model adds (a second line, another problem) makes the answer wrong.
     """
-    return _normalise(response) == _normalise(str(record["output"]))
+    return normalise_answer(response) == normalise_answer(str(record["output"]))
 
 
 def prompt_messages(record: dict) -> list[dict]:

@@ -3,6 +3,7 @@ exact-match scoring, and greedy accuracy in the chat template as SFT renders it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lowrank.errors import UserError
-from lowrank.tasks import TASKS, generate, is_correct, task_accuracy, write_task
+from lowrank.tasks import TASKS, VERSION, generate, is_correct, task_accuracy, write_task
 
 SMALL = {"pretrain": 64, "sft": 40, "eval": 20, "preferences": 30, "prompts": 20}
 
@@ -84,12 +85,19 @@ def test_answers_are_right_and_rejected_answers_wrong(name):
     for pair in files["preferences"]:
         record = {"output": pair["chosen"]}
         assert is_correct(record, pair["chosen"]) and not is_correct(record, pair["rejected"])
+    for record in files["prompts"]:  # the answer a programmatic reward checks a rollout against
+        assert set(record) == {"prompt", "answer"}
+        if name == "add":
+            assert record["answer"] == str(sum(int(n) for n in re.findall(r"\d+", record["prompt"])))
+        else:
+            letters = record["prompt"].split(": ")[1].split()
+            assert record["answer"].split() == (sorted(letters) if name == "sort" else letters[::-1])
     if name == "sort":
         assert files["eval"][0]["output"].split() == sorted(files["eval"][0]["instruction"].split(": ")[1].split())
 
 
 def test_files_are_read_by_the_project_loaders(sort_files, tiny_spm):
-    from lowrank.data import build_sft_dataset, load_preference_pairs, load_prompts
+    from lowrank.data import build_sft_dataset, load_preference_pairs, load_prompt_rows, load_prompts
     from lowrank.models import load_tokenizer
     from lowrank.pretrain import load_documents
     from lowrank.templates import BUILTIN_TEMPLATES
@@ -101,6 +109,8 @@ def test_files_are_read_by_the_project_loaders(sort_files, tiny_spm):
     pairs = load_preference_pairs(str(sort_files["preferences"]))
     assert len(pairs) == SMALL["preferences"] and pairs[0]["prompt_messages"][0]["role"] == "user"
     assert len(load_prompts(str(sort_files["prompts"]))) == SMALL["prompts"]
+    rows = load_prompt_rows(str(sort_files["prompts"]))
+    assert [row.fields for row in rows] == [{"answer": r["answer"]} for r in _read(sort_files["prompts"])]
     documents = load_documents(tokenizer, str(sort_files["pretrain"]), 512)
     assert len(documents) == len(_read(sort_files["pretrain"]))
     assert documents[0]["input_ids"][-1] == tokenizer.eos_token_id
@@ -211,3 +221,18 @@ def test_task_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "task").write_text("")
     with pytest.raises(UserError, match=r"task dir is a file"):
         write_task(tmp_path / "task", "sort", **SMALL)
+
+
+def test_a_task_dir_of_an_older_version_is_rewritten(tmp_path):
+    paths = write_task(tmp_path, "sort", seed=0, **SMALL)
+    marker = tmp_path / "task.json"
+    recorded = json.loads(marker.read_text())
+    # version 3 wrote prompts without answers; a dir it wrote must not pass for the current files
+    old_prompts = [{"prompt": r["prompt"]} for r in _read(paths["prompts"])]
+    paths["prompts"].write_text("".join(json.dumps(r) + "\n" for r in old_prompts))
+    recorded["version"] = 3
+    recorded["digests"]["prompts"] = hashlib.sha256(paths["prompts"].read_bytes()).hexdigest()
+    marker.write_text(json.dumps(recorded))
+    write_task(tmp_path, "sort", seed=0, **SMALL)
+    assert all("answer" in r for r in _read(paths["prompts"]))
+    assert json.loads(marker.read_text())["version"] == VERSION
