@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lowrank.data import (IGNORE_INDEX, SAMPLE_FILES, PromptRow, build_sft_dataset, collate, load_preference_pairs,
-                          load_prompt_rows, load_prompts, load_records, pack_examples, sample_property, to_messages, tokenize_conversation)
+                          load_prompt_rows, load_prompts, load_records, pack_examples, sample_property, to_messages,
+                          tokenize_conversation)
 from lowrank.errors import UserError
 from lowrank.templates import BUILTIN_TEMPLATES, render, resolve_template
 

@@ -325,7 +325,8 @@ def test_dpo_rewards_carry_no_gradient():
 
 
 def test_ipo_loss_pulls_the_margin_to_one_over_two_tau():
-    loss, chosen_rewards, rejected_rewards = rl.ipo_loss(CHOSEN, REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, beta=0.5)
+    loss, chosen_rewards, rejected_rewards = rl.ipo_loss(CHOSEN, REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED,
+                                                         beta=0.5)
     # IPO eq. 17: (h - 1 / (2 tau))^2, tau = 0.5 -> target margin 1
     # pair 1: h = 0.5 - (-0.5) = 1 -> 0;  pair 2: h = -1 - 1 = -2 -> (-3)^2 = 9
     assert loss.tolist() == pytest.approx([0.0, 9.0])
