@@ -98,6 +98,18 @@ def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, kind: s
     raise ValueError(f"unknown KL estimator {kind!r}; use 'k1' or 'k3'")
 
 
+def kl_from_logits(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at each position, from the two models' logits.
+
+    (..., vocab) x 2 -> (...), fp32, never negative. Summed over a sampled response's positions it
+    is an unbiased estimate of the sequence-level KL with less variance than k1 or k3 (each
+    position's whole distribution is used, not just the sampled token).
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = F.log_softmax(reference_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var(returns - values) / Var(returns) over the masked entries: 1 is a perfect value
     function, 0 one no better than a constant, negative one worse than a constant."""
@@ -210,6 +222,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     deviation (unbiased, as torch.std and TRL), plus ``eps`` so that a group whose completions all
     score the same gets advantage 0. ``scale=False`` is Dr. GRPO's unbiased form.
     """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2, got {group_size}: a group of one has no relative advantage")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be (prompts * group_size,), got {tuple(rewards.shape)} for group size {group_size}")
     grouped = rewards.float().view(-1, group_size)  # (prompts, group)

@@ -102,6 +102,48 @@ def decode_responses(tokenizer, samples: Samples) -> list[str]:
             for row, keep in zip(samples.responses, samples.mask)]
 
 
+@torch.no_grad()
+def kl_to_reference(model, tokenizer, template: str, prompts: list[list[dict]], *, policy: str, reference: str,
+                    max_new_tokens: int, stop_ids: list[int], batch_size: int = 64, seed: int = 0) -> float:
+    """Mean KL(policy || reference) per response on ``prompts``, in nats: one response sampled from the
+    policy (temperature 1) per prompt, and at each of its positions the exact KL between the two
+    adapters' next-token distributions (rl.kl_from_logits), summed over the response.
+
+    ``model`` is a PeftModel holding both adapters by name. The measure is the same for every RL
+    stage (PPO, DPO, GRPO), whatever each optimised, so the final table can compare them.
+    """
+    from lowrank.data import tokenize_prompt
+
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    was_training, previous = model.training, model.active_adapter
+    model.eval()
+    totals = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids = [tokenize_prompt(tokenizer, template, messages) for messages in prompts[start:start + batch_size]]
+            model.set_adapter(policy)
+            samples = sample(model, ids, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                             stop_ids=stop_ids, pad_id=pad_id, device=device)
+            input_ids, attention_mask = samples.sequences()
+            length = samples.responses.shape[1]
+            logits = {}
+            for name in (policy, reference):
+                model.set_adapter(name)
+                logits[name] = model(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids(attention_mask), logits_to_keep=length + 1,
+                                     use_cache=False).logits[:, :-1]
+            kl = rl.kl_from_logits(logits[policy], logits[reference]) * samples.mask
+            totals += kl.sum(1).tolist()
+    finally:
+        model.set_adapter(previous)
+        model.train(was_training)
+        torch.set_rng_state(generator_state)
+    return sum(totals) / len(totals)
+
+
 def length_alarm(lengths: list[float], max_new_tokens: int, *, window: int = 3) -> str | None:
     """A warning when the mean response length collapsed or exploded compared with the first steps.
 

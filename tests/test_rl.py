@@ -165,12 +165,12 @@ def test_group_advantages_refuse_rewards_that_do_not_fill_whole_groups():
 
 
 @pytest.mark.filterwarnings("ignore:std")
-@pytest.mark.xfail(strict=True, reason="rl.group_advantages returns NaN for group_size 1 with scale "
-                                       "(unbiased std of one value); it should refuse groups under 2")
 def test_group_advantages_refuse_a_group_of_one():
     # One completion per prompt has no group to be relative to: A = (r - r) / std(one value) = 0 / NaN.
     with pytest.raises(ValueError):
         rl.group_advantages(torch.tensor([1.0, 2.0]), group_size=1)
+    with pytest.raises(ValueError):
+        rl.group_advantages(torch.tensor([1.0, 2.0]), group_size=0)
 
 
 # --------------------------------------------------------------------------------------------

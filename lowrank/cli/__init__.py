@@ -87,7 +87,10 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:  # peft reads a transformers attribute that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     # bitsandbytes warns on the CPU that an optional faster kernel package is missing.
-    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # Offline, the `kernels` package (which bitsandbytes asks for that kernel) warns that it skips a
+    # Hub trust check: nothing a user can act on either.
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     # transformers warns about things a user cannot act on (config defaults, deprecations) in the
     # middle of our output; -v shows them. The variable covers a transformers imported later.
     # Its per-file "Loading weights" bars would interleave with our own progress bars too.
