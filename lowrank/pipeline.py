@@ -22,13 +22,19 @@ Under output_dir::
 
     task/         lowrank.tasks' files: pretrain, sft, eval (held out), preferences, prompts
     pretrain/     the base every later stage trains on (a Hugging Face dir)
-    sft/ reward/ ppo/   adapters (PEFT dir + lowrank.json, metrics.jsonl)
+    sft/ reward/ ppo/ dpo/ grpo/   adapters (PEFT dir + lowrank.json, metrics.jsonl)
     merged/       the last adapter merged into the base
     gguf/         one GGUF per type (+ Modelfiles); verify.json: each file's check and a sample answer
     pipeline.json each stage's settings and state;  curves.png: the training curves
 
 With a task stage, the held-out accuracy of each model is cached in ``task_eval.json`` next to it:
-pretrain/, sft/, ppo/, and task/ for the base when there is no pretrain stage.
+pretrain/, sft/, ppo/, dpo/, grpo/, and task/ for the base when there is no pretrain stage.
+
+ppo, dpo and grpo each start from the SFT adapter (their reference), not from one another, so a
+recipe can run them side by side and the table compares each with SFT; merge takes the last one
+listed. grpo reads the reward model of a reward stage when the recipe has one (its
+reward_adapter_weight 0 leaves it out) and, with a task stage and no ``rewards`` of its own, the
+task's checker ("exact": the answer field of each prompt).
 
 A second run skips a stage whose output is finished (its marker, written last, is there) and whose
 recorded settings are today's. A stage without its marker (interrupted) runs again, from its newest
@@ -49,16 +55,18 @@ from typing import Any
 
 from lowrank.errors import UserError
 
-STAGES = ("task", "pretrain", "sft", "reward", "ppo", "merge", "export", "verify")
+STAGES = ("task", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "merge", "export", "verify")
+POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")  # stages that make a policy adapter: merge takes the last listed
+RL_STAGES = ("ppo", "dpo", "grpo")  # each starts from the SFT adapter, which is also its reference
 DEFAULT_STAGES = ("sft", "reward", "ppo", "merge", "export", "verify")  # without a recipe: shipped data
-STAGE_DIRS = {"task": "task", "pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo",
-              "merge": "merged", "export": "gguf", "verify": "gguf"}
+STAGE_DIRS = {"task": "task", "pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo",
+              "grpo": "grpo", "merge": "merged", "export": "gguf", "verify": "gguf"}
 STATE_FILE = "pipeline.json"
 TASK_EVAL = "task_eval.json"
 VERIFY_FILE = "verify.json"
 CURVES = "curves.png"
 DEFAULT_TYPES = ["f16", "q8_0", "q4_k_m"]
-COMMAND_STAGES = ("pretrain", "sft", "reward", "ppo", "merge", "export")  # stages whose fields are the flags of `lowrank <stage>`
+COMMAND_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "merge", "export")  # stages whose fields are the flags of `lowrank <stage>`
 # Fields the pipeline sets itself (they chain the stages), by stage.
 WIRED = {
     "task": set(),
@@ -66,12 +74,15 @@ WIRED = {
     "sft": {"model", "output_dir", "quant", "seed", "overwrite", "resume"},
     "reward": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite"},
     "ppo": {"model", "output_dir", "sft_adapter", "reward_adapter", "quant", "seed", "overwrite", "resume"},
+    "dpo": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite", "resume"},
+    "grpo": {"model", "output_dir", "sft_adapter", "reward_adapter", "quant", "seed", "overwrite", "resume"},
     "merge": {"base", "adapters", "out", "overwrite"},
     "export": {"out", "verify", "lora", "lora_only"},
     "verify": set(),
 }
 # ... and, with a task stage, the data files it writes.
-WIRED_BY_TASK = {"pretrain": {"data"}, "sft": {"data", "eval_data"}, "reward": {"data"}, "ppo": {"prompts"}}
+WIRED_BY_TASK = {"pretrain": {"data"}, "sft": {"data", "eval_data"}, "reward": {"data"}, "ppo": {"prompts"},
+                 "dpo": {"pairs"}, "grpo": {"prompts"}}
 
 # The embedded tiny models have random weights: without a recipe, the default stages run these short
 # settings, whose metrics still move. Their LM head is frozen random behind an RMSNorm of weight 1, so a
@@ -93,6 +104,9 @@ QUICK_RECIPE = {
     "reward": {"max_steps": 2, "gradient_checkpointing": False},
     "ppo": {"steps": 1, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
             "log_samples": 0},
+    "dpo": {"max_steps": 2, "eval_every": 0, "save_every": 0, "gradient_checkpointing": False},
+    "grpo": {"steps": 1, "group_size": 2, "prompts_per_step": 1, "minibatch_size": 0, "micro_batch_size": 0,
+             "max_new_tokens": 8, "log_samples": 0},
 }
 
 
@@ -142,7 +156,9 @@ class Stage:
 
 
 def stage_classes() -> dict[str, type]:
+    from lowrank.dpo import DPOConfig
     from lowrank.export.gguf import ExportConfig
+    from lowrank.grpo import GRPOConfig
     from lowrank.ppo import PPOConfig
     from lowrank.pretrain import PretrainConfig
     from lowrank.quantize.merge import MergeConfig
@@ -150,7 +166,7 @@ def stage_classes() -> dict[str, type]:
     from lowrank.sft import SFTConfig
 
     return {"task": TaskConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
-            "ppo": PPOConfig, "merge": MergeConfig, "export": ExportConfig, "verify": VerifyConfig}
+            "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "merge": MergeConfig, "export": ExportConfig, "verify": VerifyConfig}
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -220,7 +236,7 @@ def output_path(config: PipelineConfig) -> Path:
 
 def _check_dependencies(names: list[str], source: str) -> None:
     needs = [("ppo", ("reward",), "a 'reward' stage (its reward model)"),
-             ("merge", ("sft", "ppo"), "an 'sft' or 'ppo' stage (the adapter to merge)"),
+             ("merge", POLICY_STAGES, "an 'sft', 'ppo', 'dpo' or 'grpo' stage (the adapter to merge)"),
              ("export", ("merge",), "a 'merge' stage (the model to export)"),
              ("verify", ("export",), "an 'export' stage (the files to check)")]
     for stage, any_of, what in needs:
@@ -262,12 +278,18 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
         "ppo": {**common, "output_dir": str(dirs["ppo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
                 "reward_adapter": str(dirs["reward"]),
                 "prompts": task_files["prompts"] if has_task else config.prompts},
-        "merge": {"base": base, "adapters": [str(dirs["ppo" if "ppo" in names else "sft"])], "out": str(dirs["merge"]),
-                  "overwrite": True},
+        "dpo": {**common, "output_dir": str(dirs["dpo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
+                "pairs": task_files["preferences"] if has_task else config.preferences},
+        "grpo": {**common, "output_dir": str(dirs["grpo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
+                 "reward_adapter": str(dirs["reward"]) if "reward" in names else "",
+                 "prompts": task_files["prompts"] if has_task else config.prompts},
+        "merge": {"base": base, "adapters": [str(dirs[[n for n in names if n in POLICY_STAGES][-1]])]
+                  if any(n in POLICY_STAGES for n in names) else [], "out": str(dirs["merge"]), "overwrite": True},
         "export": {"out": str(dirs["export"]), "verify": False, "type": config.type},
         "verify": {},
     }
-    shipped = {"reward": ("data", SAMPLE_FILES["preferences"]), "ppo": ("prompts", SAMPLE_FILES["prompts"])}
+    shipped = {"reward": ("data", SAMPLE_FILES["preferences"]), "ppo": ("prompts", SAMPLE_FILES["prompts"]),
+               "dpo": ("pairs", SAMPLE_FILES["preferences"]), "grpo": ("prompts", SAMPLE_FILES["prompts"])}
     classes = stage_classes()
     stages = []
     for name, fields in listed:
@@ -293,6 +315,11 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
             values[shipped[name][0]] = str(shipped[name][1])
         if name == "task":
             values.setdefault("seed", config.seed)
+        if name == "grpo":
+            if values.get("reward_adapter_weight") == 0:
+                values.pop("reward_adapter", None)
+            if has_task and not values.get("rewards"):
+                values["rewards"] = ["exact"]  # the task's checker: each prompt record carries its answer
         if name == "export":
             values.setdefault("type", DEFAULT_TYPES)
             values.setdefault("name", out.name)  # runs/demo -> demo-q4_k_m.gguf
@@ -307,7 +334,7 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
                             "or a task stage before it")
         stages.append(Stage(name, stage_config, dirs[name]))
     sft_template = next((s.config.template for s in stages if s.name == "sft"), "auto")
-    evaluated = {"pretrain": dirs["pretrain"], "sft": dirs["sft"], "ppo": dirs["ppo"]}
+    evaluated = {name: dirs[name] for name in ("pretrain",) + POLICY_STAGES}
     if "pretrain" not in names:
         evaluated["task"] = dirs["task"]  # the plain base's accuracy, measured by the task stage
     for stage in stages:
@@ -413,7 +440,7 @@ def _changed(stage: Stage, record: dict | None) -> str:
 
 
 def may_resume(stage: Stage, state: dict) -> bool:
-    """An interrupted sft/ppo run with today's settings continues from its newest checkpoint."""
+    """An interrupted training run with today's settings continues from its newest checkpoint."""
     from lowrank.train import list_checkpoints
 
     record = state["stages"].get(stage.name) or {}

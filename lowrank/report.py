@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from lowrank.pipeline import CURVES, VERIFY_FILE, Stage, gguf_paths, write_json
+from lowrank.pipeline import CURVES, POLICY_STAGES, RL_STAGES, VERIFY_FILE, Stage, gguf_paths, write_json
 
 EXAMPLES_KEPT = 5  # answers kept in task_eval.json, to see what the model says
 
@@ -32,9 +32,10 @@ def read_json(path: Path) -> dict | None:
 def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
     """Greedy exact-match accuracy on the task's held-out problems of the model ``stage`` made.
 
-    sft/ppo: the base with the stage's adapter, in the template its lowrank.json records;
+    sft/ppo/dpo/grpo: the base with the stage's adapter, in the template its lowrank.json records;
     pretrain/task: the plain base (Stage.evaluates), in the template SFT trains it in. Written to
-    ``stage.eval_file`` and returned.
+    ``stage.eval_file`` and returned. For ppo/dpo/grpo it also records ``kl_to_reference``, the KL
+    of the stage's policy to the SFT adapter on the same held-out prompts (rollout.kl_to_reference).
     """
     from lowrank.data import load_records
     from lowrank.models import load_base_model, load_tokenizer
@@ -44,7 +45,7 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
 
     eval_data = str(task.dir / "eval.jsonl")
     records = load_records(eval_data)
-    adapter = stage.dir if stage.name in ("sft", "ppo") else None
+    adapter = stage.dir if stage.name in POLICY_STAGES else None
     if adapter is not None:
         model_id, quant = stage.config.model, stage.config.quant
         template = read_json(adapter / "lowrank.json")["chat_template"]["jinja"]
@@ -69,6 +70,16 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
         "examples": [{"prompt": prompt_messages(r)[-1]["content"], "answer": a, "expected": r["output"], "correct": c}
                      for r, a, c in list(zip(records, answers, correct))[:EXAMPLES_KEPT]],
     }
+    reference = getattr(stage.config, "sft_adapter", None) if stage.name in RL_STAGES else None
+    if reference:
+        from lowrank.rollout import kl_to_reference
+        from lowrank.templates import stop_token_ids
+
+        model.load_adapter(str(reference), adapter_name="reference")
+        result["kl_to_reference"] = kl_to_reference(
+            model, tokenizer, template, [prompt_messages(r) for r in records], policy="default", reference="reference",
+            max_new_tokens=task.config.eval_max_new_tokens, stop_ids=stop_token_ids(tokenizer, template),
+            batch_size=task.config.eval_batch_size)
     write_json(stage.eval_file, result)
     return result
 
@@ -164,7 +175,7 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
 
     by_name = {s.name: s for s in stages}
     meta = {name: read_json(s.dir / "lowrank.json") or {} for name, s in by_name.items()
-            if name in ("pretrain", "sft", "reward", "ppo")}
+            if name in ("pretrain", "sft", "reward") + RL_STAGES}
     results: dict = {"stages": list(by_name),
                      "seconds": {name: (state["stages"].get(name) or {}).get("seconds") for name in by_name}}
     for name in ("pretrain", "sft"):
@@ -175,24 +186,33 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
             results[f"{name}_eval_examples"] = data.get("eval_examples", data.get("eval_documents"))
     base = by_name.get("pretrain") or by_name.get("task")
     results["accuracy"] = {label: read_json(s.eval_file) for label, s in
-                           (("base", base), ("sft", by_name.get("sft")), ("ppo", by_name.get("ppo")))
+                           [("base", base)] + [(name, by_name.get(name)) for name in POLICY_STAGES]
                            if s is not None and s.eval_file is not None}
     if "reward" in meta:
         metrics = meta["reward"].get("metrics", {})
         results["reward"] = {"accuracy": metrics.get("eval_accuracy"), "margin": metrics.get("eval_margin"),
                              "pairs": meta["reward"].get("data", {}).get("eval_pairs")}
-    if "ppo" in by_name:
-        records = _metrics_records(by_name["ppo"].dir)
-        scores, kls = [r["score"] for r in records if "score" in r], [r["kl"] for r in records if "kl" in r]
-        window = max(1, len(scores) // 4)  # one rollout batch's score is noisy: average a few steps
-        results["ppo"] = {"score": [_mean(scores[:window]), _mean(scores[-window:])], "kl": _mean(kls[-window:]),
-                          "window": window, "steps": len(scores)}
-        if "task" not in by_name:  # the shipped preferences reward "please": how often rollouts say it
+    for name, key in (("ppo", "score"), ("grpo", "reward")):
+        if name not in by_name:
+            continue
+        records = _metrics_records(by_name[name].dir)
+        scores, kls = [r[key] for r in records if key in r], [r["kl"] for r in records if "kl" in r]
+        window = max(1, len(scores) // 4)  # one rollout batch's reward is noisy: average a few steps
+        results[name] = {"score": [_mean(scores[:window]), _mean(scores[-window:])], "kl": _mean(kls[-window:]),
+                         "window": window, "steps": len(scores),
+                         "held_out_kl": ((results["accuracy"].get(name) or {}).get("kl_to_reference"))}
+        if name == "ppo" and "task" not in by_name:  # the shipped preferences reward "please": how often rollouts say it
             def rate(chunk):
                 texts = [s["response"] for r in chunk for s in r.get("samples", [])]
                 return sum(map(sample_property, texts)) / len(texts) if texts else None
 
             results["ppo"]["property_rate"] = [rate(records[:window]), rate(records[-window:])]
+    if "dpo" in meta:
+        metrics = meta["dpo"].get("metrics", {})
+        results["dpo"] = {"accuracy": [metrics.get("initial_eval_accuracy"), metrics.get("eval_accuracy")],
+                          "margin": [metrics.get("initial_eval_margin"), metrics.get("eval_margin")],
+                          "pairs": meta["dpo"].get("data", {}).get("eval_pairs"),
+                          "held_out_kl": ((results["accuracy"].get("dpo") or {}).get("kl_to_reference"))}
     if "verify" in by_name:
         verified = read_json(by_name["verify"].dir / VERIFY_FILE) or {}
         results["gguf"], results["sample"] = verified.get("files", []), verified.get("sample")
@@ -211,6 +231,10 @@ PANELS = [  # (stage, title, keys of its metrics.jsonl)
     ("reward", "reward-model pairwise accuracy", ("train_accuracy", "eval_accuracy")),
     ("ppo", "PPO reward (reward-model score)", ("score",)),
     ("ppo", "PPO KL to the reference (nats)", ("kl",)),
+    ("dpo", "DPO loss", ("loss",)),
+    ("dpo", "DPO held-out pairwise accuracy", ("accuracy", "eval_accuracy")),
+    ("grpo", "GRPO reward", ("reward",)),
+    ("grpo", "GRPO KL to the reference (nats)", ("kl",)),
 ]
 
 

@@ -76,6 +76,8 @@ SHOWN = {
     "sft": lambda r: _fmt(r, loss="loss", eval="eval_loss"),
     "reward": lambda r: _fmt(r, loss="loss", acc="eval_accuracy"),
     "ppo": lambda r: _fmt(r, reward="score", kl="kl"),
+    "dpo": lambda r: _fmt(r, loss="loss", margin="margin", acc="eval_accuracy"),
+    "grpo": lambda r: _fmt(r, reward="reward", kl="kl"),
 }
 
 
@@ -87,6 +89,9 @@ def describe(stage) -> str:
         "sft": lambda: f"LoRA on {c.model} ({c.quant} base) with {c.data or 'the shipped alpaca sample'}",
         "reward": lambda: f"reward model on {c.data}" + (" from the SFT adapter" if c.sft_adapter else ""),
         "ppo": lambda: f"policy against the reward model, {c.steps} steps of {c.rollout_batch_size} rollouts",
+        "dpo": lambda: f"policy on the preference pairs ({c.loss} loss, beta {c.beta}), reference: the SFT adapter",
+        "grpo": lambda: (f"policy against {', '.join(c.rewards + (['the reward model'] if c.reward_adapter else []))}, "
+                         f"{c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} samples"),
         "merge": lambda: f"{c.adapters[-1]} into {c.base}",
         "export": lambda: f"GGUF {', '.join(c.type)} -> {c.out}",
         "verify": lambda: "each GGUF against the merged model in llama.cpp, and one sample answer",
@@ -105,12 +110,15 @@ def run_stage(stage, stages: dict, resume: bool) -> None:
 
         write_task(stage.dir, config.name, config.seed, **config.sizes)
     elif stage.name in SHOWN:
+        from lowrank.dpo import train_dpo
+        from lowrank.grpo import train_grpo
         from lowrank.ppo import train_ppo
         from lowrank.pretrain import train_base
         from lowrank.reward import train_reward
         from lowrank.sft import train_sft
 
-        train = {"pretrain": train_base, "sft": train_sft, "reward": train_reward, "ppo": train_ppo}[stage.name]
+        train = {"pretrain": train_base, "sft": train_sft, "reward": train_reward, "ppo": train_ppo, "dpo": train_dpo,
+                 "grpo": train_grpo}[stage.name]
         with StepBar(stage.name) as bar:
             train(config, on_step=lambda record: bar(record, **SHOWN[stage.name](record)))
     elif stage.name == "merge":
@@ -211,7 +219,7 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
             row(label, f"held-out loss {_num(before)} -> {_num(after)}  ({results[f'{name}_eval_examples']} held-out {unit})")
     accuracy = results.get("accuracy") or {}
     if accuracy:
-        labels = {"base": "base", "sft": "after SFT", "ppo": "after PPO"}
+        labels = {"base": "base", "sft": "after SFT", "ppo": "after PPO", "dpo": "after DPO", "grpo": "after GRPO"}
         parts = [f"{labels[k]} {_num((v or {}).get('accuracy'), '.1%')}" for k, v in accuracy.items()]
         problems = next((v["problems"] for v in accuracy.values() if v), "?")
         row("task accuracy", ",  ".join(parts) + f"  (greedy exact match, {problems} held-out problems)")
@@ -219,13 +227,26 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
         r = results["reward"]
         row("reward model", f"pairwise accuracy {_num(r['accuracy'], '.1%')} on {r['pairs']} held-out pairs, "
                             f"margin {_num(r['margin'])}")
+    def held_out_kl(r: dict) -> str:
+        return f"; KL to SFT on held-out prompts {_num(r['held_out_kl'])} nats" if r.get("held_out_kl") is not None else ""
+
     if "ppo" in results:
         p = results["ppo"]
         row("PPO", f"mean reward {_num(p['score'][0])} -> {_num(p['score'][1])} (first / last {p['window']} of "
-                   f"{p['steps']} steps), KL to the reference {_num(p['kl'])} nats (last {p['window']})")
+                   f"{p['steps']} steps), KL to the reference {_num(p['kl'])} nats (last {p['window']})"
+                   + held_out_kl(p))
         if p.get("property_rate") and None not in p["property_rate"]:
             row("", "responses with \"please\" (what the shipped preferences reward) "
                     f"{p['property_rate'][0]:.0%} -> {p['property_rate'][1]:.0%}")
+    if "dpo" in results:
+        d = results["dpo"]
+        row("DPO", f"held-out pairwise accuracy {_num(d['accuracy'][0], '.1%')} -> {_num(d['accuracy'][1], '.1%')}, "
+                   f"margin {_num(d['margin'][0])} -> {_num(d['margin'][1])} ({d['pairs']} pairs)" + held_out_kl(d))
+    if "grpo" in results:
+        g = results["grpo"]
+        row("GRPO", f"mean reward {_num(g['score'][0])} -> {_num(g['score'][1])} (first / last {g['window']} of "
+                    f"{g['steps']} steps), KL to the reference {_num(g['kl'])} nats (last {g['window']})"
+                    + held_out_kl(g))
     gguf = results.get("gguf", [])
     width = max((len(Path(g["path"]).name) for g in gguf), default=0)
     for i, g in enumerate(gguf):
