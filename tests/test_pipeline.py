@@ -423,3 +423,61 @@ def test_shipped_recipes_are_valid(tmp_path):
     for recipe in recipes:
         _, configs = _configs(tmp_path, recipe.read_text())
         assert list(configs)[-3:] == ["merge", "export", "verify"], recipe.name
+
+
+# --- dpo and grpo stages ----------------------------------------------------------------------------
+
+RL_RECIPE = """\
+model: tiny
+seed: 0
+stages:
+  - task: {name: sort, sizes: {pretrain: 16, sft: 24, eval: 6, preferences: 24, prompts: 4}, eval_max_new_tokens: 8}
+  - sft: {max_steps: 2, batch_size: 2, max_length: 128, eval_every: 0, save_every: 0, gradient_checkpointing: false}
+  - dpo: {max_steps: 2, batch_size: 4, micro_batch_size: 4, max_length: 128, eval_every: 0, save_every: 0,
+          gradient_checkpointing: false, eval_fraction: 0.25}
+  - grpo: {steps: 2, group_size: 2, prompts_per_step: 2, max_new_tokens: 6}
+  - merge: {}
+"""
+
+
+def test_dpo_and_grpo_stages_start_from_sft_and_report_accuracy_and_kl(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(RL_RECIPE)
+    out = tmp_path / "run"
+    code, printed = _run([str(tmp_path / "recipe.yaml"), "--output-dir", str(out)])
+    assert code == 0, printed
+    dpo, grpo = _read(out / "dpo" / "lowrank.json"), _read(out / "grpo" / "lowrank.json")
+    assert dpo["sft_adapter"] == grpo["sft_adapter"] == str(out / "sft")
+    assert dpo["data"]["source"] == str(out / "task" / "preferences.jsonl")
+    assert grpo["data"]["source"] == str(out / "task" / "prompts.jsonl") and grpo["rewards"] == ["exact"]
+    assert _read(out / "merged" / "lowrank.json")["adapters"] == [str(out / "grpo")]  # the last policy stage
+    table = "\n".join(_table(printed))
+    accuracy = {s: _read(out / s / "task_eval.json") for s in ("sft", "dpo", "grpo")}
+    assert (f"after SFT {accuracy['sft']['accuracy']:.1%},  after DPO {accuracy['dpo']['accuracy']:.1%},  "
+            f"after GRPO {accuracy['grpo']['accuracy']:.1%}") in table
+    for stage in ("dpo", "grpo"):
+        kl = accuracy[stage]["kl_to_reference"]
+        assert kl >= 0 and f"KL to SFT on held-out prompts {kl:.3f} nats" in table
+    metrics = dpo["metrics"]
+    assert (f"held-out pairwise accuracy {metrics['initial_eval_accuracy']:.1%} -> {metrics['eval_accuracy']:.1%}"
+            in table)
+    steps = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert f"mean reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} (first / last 1 of 2 steps)" in table
+
+
+def test_grpo_stage_reads_the_reward_model_of_a_reward_stage_unless_its_weight_is_zero(tmp_path):
+    stages = "  - sft: {}\n  - reward: {}\n  - grpo: {%s}\n"
+    _, configs = _configs(tmp_path, "stages:\n" + stages % "rewards: [numeric]")
+    run = tmp_path / "run"
+    assert (configs["grpo"].reward_adapter, configs["grpo"].rewards) == (str(run / "reward"), ["numeric"])
+    _, configs = _configs(tmp_path, "stages:\n" + stages % "reward_adapter_weight: 0, rewards: [exact]")
+    assert configs["grpo"].reward_adapter == ""
+
+
+def test_grpo_without_any_reward_is_refused_before_training(tmp_path, capsys):
+    from lowrank.cli import main
+
+    (tmp_path / "recipe.yaml").write_text("stages:\n  - sft: {}\n  - grpo: {}\n")
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no reward" in err[0], err

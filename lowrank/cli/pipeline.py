@@ -59,8 +59,18 @@ def check_inputs(config, stages) -> None:
         if value and looks_local and not Path(value).expanduser().is_file():
             raise UserError(f"{flag} {value}: file not found")
     for stage in stages:
-        if stage.name == "export":
-            parse_types(stage.config.type)
+        try:
+            if stage.name == "export":
+                parse_types(stage.config.type)
+            if stage.name == "grpo":
+                from lowrank.grpo import check_config
+                from lowrank.rewards import load_reward_function
+
+                check_config(stage.config)
+                for spec in stage.config.rewards:
+                    load_reward_function(spec)
+        except UserError as e:
+            raise UserError(f"stage '{stage.name}': {e}") from None
     check_architecture(resolve_model_name(config.model))
 
 
