@@ -2,10 +2,12 @@
 
 The model of memory, term by term, with where each number comes from, is docs/plan.md. In short:
 static terms (base weights in their quantized layout, LoRA adapters, optimizer state, cuBLAS
-workspaces) plus the activations of the phase with the most live memory: for SFT and the reward
-model the backward pass through the last decoder layer (every layer's checkpointed input, one
-layer's recomputed activations and its gradients) or the chunked loss; for PPO the largest of
-rollout generation (KV cache), the no-gradient scoring passes and the PPO minibatch update.
+workspaces) plus the activations of the phase with the most live memory: for SFT, the reward
+model and DPO the backward pass through the last decoder layer (every layer's checkpointed input,
+one layer's recomputed activations and its gradients) or the chunked loss; for PPO the largest of
+rollout generation (KV cache), the no-gradient scoring passes and the PPO minibatch update; for
+GRPO the largest of generation, reward-adapter scoring, the no-gradient log-prob passes and the
+micro-batched update (its loss head or its backward).
 
 Parameters are counted exactly on a model built on the meta device (no weights, no download for
 named shapes); the activation terms are per-token sums over the tensors autograd saves, checked
@@ -31,7 +33,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 # The default card: an RTX 4090, 24 GiB (nvidia-smi reports 24564 MiB, 23.99 GiB).
 DEFAULT_CARD_BYTES = 24 * GiB
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
 
 # --- constants of the memory model (docs/plan.md says where each comes from) ---------------
 # Outside torch's allocator, so not in torch.cuda.max_memory_allocated but on the card all the same:
@@ -313,6 +315,7 @@ class Plan:
     breakdown: dict[str, int]
     outside: dict[str, int] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)  # every phase's predicted peak allocated (its total)
 
     @property
     def total(self) -> int:
@@ -327,13 +330,23 @@ class Plan:
 
 
 def _stage_defaults(stage: str) -> dict:
-    from lowrank.ppo import PPOConfig
-    from lowrank.reward import RewardConfig
-    from lowrank.sft import SFTConfig
+    import importlib
 
-    config = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]()
+    # Only the stage's own module is imported: a plan for SFT does not depend on the RL stages.
+    name = {"sft": "SFTConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "grpo": "GRPOConfig",
+            "dpo": "DPOConfig"}[stage]
+    config = getattr(importlib.import_module(f"lowrank.{stage}"), name)()
+    # lowrank.roles.build_roles sets every dropout to 0 for the stages with a policy and a reference.
     return {"gradient_checkpointing": config.gradient_checkpointing,
-            "lora_dropout": 0.0 if stage == "ppo" else config.lora_dropout}
+            "lora_dropout": config.lora_dropout if stage in ("sft", "reward") else 0.0}
+
+
+def _pick_peak(model: str, stage: str, phases: dict[str, dict[str, int]], outside: dict[str, int],
+               settings: dict) -> Plan:
+    """The plan of the phase with the largest total, with every phase's total beside it."""
+    totals = {name: sum(terms.values()) for name, terms in phases.items()}
+    phase = max(totals, key=totals.get)
+    return Plan(model, stage, phase, _nonzero(phases[phase]), _nonzero(outside), settings, totals)
 
 
 def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16, target_modules=("all-linear",),
@@ -342,7 +355,9 @@ def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16,
              paged_optimizer: bool | None = None, gradient_checkpointing: bool | None = None,
              loss_chunk_tokens: int | None = None, fp32_norms: bool = False, ppo_rollout_batch: int = 8,
              ppo_minibatch: int = 4, ppo_prompt_len: int = 256, ppo_new_tokens: int = 256,
-             ppo_reference_adapter: bool = True) -> Plan:
+             ppo_reference_adapter: bool = True, reference_adapter: bool = True, grpo_group_size: int = 8,
+             grpo_prompts_per_step: int = 4, grpo_minibatch: int | None = None,
+             grpo_micro_batch: int | None = None, grpo_reward_adapter: bool = False) -> Plan:
     """Predict the peak CUDA memory of one training stage (see the module docstring and docs/plan.md).
 
     ``model``: a named shape, 'tiny', a model dir, a hub id, a dict of config.json fields, or an
@@ -352,9 +367,17 @@ def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16,
     ceil(tokens / max_length) rows of ``max_length`` (packed SFT rows; reward rows are the chosen and
     rejected sequences). PPO: ``ppo_rollout_batch`` prompts of ``ppo_prompt_len`` tokens get
     ``ppo_new_tokens`` each, and updates take ``ppo_minibatch`` rollouts at a time
-    (``tokens_per_step`` is not used). ``None`` settings take the stage's defaults: gradient
-    checkpointing and LoRA dropout from its config, a paged optimizer for every stage on a
-    quantized base (lowrank.train.build_optimizer), torch's AdamW for PPO.
+    (``tokens_per_step`` is not used). GRPO: ``grpo_prompts_per_step`` prompts of ``ppo_prompt_len``
+    tokens get ``grpo_group_size`` completions of ``ppo_new_tokens`` each, all sampled at once; the
+    log-prob passes and the update take ``grpo_micro_batch`` completions at a time (default: the
+    minibatch, ``grpo_minibatch``, default: all of a step's), as GRPOConfig.micro_batch does;
+    ``grpo_reward_adapter`` adds a frozen reward adapter that scores all completions at once. DPO:
+    rows are the chosen and the rejected sequence of each pair, so a micro-batch of p pairs is
+    ``tokens_per_micro_batch`` = 2 p ``max_length``. ``reference_adapter`` (GRPO, DPO; PPO reads
+    ``ppo_reference_adapter``): the frozen reference is a copy of the SFT adapter, not the bare base.
+    ``None`` settings take the stage's defaults: gradient checkpointing and LoRA dropout from its
+    config (0 for the stages with a reference: lowrank.roles turns dropout off), a paged optimizer
+    for every stage on a quantized base (lowrank.train.build_optimizer).
     """
     if stage not in STAGES:
         raise UserError(f"--stage: unknown '{stage}'; choose {', '.join(STAGES)}")
@@ -382,6 +405,14 @@ def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16,
         return _estimate_ppo(arch, static, outside, targets, settings, r=lora_r, checkpointed=checkpointed,
                              stream=stream, batch=ppo_rollout_batch, minibatch=min(ppo_minibatch, ppo_rollout_batch),
                              prompt=ppo_prompt_len, new=ppo_new_tokens, reference=ppo_reference_adapter)
+    if stage == "grpo":
+        completions = grpo_group_size * grpo_prompts_per_step
+        minibatch = min(grpo_minibatch or completions, completions)
+        return _estimate_grpo(arch, static, outside, targets, settings, r=lora_r, checkpointed=checkpointed,
+                              stream=stream, group=grpo_group_size, prompts=grpo_prompts_per_step,
+                              minibatch=minibatch, micro=min(grpo_micro_batch or minibatch, minibatch),
+                              prompt=ppo_prompt_len, new=ppo_new_tokens, reference=reference_adapter,
+                              reward=grpo_reward_adapter)
 
     tokens = tokens_per_micro_batch or tokens_per_step or 4 * max_length
     if tokens < 1 or max_length < 1:
@@ -396,8 +427,14 @@ def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16,
     tensors = lora_tensors(targets, lora_r) + ([h + 1] if stage == "reward" else [])  # + the score head
     trainable = sum(tensors)
     static["adapters"] = 4 * trainable
+    if stage == "dpo":
+        settings.update(pairs=max(1, rows // 2), reference_adapter=reference_adapter)
+        static["adapters (reference)"] = 4 * trainable if reference_adapter else 0
     static["optimizer state"], outside["optimizer state (paged)"] = optimizer_bytes(
         tensors, bits=settings["optim_bits"], paged=paged)
+    # DPO accumulates micro-batches' gradients in place: from the second on, all of them are alive. (SFT
+    # and the reward model do the same; their plans were calibrated without this term.)
+    accumulated = {"gradients (accumulated)": 4 * trainable if stage == "dpo" and settings["accumulation"] > 1 else 0}
 
     saved = _layer_saved_per_token(arch, targets, stream=stream, dropout=dropout, checkpointed=checkpointed,
                                    seq=seq, r=lora_r, int8=quant == "int8")
@@ -408,22 +445,28 @@ def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16,
     else:
         stored = {"activations (all layers)": tokens * saved * layers}
         layer = {}
-    backward = {**static, **stored, "attention mask": mask, **layer,
+    backward = {**static, **accumulated, **stored, "attention mask": mask, **layer,
                 "gradients in flight": tokens * (h * stream + _backward_extra_per_token(arch, stream))
                 + 4 * trainable // layers}
     phases = {"backward": backward}
-    if stage == "sft":
+    if stage in ("sft", "dpo"):  # lowrank's chunked LM head on the loss (DPO: response) positions only
         chunk = min(loss_chunk_tokens or _loss_chunk_tokens(vocab), tokens)
-        phases["loss"] = {**static, **stored, "attention mask": mask,
+        phases["loss"] = {**static, **accumulated, **stored, "attention mask": mask,
                           "final norm": tokens * (4 * h + h * stream),  # its fp32 input and its output
                           # the positions with loss, their gradient, and that gradient scattered back
                           "loss hidden states": 3 * tokens * h * 2,
                           "logits (loss chunk)": LOSS_LOGIT_BYTES * chunk * vocab}
         settings["loss_chunk_tokens"] = chunk
+    if stage == "dpo":
+        # dpo.reference_logprobs, once before training (and evaluate() alike): the same micro-batches
+        # without gradient; per chunk of the head bf16 logits, an fp32 copy and its log-softmax.
+        phases["reference log-probs (no gradient)"] = {
+            **static, "attention mask": mask, "hidden states": tokens * h * (stream + 2),
+            "forward temporaries": max(tokens * FORWARD_INTERMEDIATE_TENSORS * arch.intermediate * stream,
+                                       (2 + 4 + 4) * chunk * vocab)}
     phases["optimizer step"] = {**static, "gradients": 4 * trainable,
                                 "optimizer temporaries": 0 if paged else 8 * trainable}
-    phase = max(phases, key=lambda p: sum(phases[p].values()))
-    return Plan(str(arch.name), stage, phase, _nonzero(phases[phase]), _nonzero(outside), settings)
+    return _pick_peak(str(arch.name), stage, phases, outside, settings)
 
 
 def _estimate_ppo(arch, static, outside, targets, settings, *, r, checkpointed, stream, batch, minibatch, prompt,
@@ -461,10 +504,84 @@ def _estimate_ppo(arch, static, outside, targets, settings, *, r, checkpointed, 
               + 4 * sum(trainable) // layers,
               "policy logits": minibatch * new * vocab * 4 + 2 * mb_tokens * h * 4}
     phases = {"rollout generation": generation, "scoring": scoring, "PPO update": update}
-    phase = max(phases, key=lambda p: sum(phases[p].values()))
     settings.update(rollout_batch=batch, minibatch=minibatch, prompt_len=prompt, new_tokens=new,
                     tokens_per_micro_batch=mb_tokens, reference_adapter=reference)
-    return Plan(str(arch.name), "ppo", phase, _nonzero(phases[phase]), _nonzero(outside), settings)
+    return _pick_peak(str(arch.name), "ppo", phases, outside, settings)
+
+
+# Per logit of the GRPO update's head (rollout.response_logprobs with entropy, then rl.grpo_token_loss):
+# the bf16 logits (2) and the fp32 log-softmax autograd keeps (4) stay while rl.entropy_from_logits
+# holds an fp32 copy, the softmax and their product (3 x 4). The backward through the head needs
+# less (log-softmax output, its incoming and outgoing gradient: 12), the no-gradient passes
+# 2 + 4 + 4 (bf16 logits, fp32 copy, log-softmax).
+GRPO_HEAD_LOGIT_BYTES = 2 + 4 + 3 * 4
+SCORING_LOGIT_BYTES = 2 + 4 + 4
+
+
+def _estimate_grpo(arch, static, outside, targets, settings, *, r, checkpointed, stream, group, prompts,
+                   minibatch, micro, prompt, new, reference, reward) -> Plan:
+    """GRPO (lowrank/grpo.py): one base with the policy, its frozen reference copy and optionally a
+    frozen reward adapter; no value role. Per step, the largest of: sampling all group x prompts
+    completions at once (KV cache), the reward adapter scoring them at once, the no-gradient
+    log-prob passes (policy, then reference) in micro-batches, and the update in micro-batches, at
+    its loss head (logits over the completion tokens only) or in the backward through a layer."""
+    if min(group, prompts, minibatch, micro, new, prompt) < 1:
+        raise UserError("GRPO group size, prompts per step, micro-batch, prompt length and new tokens must be "
+                        "at least 1")
+    h, inter, layers, vocab = arch.hidden, arch.intermediate, arch.layers, arch.vocab
+    adapter = lora_tensors(targets, r)
+    head = h + 1
+    static["adapters (policy)"] = 4 * sum(adapter)
+    # The reward adapter's score head: the base's module and the adapter's copy (peft's modules_to_save).
+    frozen = (sum(adapter) if reference else 0) + (sum(adapter) + 2 * head if reward else 0)
+    static["adapters (reference" + (", reward)" if reward else ")")] = 4 * frozen
+    static["optimizer state"], outside["optimizer state (paged)"] = optimizer_bytes(
+        adapter, bits=settings["optim_bits"], paged=settings["paged_optimizer"])
+    # optimizer_step zeroes the gradients with set_to_none: none live outside the update.
+    completions, seq = group * prompts, prompt + new
+    kv_per_token = layers * 2 * arch.kv_heads * arch.head_dim * stream
+    kv = completions * seq * kv_per_token
+    generation = {**static, "KV cache": kv + kv // layers,  # + one layer's cache being concatenated
+                  "sampling logits": 2 * completions * vocab * 4}
+    prefill_tokens = completions * prompt
+    prefill = {**static, "KV cache (prompts)": prefill_tokens * kv_per_token,
+               "prefill activations": prefill_tokens * (h * stream + FORWARD_INTERMEDIATE_TENSORS * inter * stream)
+               + completions * prompt * prompt}
+    phases = {"generation": max(generation, prefill, key=lambda terms: sum(terms.values()))}
+    if reward:  # score_responses: the decoder over all completions at once, no LM head
+        tokens = completions * seq
+        phases["reward scoring"] = {**static, "attention mask": completions * seq * seq,
+                                    "hidden states": tokens * h * stream,
+                                    "forward temporaries": tokens * FORWARD_INTERMEDIATE_TENSORS * inter * stream}
+    tokens = micro * seq  # one micro-batch of completions
+    mask = micro * seq * seq
+    phases["log-probs (no gradient)"] = {
+        **static, "attention mask": mask, "hidden states": tokens * h * stream,
+        "forward temporaries": max(micro * (new + 1) * vocab * SCORING_LOGIT_BYTES,
+                                   tokens * FORWARD_INTERMEDIATE_TENSORS * inter * stream)}
+    trainable = sum(adapter)
+    accumulated = {"gradients (accumulated)": 4 * trainable if minibatch > micro else 0}
+    saved = _layer_saved_per_token(arch, targets, stream=stream, dropout=False, checkpointed=checkpointed,
+                                   seq=seq, r=r, int8=settings["quant"] == "int8")
+    if checkpointed:
+        stored = {"checkpoints (layer inputs)": tokens * h * (2 + (layers - 1) * stream)}
+        layer = {"one layer recomputed": tokens * saved}
+    else:
+        stored, layer = {"activations (all layers)": tokens * saved * layers}, {}
+    phases["update: log-probs and entropy"] = {
+        **static, **accumulated, **stored, "attention mask": mask,
+        "final norm": tokens * (4 * h + h * stream),  # its fp32 input and its output
+        "completion logits, log-softmax, entropy": micro * new * vocab * GRPO_HEAD_LOGIT_BYTES}
+    phases["update: backward"] = {
+        **static, **accumulated, **stored, "attention mask": mask, **layer,
+        "gradients in flight": tokens * (h * stream + _backward_extra_per_token(arch, stream))
+        + 4 * trainable // layers}
+    phases["optimizer step"] = {**static, "gradients": 4 * trainable,
+                                "optimizer temporaries": 0 if settings["paged_optimizer"] else 8 * trainable}
+    settings.update(group_size=group, prompts_per_step=prompts, completions=completions, minibatch=minibatch,
+                    micro_batch=micro, prompt_len=prompt, new_tokens=new, tokens_per_micro_batch=tokens,
+                    reference_adapter=reference, reward_adapter=reward)
+    return _pick_peak(str(arch.name), "grpo", phases, outside, settings)
 
 
 def _as_architecture(model) -> Architecture:
@@ -490,21 +607,31 @@ def _loss_chunk_tokens(vocab: int) -> int:
 
 
 def largest_tokens_per_step(model, card_bytes: int = DEFAULT_CARD_BYTES, **settings) -> int:
-    """The most tokens per micro-batch that fit ``card_bytes``: whole rows of ``max_length`` (PPO: whole
-    rollouts per minibatch, at most the rollout batch); 0 when not even one fits.
+    """The most tokens per micro-batch that fit ``card_bytes``: whole rows of ``max_length`` (DPO: whole
+    pairs of rows; PPO: whole rollouts per minibatch, at most the rollout batch; GRPO: whole
+    completions per micro-batch, a divisor of the minibatch); 0 when not even one fits.
 
     Rule: memory depends on the micro-batch only, so with gradient accumulation a step of any size
     runs at this micro-batch; without accumulation it is also the largest step.
     """
     arch = _as_architecture(model)
-    if settings.get("stage", "sft") == "ppo":
-        batch = settings.get("ppo_rollout_batch", 8)
+    stage = settings.get("stage", "sft")
+    if stage in ("ppo", "grpo"):
         unit = settings.get("ppo_prompt_len", 256) + settings.get("ppo_new_tokens", 256)
-        return unit * _largest(lambda n: estimate(arch, **{**settings, "ppo_minibatch": n}).fits(card_bytes), batch)
+        if stage == "ppo":
+            batch = settings.get("ppo_rollout_batch", 8)
+            return unit * _largest(lambda n: estimate(arch, **{**settings, "ppo_minibatch": n}).fits(card_bytes),
+                                   batch)
+        # GRPO: micro-batches must divide the minibatch (grpo.check_config); generation does not depend on them.
+        minibatch = estimate(arch, **settings).settings["minibatch"]
+        fitting = (n for n in range(minibatch, 0, -1) if minibatch % n == 0
+                   and estimate(arch, **{**settings, "grpo_micro_batch": n}).fits(card_bytes))
+        return unit * next(fitting, 0)
     max_length = settings.get("max_length", 1024)
     rest = {k: v for k, v in settings.items() if k not in ("tokens_per_step", "tokens_per_micro_batch")}
-    return max_length * _largest(
-        lambda rows: estimate(arch, **rest, tokens_per_micro_batch=rows * max_length).fits(card_bytes), 1 << 20)
+    row = 2 if stage == "dpo" else 1  # a DPO pair's chosen and rejected rows go into one micro-batch
+    return row * max_length * _largest(
+        lambda n: estimate(arch, **rest, tokens_per_micro_batch=n * row * max_length).fits(card_bytes), 1 << 20)
 
 
 def _largest(fits, limit: int) -> int:
@@ -527,8 +654,15 @@ def format_plan(plan: Plan, card_bytes: int = DEFAULT_CARD_BYTES) -> str:
     if plan.stage == "ppo":
         what = (f"{s['rollout_batch']} rollouts of {s['prompt_len']} prompt + {s['new_tokens']} new tokens, "
                 f"minibatch {s['minibatch']}")
+    elif plan.stage == "grpo":
+        plural = "s" if s["prompts_per_step"] > 1 else ""
+        what = (f"{s['prompts_per_step']} prompt{plural} x {s['group_size']} completions of {s['prompt_len']} "
+                f"prompt + {s['new_tokens']} new tokens, micro-batch {s['micro_batch']} of minibatch {s['minibatch']}"
+                f"{', reward adapter' if s['reward_adapter'] else ''}")
     else:
         what = f"{s['tokens_per_micro_batch']} tokens per micro-batch ({s['rows']} x {s['max_length']})"
+        if plan.stage == "dpo":
+            what = f"{s['pairs']} pairs per micro-batch ({s['rows']} rows of {s['max_length']}: chosen, rejected)"
         if s["accumulation"] > 1:
             what += f", {s['accumulation']} per step"
     lines = [f"{plan.model}, {plan.stage}, {s['quant']}, LoRA r {s['lora_r']}, {what}, gradient checkpointing "
@@ -544,6 +678,9 @@ def format_plan(plan: Plan, card_bytes: int = DEFAULT_CARD_BYTES) -> str:
         row(f"+ {name}", value)
     row("needed on the card", plan.needed)
     row("card", card_bytes)
+    if len(plan.phases) > 1:  # each phase's peak allocated, so the next largest is in view
+        lines.append("peak allocated by phase: " + ", ".join(f"{name} {total / GiB:.2f} GiB"
+                                                              for name, total in plan.phases.items()))
     lines.append(f"fits: {'yes' if plan.fits(card_bytes) else 'no'}")
     return "\n".join(lines)
 
@@ -552,15 +689,45 @@ def format_plan(plan: Plan, card_bytes: int = DEFAULT_CARD_BYTES) -> str:
 # Hooks for the training stages on CUDA
 # --------------------------------------------------------------------------------------------
 
+def _adapter_shape(adapter_dir: str) -> dict:
+    """lora_r and target_modules of a saved PEFT adapter (its adapter_config.json); {} when unreadable."""
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(adapter_dir).expanduser() / "adapter_config.json").read_text())
+        return {"lora_r": int(config["r"]), "target_modules": config["target_modules"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -> dict:
-    """estimate() keyword arguments for a stage's config dataclass (SFTConfig, RewardConfig, PPOConfig)."""
+    """estimate() keyword arguments for a stage's config dataclass (SFTConfig, RewardConfig, PPOConfig,
+    GRPOConfig, DPOConfig). Stages that start from an SFT adapter take its rank and target modules."""
     get = functools.partial(getattr, config)
-    settings = {"stage": stage, "quant": get("quant", "nf4"), "lora_r": get("lora_r", 16),
+    quant = get("quant", "nf4")
+    settings = {"stage": stage, "quant": "nf4" if quant == "auto" else quant, "lora_r": get("lora_r", 16),
                 "gradient_checkpointing": get("gradient_checkpointing", None)}
+    sft_adapter = get("sft_adapter", "") if stage in ("ppo", "grpo", "dpo") else ""
+    if sft_adapter:
+        settings.update(_adapter_shape(sft_adapter))
     if stage == "ppo":
         settings.update(ppo_rollout_batch=get("rollout_batch_size", 8), ppo_minibatch=get("minibatch_size", 4),
                         ppo_new_tokens=get("max_new_tokens", 256), ppo_prompt_len=prompt_len or 256,
-                        ppo_reference_adapter=bool(get("sft_adapter", "")))
+                        ppo_reference_adapter=bool(sft_adapter))
+        return settings
+    if stage == "grpo":
+        completions = get("group_size", 8) * get("prompts_per_step", 4)
+        minibatch = get("minibatch_size", 0) or completions  # GRPOConfig.minibatch and .micro_batch
+        settings.update(grpo_group_size=get("group_size", 8), grpo_prompts_per_step=get("prompts_per_step", 4),
+                        grpo_minibatch=minibatch, grpo_micro_batch=get("micro_batch_size", 0) or minibatch,
+                        grpo_reward_adapter=bool(get("reward_adapter", "")), reference_adapter=bool(sft_adapter),
+                        ppo_new_tokens=get("max_new_tokens", 128), ppo_prompt_len=prompt_len or 256)
+        return settings
+    if stage == "dpo":  # rows: the chosen and the rejected sequence of each pair; batch_size is pairs per step
+        max_length = get("max_length", 512)
+        micro = 2 * get("micro_batch_size", 2) * max_length
+        settings.update(max_length=max_length, tokens_per_micro_batch=micro, reference_adapter=bool(sft_adapter),
+                        tokens_per_step=max(micro, 2 * get("batch_size", 8) * max_length))
         return settings
     max_length = get("max_length", 1024)
     rows = get("batch_size", 4) * (2 if stage == "reward" else 1)  # reward: chosen and rejected rows
