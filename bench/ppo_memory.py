@@ -1,6 +1,8 @@
-"""Peak memory of PPO with swapped adapters on one base vs. four separately loaded models, and vs. SFT.
+"""Peak memory of PPO with swapped adapters on one base vs. four separately loaded models, and of PPO,
+GRPO and DPO vs. SFT.
 
 Run: python bench/ppo_memory.py [--hidden 1536 --layers 16 --steps 2 --device cpu|cuda --quant none|nf4]
+     [--modes sft,swap,four,grpo,dpo]
 
 Each setup runs in its own child process on the same random LLaMA-shaped base (written once to a
 temp dir), so peaks do not mix: peak RSS (ru_maxrss) on CPU, torch.cuda.max_memory_allocated on
@@ -8,8 +10,16 @@ a GPU. The setups:
 - sft:   the base + one trainable LoRA, a few training steps on prompt+response sequences;
 - swap:  lowrank's PPO (lowrank.roles + lowrank.ppo): one base, four adapters, a few PPO steps;
 - four:  the same PPO algorithm with policy, reference, reward and value each a separate
-         base + adapter (what a four-model RLHF setup holds in memory).
-The last line printed is the ratio four / swap. Targets: swap <= 1.5x sft, four >= 2.5x swap.
+         base + adapter (what a four-model RLHF setup holds in memory);
+- grpo:  lowrank's GRPO (lowrank.roles + lowrank.grpo.grpo_step): policy, reference and reward
+         adapter on one base, no value; as many completions (a group of 4 for one prompt) as PPO
+         has rollouts, the same minibatches and epochs;
+- dpo:   lowrank's DPO (lowrank.dpo): policy and reference on one base, the reference log-probs
+         computed once up front (dpo.reference_logprobs), then steps of 2 micro-batches of 2 pairs
+         (4 rows each, as SFT's batch) through dpo.pair_losses and lowrank.train's loop.
+Every trainable setup uses torch's AdamW, so optimizer state is counted the same way everywhere.
+The last lines printed are the ratios to SFT of GRPO and DPO. Targets: swap, grpo and dpo <= 1.5x
+sft, four >= 2.5x swap.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch
 from safetensors import safe_open
 
 PROMPT_LEN, BATCH = 32, 4
+MODES = ("sft", "swap", "four", "grpo", "dpo")
 
 
 def build_base(out: Path, hidden: int, layers: int, vocab: int) -> None:
@@ -120,9 +131,67 @@ def child(mode: str, base_dir: Path, sft_dir: Path, reward_dir: Path, steps: int
     elif mode == "four":
         from lowrank.reward import load_reward_adapter
         four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, load_reward_adapter)
+    elif mode == "grpo":
+        grpo_steps(load(), base_dir, sft_dir, reward_dir, prompts, steps, new_tokens)
+    elif mode == "dpo":
+        dpo_steps(load(), sft_dir, prompts, steps, new_tokens, device)
     else:
         raise ValueError(mode)
     return {"mode": mode, "peak_bytes": _peak_bytes(device), "seconds": time.perf_counter() - start}
+
+
+def grpo_steps(base, base_dir, sft_dir, reward_dir, prompts, steps: int, new_tokens: int) -> None:
+    """lowrank.grpo.grpo_step as train_grpo calls it: one prompt's group of BATCH completions per step,
+    scored by the reward adapter (the reward functions cost no GPU memory), minibatches of BATCH // 2,
+    2 epochs, as the PPO setups run."""
+    from lowrank import grpo, train
+    from lowrank.models import load_tokenizer
+    from lowrank.roles import POLICY, build_roles, trainable_parameters
+
+    config = grpo.GRPOConfig(reward_adapter=str(reward_dir), group_size=BATCH, prompts_per_step=1,
+                             max_new_tokens=new_tokens, minibatch_size=BATCH // 2, epochs=2, learning_rate=1e-5)
+    model = build_roles(base, sft_adapter=sft_dir, reward_adapter=reward_dir, value=False)
+    parameters = trainable_parameters(model)[POLICY]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
+    scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=steps * 4, kind="constant")
+    accelerator = train.make_accelerator()
+    inputs = grpo.Prompts(ids=prompts, texts=[""] * len(prompts), fields=[{} for _ in prompts])
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        grpo.grpo_step(accelerator, model, load_tokenizer(str(base_dir)), optimizer, scheduler, parameters, inputs,
+                       [step % len(prompts)], [], [], config, [2], 0, generator)
+
+
+def dpo_steps(base, sft_dir, prompts, steps: int, new_tokens: int, device: str) -> None:
+    """lowrank.dpo's step as train_dpo runs it: the reference log-probs of every pair once, then per
+    optimizer step 2 micro-batches of BATCH // 2 pairs (BATCH rows, as SFT's batch) through
+    dpo.pair_losses, train.accumulate_gradients and train.optimizer_step."""
+    from lowrank import dpo, train
+    from lowrank.roles import POLICY, build_roles, trainable_parameters
+
+    config = dpo.DPOConfig(beta=0.1, batch_size=BATCH, micro_batch_size=BATCH // 2, learning_rate=1e-5)
+    model = build_roles(base, sft_adapter=sft_dir)
+    generator = torch.Generator().manual_seed(1)
+
+    def row(prompt):  # prompt + a response of new_tokens random tokens, loss on the response
+        response = torch.randint(3, 1000, (new_tokens,), generator=generator).tolist()
+        return {"input_ids": prompt + response, "response_mask": [0] * len(prompt) + [1] * new_tokens}
+
+    examples = [{"index": i, "chosen": row(p), "rejected": row(p)} for i, p in enumerate(prompts * 2)]
+    accelerator = train.make_accelerator()
+    reference = dpo.reference_logprobs(accelerator, model, examples, config.micro_batch_size, 0)
+    parameters = trainable_parameters(model)[POLICY]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
+    scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=steps, kind="constant")
+    model.train()
+    size = config.micro_batch_size
+    for step in range(steps):
+        part = examples[(step * BATCH) % len(examples):][:BATCH]
+        micro = [dpo.collate_pairs(part[i:i + size], 0, reference) for i in range(0, len(part), size)]
+        train.accumulate_gradients(accelerator, model, micro,
+                                   loss_sum_fn=lambda m, b: dpo.pair_losses(config, m, b)[0].sum(),
+                                   count_fn=lambda b: b["reference_chosen"].shape[0])
+        train.optimizer_step(accelerator, parameters, optimizer, scheduler, config.max_grad_norm)
 
 
 def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, load_reward_adapter) -> None:
@@ -181,6 +250,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--quant", default="none", choices=["none", "nf4", "int8"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"setups to run, of {','.join(MODES)} (sft always)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,15 +273,24 @@ def main() -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}")
         peaks = {}
-        for mode in ("sft", "swap", "four"):
+        modes = ["sft", *(m for m in MODES[1:] if m in args.modes.split(","))]
+        for mode in modes:
             command = [sys.executable, __file__, "--child", mode, "--work", str(work), "--steps", str(args.steps),
                        "--new-tokens", str(args.new_tokens), "--quant", args.quant, "--device", args.device]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{mode} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            out = done.stdout
             result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             peaks[mode] = result["peak_bytes"]
             print(f"{mode:5s} peak {result['peak_bytes'] / 2**30:6.2f} GiB  ({result['seconds']:.0f} s)")
-        print(f"swap / sft = {peaks['swap'] / peaks['sft']:.2f}x (target <= 1.5)")
-        print(f"four / swap = {peaks['four'] / peaks['swap']:.2f}x (target >= 2.5)")
+        if "swap" in peaks:
+            print(f"swap / sft = {peaks['swap'] / peaks['sft']:.2f}x (target <= 1.5)")
+        if "four" in peaks and "swap" in peaks:
+            print(f"four / swap = {peaks['four'] / peaks['swap']:.2f}x (target >= 2.5)")
+        for mode in ("grpo", "dpo"):
+            if mode in peaks:
+                print(f"{mode} / sft = {peaks[mode] / peaks['sft']:.2f}x (target <= 1.5)")
 
 
 if __name__ == "__main__":
