@@ -62,6 +62,8 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: share of labels assumed "
                                                                    "flipped, in [0, 0.5) (sigmoid only)"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin"})
+    rpo_alpha: float = field(default=0.0, metadata={"help": "weight of the chosen responses' per-token NLL added "
+                                                            "to a sigmoid/IPO loss (RPO; 0: off)"})
     learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
     lr_scheduler: str = field(default="linear", metadata={"help": "cosine, linear or constant after warm-up"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
@@ -85,6 +87,7 @@ class DPOConfig:
 
 # Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
 _RESUME_KEYS = ("model", "sft_adapter", "pairs", "quant", "template", "loss", "beta", "label_smoothing", "simpo_gamma",
+                "rpo_alpha",
                 "learning_rate", "lr_scheduler", "warmup_steps", "max_grad_norm", "epochs", "max_steps", "batch_size",
                 "micro_batch_size", "max_length", "eval_fraction", "lora_r", "lora_alpha", "seed")
 
@@ -104,6 +107,8 @@ def _validate(config: DPOConfig) -> None:
         raise UserError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
     if config.label_smoothing and config.loss != "sigmoid":
         raise UserError(f"--label-smoothing applies to --loss sigmoid only, not {config.loss}")
+    if not config.rpo_alpha >= 0:
+        raise UserError(f"--rpo-alpha must be 0 or positive, got {config.rpo_alpha}")
     if config.simpo_gamma < 0:
         raise UserError(f"--simpo-gamma must be 0 or positive, got {config.simpo_gamma}")
     for name in ("batch_size", "micro_batch_size", "max_length"):
@@ -241,8 +246,15 @@ def pair_losses(config: DPOConfig, model, batch: dict) -> tuple[torch.Tensor, to
         return rl.orpo_loss(chosen, rejected, config.beta)
     reference = (batch["reference_chosen"].to(sums.device), batch["reference_rejected"].to(sums.device))
     if config.loss == "ipo":
-        return rl.ipo_loss(sums[:pairs], sums[pairs:], *reference, config.beta)
-    return rl.dpo_sigmoid_loss(sums[:pairs], sums[pairs:], *reference, config.beta, config.label_smoothing)
+        loss, chosen_rewards, rejected_rewards = rl.ipo_loss(sums[:pairs], sums[pairs:], *reference, config.beta)
+    else:
+        loss, chosen_rewards, rejected_rewards = rl.dpo_sigmoid_loss(sums[:pairs], sums[pairs:], *reference,
+                                                                     config.beta, config.label_smoothing)
+    if config.rpo_alpha:
+        # RPO (Pang et al. 2024): the SFT loss on the chosen response keeps its likelihood from
+        # falling while the margin grows, which plain DPO allows (both log-probs may drop).
+        loss = loss - config.rpo_alpha * sums[:pairs] / counts[:pairs].clamp(min=1)
+    return loss, chosen_rewards, rejected_rewards
 
 
 @torch.no_grad()

@@ -346,3 +346,25 @@ def test_sft_adapter_of_another_base_is_refused(foreign_sft, refused):
     """The LoRA would load silently onto a base of the same shapes, so lowrank.json's base digest decides."""
     message = refused("--sft-adapter", str(foreign_sft))
     assert str(foreign_sft) in message and "trained on base" in message
+
+
+def test_rpo_alpha_adds_the_chosen_responses_per_token_nll(monkeypatch):
+    """RPO: loss = DPO loss + alpha * (-sum log pi(chosen) / chosen tokens), worked by hand.
+
+    Pair: chosen sum -6 over 3 tokens, rejected -8; reference -7 and -7; beta 0.5.
+    h = 0.5 * ((-6 + 7) - (-8 + 7)) = 1;  DPO = -log sigmoid(1) = 0.313262;  NLL = 6 / 3 = 2;
+    with alpha 0.5: 0.313262 + 1.0 = 1.313262.
+    """
+    from lowrank import dpo
+
+    monkeypatch.setattr(dpo, "sequence_logprobs",
+                        lambda model, batch: (torch.tensor([-6.0, -8.0]), torch.tensor([3.0, 4.0])))
+    batch = {"reference_chosen": torch.tensor([-7.0]), "reference_rejected": torch.tensor([-7.0])}
+    plain = dpo.pair_losses(dpo.DPOConfig(beta=0.5), None, batch)[0]
+    with_rpo = dpo.pair_losses(dpo.DPOConfig(beta=0.5, rpo_alpha=0.5), None, batch)[0]
+    assert plain.item() == pytest.approx(0.313262, abs=1e-6)
+    assert with_rpo.item() == pytest.approx(1.313262, abs=1e-6)
+
+
+def test_negative_rpo_alpha_is_refused(refused):
+    assert "--rpo-alpha must be 0 or positive, got -1.0" in refused("--rpo-alpha", "-1")

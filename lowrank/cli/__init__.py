@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("lowrank.cli.score", "print reward scores of prompt/response pairs"),
     "ppo": ("lowrank.cli.ppo", "optimise the SFT policy against the reward model with PPO"),
     "grpo": ("lowrank.cli.grpo", "optimise the SFT policy with GRPO: groups of samples scored by reward functions or a reward adapter"),
-    "dpo": ("lowrank.cli.dpo", "optimise the SFT policy on preference pairs with DPO, IPO or SimPO (no reward model)"),
+    "dpo": ("lowrank.cli.dpo", "optimise the SFT policy on preference pairs with DPO, IPO, SimPO or ORPO (no reward model)"),
     "merge": ("lowrank.cli.merge", "merge adapters into the base and write a Hugging Face dir"),
     "export": ("lowrank.cli.export", "write GGUF files for llama.cpp"),
     "verify": ("lowrank.cli.verify", "check a GGUF file against the Hugging Face model it came from"),
