@@ -142,8 +142,9 @@ def _load(source: str, split: str) -> tuple[list[dict], list[str]]:
         if len(records) != len(parsed):
             records = parsed
         return records, wheres
+    name, _, subset = source.partition(":")  # "openai/gsm8k:main": a dataset with named configurations
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(name, subset or None, split=split)
     except Exception as error:
         raise UserError(f"could not load dataset '{source}' (split '{split}') from the Hugging Face hub: "
                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
@@ -497,8 +498,9 @@ class PromptRow:
 _PROMPT_FIELDS = ("prompt", "messages")
 
 
-def load_prompt_rows(source: str) -> list[PromptRow]:
-    """Each record's prompt (``prompt``: a string or messages, else ``messages``) and its other fields.
+def load_prompt_rows(source: str, prompt_field: str = "") -> list[PromptRow]:
+    """Each record's prompt (``prompt``: a string or messages, else ``messages``; or ``prompt_field``,
+    e.g. GSM8K's "question") and its other fields.
 
     ``fields`` holds every key except ``prompt`` and ``messages``; a null value counts as absent
     and is left out, because ``datasets`` gives a field that only some records have to every
@@ -507,10 +509,11 @@ def load_prompt_rows(source: str) -> list[PromptRow]:
     records, wheres = load_records_with_locations(source)
     rows = []
     for record, where in zip(records, wheres):
-        field = next((f for f in _PROMPT_FIELDS if record.get(f) is not None), None)
+        names = (prompt_field,) if prompt_field else _PROMPT_FIELDS
+        field = next((f for f in names if record.get(f) is not None), None)
         if field is None:
-            raise UserError(f"{where}: no 'prompt' or 'messages' field")
-        fields = {key: value for key, value in record.items() if key not in _PROMPT_FIELDS and value is not None}
+            raise UserError(f"{where}: no {' or '.join(repr(n) for n in names)} field")
+        fields = {key: value for key, value in record.items() if key not in names and value is not None}
         rows.append(PromptRow(_prompt_messages(record[field], where, field), fields, where))
     return rows
 

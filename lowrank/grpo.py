@@ -57,8 +57,11 @@ class GRPOConfig:
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
     sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: initial policy and the reference"})
-    prompts: str = field(default="", metadata={"help": "prompts file (JSON/JSONL): `prompt` or `messages`, plus any "
-                                                       "fields the reward functions read (e.g. `answer`)"})
+    prompts: str = field(default="", metadata={"help": "prompts: JSON/JSONL file or hub dataset (name:config), each "
+                                                       "record a `prompt` or `messages` plus the fields the reward "
+                                                       "functions read (e.g. `answer`)"})
+    prompt_field: str = field(default="", metadata={"help": "field of the prompt in each record (default: prompt "
+                                                            "or messages; e.g. question for GSM8K)"})
     output_dir: str = field(default="", metadata={"help": "where the policy adapter is written"})
     quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
                                                          "adapter was trained on)"})
@@ -202,7 +205,7 @@ def _load_inputs(config: GRPOConfig):
         config.quant = (sft_meta or reward_meta or {}).get("config", {}).get("quant") or "nf4"
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
-    rows = load_prompt_rows(config.prompts)
+    rows = load_prompt_rows(config.prompts, config.prompt_field)
     ids = tokenize_prompts(tokenizer, template, [row.prompt_messages for row in rows], source=config.prompts,
                            max_new_tokens=config.max_new_tokens, context=context_length(model_path))
     prompts = Prompts(ids, [prompt_text(row.prompt_messages) for row in rows], [row.fields for row in rows])

@@ -375,3 +375,15 @@ def test_prompt_rows_refuse_a_record_without_a_prompt(tmp_path):
                                                                          {"role": "assistant", "content": "Hello"}]}])
     with pytest.raises(UserError, match=r"r\.jsonl line 1: the prompt in 'messages' ends with an assistant message"):
         load_prompt_rows(ends_with_reply)
+
+
+def test_prompt_rows_read_a_named_prompt_field_and_keep_the_rest(tmp_path):
+    from lowrank.data import load_prompt_rows
+
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    (row,) = load_prompt_rows(str(path), prompt_field="question")
+    assert row.prompt_messages == [{"role": "user", "content": "What is 2 + 3?"}]
+    assert row.fields == {"answer": "2 + 3 = 5\n#### 5"}
+    with pytest.raises(UserError, match="line 1: no 'prompt' or 'messages' field"):
+        load_prompt_rows(str(path))
