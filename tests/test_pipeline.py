@@ -419,10 +419,31 @@ def test_without_a_recipe_tiny_models_run_the_default_stages_short(tmp_path):
 
 def test_shipped_recipes_are_valid(tmp_path):
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-    assert {r.name for r in recipes} >= {"demo.yaml", "llama2-7b-qlora.yaml", "llama2-7b-int8.yaml"}
+    assert {r.name for r in recipes} >= {"demo.yaml", "demo-grpo.yaml", "demo-dpo.yaml", "llama2-7b-qlora.yaml",
+                                         "llama2-7b-int8.yaml", "llama2-7b-dpo.yaml", "llama2-7b-grpo-gsm8k.yaml"}
     for recipe in recipes:
         _, configs = _configs(tmp_path, recipe.read_text())
         assert list(configs)[-3:] == ["merge", "export", "verify"], recipe.name
+        if "grpo" in configs:  # what the pipeline checks before any stage starts
+            from lowrank.grpo import check_config
+            from lowrank.rewards import load_reward_function
+
+            check_config(configs["grpo"])
+            assert configs["grpo"].rewards and all(load_reward_function(r) for r in configs["grpo"].rewards)
+        policy = [name for name in ("grpo", "dpo", "ppo", "sft") if name in configs][0]
+        assert configs["merge"].adapters == [str(tmp_path / "run" / policy)], recipe.name
+
+
+def test_rl_recipes_wire_their_data(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    _, configs = _configs(tmp_path, (root / "llama2-7b-grpo-gsm8k.yaml").read_text())
+    grpo = configs["grpo"]
+    assert (grpo.prompts, grpo.prompt_field, grpo.rewards) == ("openai/gsm8k:main", "question", ["numeric"])
+    assert grpo.sft_adapter == str(tmp_path / "run" / "sft") and grpo.gradient_checkpointing
+    _, configs = _configs(tmp_path, (root / "llama2-7b-dpo.yaml").read_text())
+    assert configs["dpo"].pairs == "trl-lib/ultrafeedback_binarized" and configs["dpo"].loss == "sigmoid"
+    _, configs = _configs(tmp_path, (root / "demo-grpo.yaml").read_text())
+    assert configs["grpo"].rewards == ["exact"] and configs["grpo"].prompts == str(tmp_path / "run" / "task" / "prompts.jsonl")
 
 
 # --- dpo and grpo stages ----------------------------------------------------------------------------
