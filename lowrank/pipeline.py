@@ -32,9 +32,9 @@ pretrain/, sft/, ppo/, dpo/, grpo/, and task/ for the base when there is no pret
 
 ppo, dpo and grpo each start from the SFT adapter (their reference), not from one another, so a
 recipe can run them side by side and the table compares each with SFT; merge takes the last one
-listed. grpo reads the reward model of a reward stage when the recipe has one (its
-reward_adapter_weight 0 leaves it out) and, with a task stage and no ``rewards`` of its own, the
-task's checker ("exact": the answer field of each prompt).
+listed. grpo reads the reward model of a reward stage only when its fields give a non-zero
+reward_adapter_weight and, with a task stage and no ``rewards`` of its own, scores with the task's
+checker ("exact": the answer field of each prompt).
 
 A second run skips a stage whose output is finished (its marker, written last, is there) and whose
 recorded settings are today's. A stage without its marker (interrupted) runs again, from its newest
@@ -316,7 +316,7 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
         if name == "task":
             values.setdefault("seed", config.seed)
         if name == "grpo":
-            if values.get("reward_adapter_weight") == 0:
+            if not fields.get("reward_adapter_weight"):  # the reward model only when the recipe weighs it in
                 values.pop("reward_adapter", None)
             if has_task and not values.get("rewards"):
                 values["rewards"] = ["exact"]  # the task's checker: each prompt record carries its answer

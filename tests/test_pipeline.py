@@ -485,13 +485,12 @@ def test_dpo_and_grpo_stages_start_from_sft_and_report_accuracy_and_kl(tmp_path)
     assert f"mean reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} (first / last 1 of 2 steps)" in table
 
 
-def test_grpo_stage_reads_the_reward_model_of_a_reward_stage_unless_its_weight_is_zero(tmp_path):
+def test_grpo_stage_reads_the_reward_model_of_a_reward_stage_only_when_weighed_in(tmp_path):
     stages = "  - sft: {}\n  - reward: {}\n  - grpo: {%s}\n"
     _, configs = _configs(tmp_path, "stages:\n" + stages % "rewards: [numeric]")
-    run = tmp_path / "run"
-    assert (configs["grpo"].reward_adapter, configs["grpo"].rewards) == (str(run / "reward"), ["numeric"])
-    _, configs = _configs(tmp_path, "stages:\n" + stages % "reward_adapter_weight: 0, rewards: [exact]")
-    assert configs["grpo"].reward_adapter == ""
+    assert (configs["grpo"].reward_adapter, configs["grpo"].rewards) == ("", ["numeric"])
+    _, configs = _configs(tmp_path, "stages:\n" + stages % "reward_adapter_weight: 0.5, rewards: [exact]")
+    assert configs["grpo"].reward_adapter == str(tmp_path / "run" / "reward")
 
 
 def test_grpo_without_any_reward_is_refused_before_training(tmp_path, capsys):
