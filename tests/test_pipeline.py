@@ -280,7 +280,7 @@ def test_missing_recipe_file_is_a_one_line_error(tmp_path, capsys):
 def test_unknown_stage_is_refused(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - rewrd: {}\n")
     assert message == (f"{tmp_path / 'recipe.yaml'}: stage 2: unknown stage 'rewrd' (did you mean 'reward'?); "
-                       "stages are task, pretrain, sft, reward, ppo, merge, export, verify")
+                       "stages are task, pretrain, sft, reward, ppo, dpo, grpo, merge, export, verify")
 
 
 def test_unknown_field_of_a_stage_is_refused(tmp_path, capsys):
@@ -302,7 +302,7 @@ def test_unknown_top_level_field_is_refused(tmp_path, capsys):
 def test_stage_out_of_order_is_refused(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - reward: {}\n  - sft: {}\n")
     assert message == (f"{tmp_path / 'recipe.yaml'}: stage 'sft' comes after 'reward'; stages run in the order "
-                       "task -> pretrain -> sft -> reward -> ppo -> merge -> export -> verify")
+                       "task -> pretrain -> sft -> reward -> ppo -> dpo -> grpo -> merge -> export -> verify")
 
 
 def test_stage_listed_twice_is_refused(tmp_path, capsys):

@@ -59,9 +59,9 @@ def check_inputs(config, stages) -> None:
         if value and looks_local and not Path(value).expanduser().is_file():
             raise UserError(f"{flag} {value}: file not found")
     for stage in stages:
+        if stage.name == "export":
+            parse_types(stage.config.type)
         try:
-            if stage.name == "export":
-                parse_types(stage.config.type)
             if stage.name == "grpo":
                 from lowrank.grpo import check_config
                 from lowrank.rewards import load_reward_function
