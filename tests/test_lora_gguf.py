@@ -49,7 +49,8 @@ def test_lora_gguf_on_base_gguf_equals_merged_gguf(tiny_model_factory, tmp_path,
     # 2e-7..3e-4. 1e-3 is far below what the adapter changes (> 0.8) or a wrong q/k row order gives (0.78).
     assert gap["adapter_effect"] > 0.05, gap
     assert gap["max_abs_diff"] < 1e-3, gap
-    # And the merged GGUF is the merged model (fp32 CPU kernels differ in summation order: 1e-3 abs).
+    # And the merged GGUF is the merged model (fp32 CPU kernels differ in summation order: up to 1.6e-3
+    # abs measured under a loaded 2-core run, 2026-12-05; a wrong q/k layout gives 0.78).
     from transformers import AutoModelForCausalLM
 
     from lowrank.export.llama import gguf_logits, load_llama
@@ -60,7 +61,7 @@ def test_lora_gguf_on_base_gguf_equals_merged_gguf(tiny_model_factory, tmp_path,
     llm = load_llama(merged_gguf, n_ctx=64, n_threads=1)
     merged_logits = gguf_logits(llm, TOKENS)
     llm.close()
-    assert np.abs(hf_logits - merged_logits).max() < 1e-3
+    assert np.abs(hf_logits - merged_logits).max() < 5e-3
 
 
 def test_lora_gguf_metadata_and_layout(tiny_spm, tmp_path):
