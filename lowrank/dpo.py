@@ -342,15 +342,14 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
     evaluation); the same dicts go to metrics.jsonl, where a record with step 0 holds the
     held-out figures before training.
     """
-    from accelerate import Accelerator
 
     from lowrank.models import load_base_model, lora_config, model_digest
     from lowrank.reward import _split
     from lowrank.roles import build_roles, trainable_parameters
-    from lowrank.sft import BatchStream, _multi_cpu
+    from lowrank.sft import BatchStream
 
     model_path, tokenizer, (template_name, template), examples, _ = _load_inputs(config)
-    accelerator = Accelerator(cpu=_multi_cpu())
+    accelerator = train.make_accelerator()
     micro_per_step = config.batch_size // config.micro_batch_size
     if micro_per_step % accelerator.num_processes:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "

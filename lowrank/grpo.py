@@ -43,7 +43,7 @@ import torch
 from lowrank import rl
 from lowrank.errors import UserError
 from lowrank.roles import POLICY, REFERENCE, REWARD, use_role
-from lowrank.rollout import (check_reward_accuracy, context_length, decode_responses, length_alarm,
+from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
                              response_logprobs, sample, seeded_prompt_order, tokenize_prompts)
 
 log = logging.getLogger(__name__)
@@ -173,38 +173,14 @@ def _load_inputs(config: GRPOConfig):
     SFT lowrank.json or None).
     """
     from lowrank.data import load_prompt_rows
-    from lowrank.models import QUANT_CHOICES, load_tokenizer
-    from lowrank.reward import check_adapter_base
     from lowrank.rewards import check_weights, load_reward_function, prompt_text
-    from lowrank.templates import resolve_template
-    from lowrank.tiny import resolve_model_name
 
     check_config(config)
     weights = check_weights(config.rewards, [_number(w, "reward_weights") for w in config.reward_weights])
     functions = [load_reward_function(spec) for spec in config.rewards]
     if not math.isfinite(config.reward_adapter_weight):
         raise UserError(f"--reward-adapter-weight must be a finite number (got {config.reward_adapter_weight})")
-    sft_meta = reward_meta = None
-    if config.sft_adapter:
-        if not Path(config.sft_adapter).is_dir():
-            raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
-                            "`lowrank sft` (or leave --sft-adapter out to start from the base)")
-        sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft")
-    if config.reward_adapter:
-        if not Path(config.reward_adapter).is_dir():
-            raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
-                            "of `lowrank reward`")
-        reward_meta = check_adapter_base(config.reward_adapter, config.model, stage="reward")
-        check_reward_accuracy(reward_meta, config.reward_adapter, config.min_reward_accuracy,
-                              config.refuse_weak_reward, log)
-    model_path = resolve_model_name(config.model)
-    tokenizer = load_tokenizer(model_path)
-    recorded = (sft_meta or reward_meta or {}).get("chat_template")
-    template_name, template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
-    if config.quant == "auto":  # the base as the adapters saw it in training
-        config.quant = (sft_meta or reward_meta or {}).get("config", {}).get("quant") or "nf4"
-    if config.quant not in QUANT_CHOICES:
-        raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
+    model_path, tokenizer, (template_name, template), sft_meta, _ = load_policy_inputs(config, log)
     rows = load_prompt_rows(config.prompts, config.prompt_field)
     ids = tokenize_prompts(tokenizer, template, [row.prompt_messages for row in rows], source=config.prompts,
                            max_new_tokens=config.max_new_tokens, context=context_length(model_path))

@@ -31,7 +31,7 @@ from lowrank import rl
 from lowrank.errors import UserError
 from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
 from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
-                             check_reward_accuracy, length_alarm, response_mask, sample,
+                             length_alarm, load_policy_inputs, response_mask, sample,
                              seeded_prompt_order, tokenize_prompts)
 
 log = logging.getLogger(__name__)
@@ -246,41 +246,13 @@ def _load_inputs(config: PPOConfig):
     Returns (model path, tokenizer, (template name, jinja), prompt token ids, SFT lowrank.json or None).
     """
     from lowrank.data import load_prompts
-    from lowrank.models import QUANT_CHOICES, load_tokenizer
-    from lowrank.reward import check_adapter_base
-    from lowrank.templates import resolve_template
-    from lowrank.tiny import resolve_model_name
 
     for name in ("reward_adapter", "prompts", "output_dir"):
         if not getattr(config, name):
             raise UserError(f"no {name.replace('_', ' ')}: give --{name.replace('_', '-')}")
     if config.minibatch_size < 1 or config.rollout_batch_size < config.minibatch_size:
         raise UserError("--minibatch-size must be at least 1 and at most --rollout-batch-size")
-    sft_meta = None
-    if config.sft_adapter:
-        if not Path(config.sft_adapter).is_dir():
-            raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
-                            "`lowrank sft` (or leave --sft-adapter out to start from the base)")
-        sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft")
-    if not Path(config.reward_adapter).is_dir():
-        raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
-                        "of `lowrank reward`")
-    reward_meta = check_adapter_base(config.reward_adapter, config.model, stage="reward")
-    check_reward_accuracy(reward_meta, config.reward_adapter, config.min_reward_accuracy, config.refuse_weak_reward,
-                          log)
-    model_path = resolve_model_name(config.model)
-    tokenizer = load_tokenizer(model_path)
-    recorded = (sft_meta or reward_meta).get("chat_template")
-    if sft_meta and reward_meta.get("chat_template") and recorded and \
-            reward_meta["chat_template"].get("jinja") != recorded.get("jinja"):
-        log.warning("the reward adapter was trained with chat template '%s', the SFT adapter with '%s': "
-                    "rollouts use the SFT one, so scores may be off", reward_meta["chat_template"].get("name"),
-                    recorded.get("name"))
-    template_name, template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
-    if config.quant == "auto":  # the base as the adapters saw it in training
-        config.quant = (sft_meta or reward_meta).get("config", {}).get("quant") or "nf4"
-    if config.quant not in QUANT_CHOICES:
-        raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
+    model_path, tokenizer, (template_name, template), sft_meta, _ = load_policy_inputs(config, log)
     prompt_ids = tokenize_prompts(tokenizer, template, load_prompts(config.prompts), source=config.prompts,
                                   max_new_tokens=config.max_new_tokens, context=context_length(model_path))
     return model_path, tokenizer, (template_name, template), prompt_ids, sft_meta

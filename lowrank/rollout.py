@@ -209,3 +209,46 @@ def check_reward_accuracy(reward_meta: dict, adapter: str | Path, threshold: flo
         if refuse:
             raise UserError(message + "; train a better reward model, or lower --min-reward-accuracy")
         log.warning("WARNING: %s. Pass --refuse-weak-reward to stop instead.", message)
+
+
+def load_policy_inputs(config, log):
+    """What PPO and GRPO check and resolve alike before anything loads, from their shared fields
+    (model, sft_adapter, reward_adapter, quant, min_reward_accuracy, refuse_weak_reward).
+
+    Each adapter dir must exist and be trained on ``config.model``; a reward adapter's recorded
+    accuracy is checked. The chat template is the SFT adapter's (else the reward adapter's, else
+    the tokenizer's) and ``config.quant`` "auto" becomes what the adapters were trained on.
+    Returns (model path, tokenizer, (template name, jinja), SFT lowrank.json or None, reward's or None).
+    """
+    from lowrank.models import QUANT_CHOICES, load_tokenizer
+    from lowrank.reward import check_adapter_base
+    from lowrank.templates import resolve_template
+    from lowrank.tiny import resolve_model_name
+
+    sft_meta = reward_meta = None
+    if config.sft_adapter:
+        if not Path(config.sft_adapter).is_dir():
+            raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
+                            "`lowrank sft` (or leave --sft-adapter out to start from the base)")
+        sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft")
+    if config.reward_adapter:
+        if not Path(config.reward_adapter).is_dir():
+            raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
+                            "of `lowrank reward`")
+        reward_meta = check_adapter_base(config.reward_adapter, config.model, stage="reward")
+        check_reward_accuracy(reward_meta, config.reward_adapter, config.min_reward_accuracy,
+                              config.refuse_weak_reward, log)
+    model_path = resolve_model_name(config.model)
+    tokenizer = load_tokenizer(model_path)
+    recorded = (sft_meta or reward_meta or {}).get("chat_template")
+    if sft_meta and reward_meta and reward_meta.get("chat_template") and recorded and \
+            reward_meta["chat_template"].get("jinja") != recorded.get("jinja"):
+        log.warning("the reward adapter was trained with chat template '%s', the SFT adapter with '%s': "
+                    "rollouts use the SFT one, so scores may be off", reward_meta["chat_template"].get("name"),
+                    recorded.get("name"))
+    template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
+    if config.quant == "auto":  # the base as the adapters saw it in training
+        config.quant = (sft_meta or reward_meta or {}).get("config", {}).get("quant") or "nf4"
+    if config.quant not in QUANT_CHOICES:
+        raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
+    return model_path, tokenizer, template, sft_meta, reward_meta

@@ -164,9 +164,6 @@ def evaluate(accelerator, model, rows: list[dict], batch_size: int, pad_id: int)
     return loss_sum / max(1.0, tokens)
 
 
-_multi_cpu = train.multi_cpu  # the old name, still imported by other stages
-
-
 def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) -> Path:
     """Train a LoRA adapter as configured; write it (PEFT dir + lowrank.json) to ``config.output_dir``.
 
