@@ -711,7 +711,8 @@ def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -
     if sft_adapter:
         settings.update(_adapter_shape(sft_adapter))
     if stage == "ppo":
-        settings.update(ppo_rollout_batch=get("rollout_batch_size", 8), ppo_minibatch=get("minibatch_size", 4),
+        settings.update(ppo_rollout_batch=get("rollout_batch_size", 8) * get("samples_per_prompt", 1),
+                        ppo_minibatch=get("minibatch_size", 4),
                         ppo_new_tokens=get("max_new_tokens", 256), ppo_prompt_len=prompt_len or 256,
                         ppo_reference_adapter=bool(sft_adapter))
         return settings

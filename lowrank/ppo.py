@@ -64,6 +64,16 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages per rollout batch"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "responses sampled per prompt; each rollout batch "
+                                                                  "holds rollout_batch_size x this"})
+    score_baseline: str = field(default="none", metadata={"help": "subtract from each score a baseline of its prompt: "
+                                                               "none, or loo (the mean score of the prompt's other "
+                                                               "responses; needs --samples-per-prompt >= 2)"})
+    value_head: str = field(default="zero", metadata={"help": "how the value role's head starts: zero (values 0; "
+                                                            "the LoRA still from the reward model) or reward (the "
+                                                            "reward model's head, as InstructGPT)"})
+    value_warmup_steps: int = field(default=0, metadata={"help": "first steps that train only the value role, the "
+                                                                 "policy frozen (counted in --steps)"})
     score_clip: float = field(default=0.0, metadata={"help": "clip reward-model scores to +-this (0: off)"})
     missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of a response "
                                                                       "that hits --max-new-tokens unfinished"})
@@ -157,17 +167,24 @@ def penalised_scores(rollout: Rollout, config: PPOConfig) -> torch.Tensor:
 
 
 def token_rewards(rollout: Rollout, kl_coef: float, config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards, kl) per token: -kl_coef * KL everywhere, plus the (penalised) score on the last response token."""
+    """(rewards, kl) per token: -kl_coef * KL everywhere, plus the (penalised) score, less its
+    prompt's baseline (``score_baseline``), on the last response token."""
     kl = rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, config.kl_estimator) * rollout.mask
     rewards = -kl_coef * kl
     last = rollout.mask.sum(1).clamp(min=1) - 1  # index of the last response token of each row
-    rewards[torch.arange(len(last)), last] += penalised_scores(rollout, config)
+    scores = penalised_scores(rollout, config)
+    if config.score_baseline == "loo":
+        scores = rl.leave_one_out(scores, config.samples_per_prompt)
+    rewards[torch.arange(len(last)), last] += scores
     return rewards, kl
 
 
 def ppo_update(model, optimizer, parameters, rollout: Rollout, advantages, returns, config: PPOConfig,
-               generator: torch.Generator) -> dict:
-    """``ppo_epochs`` passes of clipped policy and value losses over shuffled minibatches; mean stats."""
+               generator: torch.Generator, train_policy: bool = True) -> dict:
+    """``ppo_epochs`` passes of clipped policy and value losses over shuffled minibatches; mean stats.
+
+    With ``train_policy`` False (value warm-up) the policy loss is measured but not backpropagated.
+    """
     model.train()
     stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "value_clip_fraction": [], "entropy": [],
              "approx_kl": []}
@@ -186,7 +203,8 @@ def ppo_update(model, optimizer, parameters, rollout: Rollout, advantages, retur
                                                       temperature=config.temperature)
                 policy_loss, clip_fraction = rl.ppo_policy_loss(logprobs, rollout.old_logprobs[rows],
                                                                 advantages[rows], mask, config.cliprange)
-                policy_loss.backward()
+                if train_policy:
+                    policy_loss.backward()
             with use_role(model, VALUE):
                 values = response_values(model, input_ids, attention_mask, length)
                 value_loss, value_clip = rl.ppo_value_loss(values, rollout.values[rows], returns[rows], mask,
@@ -207,7 +225,7 @@ def ppo_update(model, optimizer, parameters, rollout: Rollout, advantages, retur
 
 
 def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, config: PPOConfig,
-             generator: torch.Generator) -> dict:
+             generator: torch.Generator, train_policy: bool = True) -> dict:
     """Rewards, GAE, whitening and the PPO update for one rollout batch; the step's metrics.
 
     "kl" is the k3 estimate of KL(policy || reference) per response, in nats: non-negative
@@ -218,7 +236,7 @@ def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, conf
     advantages, returns = rl.compute_gae(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     if config.whiten_advantages and rollout.mask.sum() > 1:
         advantages = rl.masked_whiten(advantages, rollout.mask)
-    update = ppo_update(model, optimizer, parameters, rollout, advantages, returns, config, generator)
+    update = ppo_update(model, optimizer, parameters, rollout, advantages, returns, config, generator, train_policy)
     kl = (rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, "k3") * rollout.mask).sum(1).mean().item()
     record = {
         "score": rollout.scores.mean().item(),
@@ -250,8 +268,22 @@ def _load_inputs(config: PPOConfig):
     for name in ("reward_adapter", "prompts", "output_dir"):
         if not getattr(config, name):
             raise UserError(f"no {name.replace('_', ' ')}: give --{name.replace('_', '-')}")
-    if config.minibatch_size < 1 or config.rollout_batch_size < config.minibatch_size:
-        raise UserError("--minibatch-size must be at least 1 and at most --rollout-batch-size")
+    rollouts = config.rollout_batch_size * config.samples_per_prompt
+    if config.samples_per_prompt < 1:
+        raise UserError(f"--samples-per-prompt must be at least 1, got {config.samples_per_prompt}")
+    if config.minibatch_size < 1 or rollouts < config.minibatch_size:
+        raise UserError(f"--minibatch-size must be at least 1 and at most the rollouts per step ({rollouts}: "
+                        "--rollout-batch-size x --samples-per-prompt)")
+    if config.score_baseline not in ("none", "loo"):
+        raise UserError(f"--score-baseline must be none or loo, got {config.score_baseline!r}")
+    if config.score_baseline == "loo" and config.samples_per_prompt < 2:
+        raise UserError("--score-baseline loo needs --samples-per-prompt of at least 2 (the other responses "
+                        "to a prompt are its baseline)")
+    if config.value_head not in ("zero", "reward"):
+        raise UserError(f"--value-head must be zero or reward, got {config.value_head!r}")
+    if not 0 <= config.value_warmup_steps < config.steps:
+        raise UserError(f"--value-warmup-steps must be at least 0 and below --steps ({config.steps}), "
+                        f"got {config.value_warmup_steps}")
     model_path, tokenizer, (template_name, template), sft_meta, _ = load_policy_inputs(config, log)
     prompt_ids = tokenize_prompts(tokenizer, template, load_prompts(config.prompts), source=config.prompts,
                                   max_new_tokens=config.max_new_tokens, context=context_length(model_path))
@@ -269,7 +301,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     from lowrank import plan, train
     from lowrank.config import config_to_dict
     from lowrank.models import load_base_model, lora_config, model_digest
-    from lowrank.roles import build_roles, trainable_parameters
+    from lowrank.roles import build_roles, trainable_parameters, zero_value_head
     from lowrank.templates import stop_token_ids
 
     model_path, tokenizer, (template_name, template), prompt_ids, sft_meta = _load_inputs(config)
@@ -285,6 +317,8 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     policy_lora = None if config.sft_adapter else lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=0.0)
     model = build_roles(base, reward_adapter=config.reward_adapter, sft_adapter=config.sft_adapter or None,
                         policy_lora_config=policy_lora)
+    if config.value_head == "zero":  # a resumed run loads its trained head over this
+        zero_value_head(model)
     groups = trainable_parameters(model)
     parameters = groups[POLICY] + groups[VALUE]  # the only parameters with optimizer state
     optimizer = train.build_optimizer(parameters, config.learning_rate, paged=config.quant != "none")
@@ -308,9 +342,11 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         torch.manual_seed(config.seed * 100003 + step)  # sampling is reproducible per step, also on resume
         generator.manual_seed(config.seed * 100003 + step)
         batch = [prompt_ids[next(order)] for _ in range(config.rollout_batch_size)]
+        batch = [ids for ids in batch for _ in range(config.samples_per_prompt)]  # a prompt's responses side by side
         rollout = collect_rollout(model, batch, config, stop_ids, pad_id, device)
+        train_policy = step > config.value_warmup_steps
         record = {"step": step, "max_steps": config.steps,
-                  **ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator),
+                  **ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator, train_policy),
                   "samples": samples_for_log(tokenizer, rollout, config.log_samples)}
         scheduler.step()
         lengths.append(record["response_length"])

@@ -336,6 +336,9 @@ class RewardConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    center_rewards: float = field(default=0.0, metadata={"help": "weight of the centring term mean((r_chosen + "
+                                                                 "r_rejected)^2) (Eisenstein et al. 2023; 0: off): "
+                                                                 "scores comparable across prompts, as PPO needs"})
     optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
     batch_size: int = field(default=8, metadata={"help": "preference pairs per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -409,25 +412,50 @@ def pair_rewards(model, examples: list[dict], pad_id: int, device=None) -> tuple
     return rewards[: len(examples)], rewards[len(examples):]
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       center: float = 0.0) -> torch.Tensor:
     """Per-pair -log sigmoid(r_chosen - r_rejected), shape (batch,): the Bradley-Terry negative log-likelihood
-    that the chosen response is preferred (InstructGPT eq. 1). logsigmoid is the stable form."""
-    return -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards)
+    that the chosen response is preferred (InstructGPT eq. 1). logsigmoid is the stable form.
+
+    The loss sees only differences, so each prompt's scores may carry an offset of their own; PPO
+    compares scores across prompts, where those offsets are noise. ``center`` > 0 adds
+    center * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023, "Helping or Herding?"), which pulls
+    each pair's mean score to 0 and so puts every prompt on one scale.
+    """
+    loss = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards)
+    if center:
+        loss = loss + center * (chosen_rewards + rejected_rewards) ** 2
+    return loss
+
+
+def cross_prompt_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """Share of (chosen of pair i, rejected of pair j) over all i, j with r_chosen_i > r_rejected_j.
+
+    Pairwise accuracy (i = j) is what the Bradley-Terry loss trains; this is what an RL stage with
+    one baseline for a whole batch of prompts relies on: a right answer to one prompt scoring above a
+    wrong answer to another. Per-prompt offsets pull it toward 0.5 while pairwise accuracy stays high.
+    """
+    return (chosen_rewards[:, None] > rejected_rewards[None, :]).float().mean().item()
 
 
 @torch.no_grad()
 def evaluate_pairs(model, examples: list[dict], pad_id: int, batch_size: int, device=None) -> dict:
-    """Pairwise accuracy (share with r_chosen > r_rejected), mean margin and loss over ``examples``."""
+    """Pairwise accuracy (share with r_chosen > r_rejected), mean margin, loss, cross-prompt accuracy
+    and the mean score over ``examples``."""
     was_training = model.training
     model.eval()
-    margins = []
+    chosen_parts, rejected_parts = [], []
     for start in range(0, len(examples), batch_size):
         chosen, rejected = pair_rewards(model, examples[start: start + batch_size], pad_id, device)
-        margins.append(chosen - rejected)
+        chosen_parts.append(chosen)
+        rejected_parts.append(rejected)
     model.train(was_training)
-    margin = torch.cat(margins)
+    chosen, rejected = torch.cat(chosen_parts).float(), torch.cat(rejected_parts).float()
+    margin = chosen - rejected
     return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
-            "loss": (-torch.nn.functional.logsigmoid(margin)).mean().item()}
+            "loss": (-torch.nn.functional.logsigmoid(margin)).mean().item(),
+            "cross_prompt_accuracy": cross_prompt_accuracy(chosen, rejected),
+            "score_mean": torch.cat([chosen, rejected]).mean().item()}
 
 
 def _split(examples: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -565,7 +593,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
             batch = [train_examples[i] for i in order[: config.batch_size]]
             del order[: config.batch_size]
             chosen, rejected = pair_rewards(model, batch, pad_id, device)
-            losses = bradley_terry_loss(chosen, rejected)
+            losses = bradley_terry_loss(chosen, rejected, config.center_rewards)
             # Normalise by the pairs of the whole optimizer step, not per micro-batch.
             (losses.sum() / pairs_per_step).backward()
             step_loss += losses.sum().item()

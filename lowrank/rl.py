@@ -84,6 +84,23 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score minus the mean of the other scores of its group (RLOO; Kool et al. 2019, Ahmadian
+    et al. 2024): consecutive runs of ``group_size`` rows are one prompt's responses.
+
+    A baseline that depends only on the prompt leaves the policy gradient unbiased and removes what
+    the reward model adds per prompt, offsets a batch-wide baseline cannot see; excluding the score
+    itself keeps the baseline independent of the sample it judges.
+    """
+    if group_size < 2:
+        raise ValueError(f"a leave-one-out baseline needs groups of at least 2, got {group_size}")
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view_as(scores)
+
+
 def kl_penalty(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from log-probs of the sampled tokens.
 

@@ -89,6 +89,22 @@ def use_role(model, role: str) -> Iterator[None]:
         check_frozen(model)
 
 
+def zero_value_head(model) -> None:
+    """Set the value role's copy of the score head to zero, so that every value starts at 0.
+
+    The reward model's head reads scores with offsets of their own per prompt, and it never saw a
+    partial response: as a value function it explains less than a constant (explained variance
+    from -6 to -40 on the demo), and GAE passes its errors straight into the advantages. The value
+    adapter keeps the reward model's LoRA (its features); only the head starts from scratch.
+    """
+    import torch
+
+    head = model.get_base_model().score.modules_to_save[VALUE]
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.zero_()
+
+
 def trainable_parameters(model) -> dict[str, list[nn.Parameter]]:
     """The parameters of the policy and of the value adapter: the only ones given optimizer state."""
     groups: dict[str, list[nn.Parameter]] = {POLICY: [], VALUE: []}

@@ -226,6 +226,93 @@ def _run_cli(task, tmp_path, capsys, **changes):
     return code, err
 
 
+def test_value_head_starts_at_zero_and_the_reward_head_is_untouched(task):
+    from lowrank import ppo
+    from lowrank.models import load_base_model
+    from lowrank.roles import build_roles, zero_value_head
+
+    config = _config(task, task["root"] / "unused")
+    model_path, tokenizer, (_, template), prompt_ids, _ = ppo._load_inputs(config)
+    model = build_roles(load_base_model(model_path, "none", gradient_checkpointing=False),
+                        reward_adapter=task["reward"], sft_adapter=task["sft"])
+    batch, stop_ids = prompt_ids[:4], stop_token_ids(tokenizer, template)
+    torch.manual_seed(5)
+    before = ppo.collect_rollout(model, batch, config, stop_ids, 2, "cpu")
+    assert before.values.abs().max() > 0.1  # the reward model's head, as InstructGPT starts it
+    zero_value_head(model)
+    torch.manual_seed(5)
+    after = ppo.collect_rollout(model, batch, config, stop_ids, 2, "cpu")
+    assert torch.equal(after.values, torch.zeros_like(after.values))
+    assert torch.equal(after.scores, before.scores)  # the reward role keeps its own head
+    assert torch.equal(after.responses, before.responses)
+
+
+def test_value_warmup_trains_the_value_role_and_leaves_the_policy_alone(task):
+    from lowrank import ppo
+    from lowrank.models import load_base_model
+    from lowrank.roles import build_roles, trainable_parameters
+
+    config = _config(task, task["root"] / "unused", rollout_batch_size=4, minibatch_size=4, ppo_epochs=1,
+                     learning_rate=1e-2)
+    model_path, tokenizer, (_, template), prompt_ids, _ = ppo._load_inputs(config)
+    model = build_roles(load_base_model(model_path, "none", gradient_checkpointing=False),
+                        reward_adapter=task["reward"], sft_adapter=task["sft"])
+    groups = trainable_parameters(model)
+    policy_before = [p.detach().clone() for p in groups["policy"]]
+    value_before = [p.detach().clone() for p in groups["value"]]
+    optimizer = torch.optim.AdamW(groups["policy"] + groups["value"], lr=config.learning_rate)
+    torch.manual_seed(0)
+    rollout = ppo.collect_rollout(model, prompt_ids[:4], config, stop_token_ids(tokenizer, template), 2, "cpu")
+    ppo.ppo_step(model, optimizer, groups["policy"] + groups["value"], rollout, ppo.make_kl_controller(config),
+                 config, torch.Generator().manual_seed(0), train_policy=False)
+    assert all(torch.equal(a, b) for a, b in zip(policy_before, groups["policy"]))
+    assert not all(torch.equal(a, b) for a, b in zip(value_before, groups["value"]))
+
+
+def test_loo_baseline_gives_each_prompt_responses_rewards_that_sum_to_zero(task, swapped):
+    from lowrank import ppo
+
+    _, _, rollout = swapped  # 8 responses, read as two groups of 4 (rows 0-3 and 4-7)
+    config = _config(task, task["root"] / "unused", samples_per_prompt=4, score_baseline="loo",
+                     init_kl_coef=0.0)
+    rewards, _ = ppo.token_rewards(rollout, 0.0, config)
+    per_response = rewards.sum(1)
+    assert per_response.view(2, 4).sum(1).tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
+    plain, _ = ppo.token_rewards(rollout, 0.0, _config(task, task["root"] / "unused", init_kl_coef=0.0))
+    assert torch.allclose(plain.sum(1), rollout.scores)
+
+
+def test_zero_samples_per_prompt_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--samples-per-prompt": "0"})
+    assert code == 2 and len(err) == 1 and "--samples-per-prompt must be at least 1" in err[0]
+
+
+def test_loo_baseline_with_one_sample_per_prompt_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--score-baseline": "loo"})
+    assert code == 2 and len(err) == 1 and "--samples-per-prompt of at least 2" in err[0]
+
+
+def test_unknown_score_baseline_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--score-baseline": "mean"})
+    assert code == 2 and len(err) == 1 and "--score-baseline must be none or loo" in err[0]
+
+
+def test_unknown_value_head_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--value-head": "random"})
+    assert code == 2 and len(err) == 1 and "--value-head must be zero or reward" in err[0]
+
+
+def test_value_warmup_as_long_as_the_run_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--value-warmup-steps": "1"})
+    assert code == 2 and len(err) == 1 and "--value-warmup-steps" in err[0] and "below --steps (1)" in err[0]
+
+
+def test_minibatch_larger_than_the_rollouts_of_a_step_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--rollout-batch-size": "2", "--samples-per-prompt": "2",
+                                                    "--minibatch-size": "5"})
+    assert code == 2 and len(err) == 1 and "rollouts per step (4" in err[0]
+
+
 def test_reward_adapter_of_another_base_is_refused(task, tiny_model_factory, tmp_path, capsys):
     import shutil
 

@@ -385,3 +385,22 @@ def test_explained_variance_by_hand():
 
 def test_explained_variance_of_constant_returns_is_nan():
     assert math.isnan(rl.explained_variance(X, torch.full_like(X, 3.0), MASK))
+
+
+def test_leave_one_out_subtracts_the_mean_of_the_other_responses_to_the_prompt():
+    # prompt 1: 1, 2, 6 -> 1 - 4, 2 - 3.5, 6 - 1.5; prompt 2: 0, 0, 3 -> -1.5, -1.5, 3
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    assert rl.leave_one_out(scores, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+
+
+def test_leave_one_out_removes_an_offset_shared_by_a_prompt():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    shifted = scores + torch.tensor([100.0, 100.0, -7.0, -7.0])  # each prompt's own offset
+    assert torch.allclose(rl.leave_one_out(shifted, 2), rl.leave_one_out(scores, 2))
+
+
+def test_leave_one_out_refuses_groups_of_one_and_ragged_batches():
+    with pytest.raises(ValueError, match="at least 2"):
+        rl.leave_one_out(torch.ones(4), 1)
+    with pytest.raises(ValueError, match="do not split"):
+        rl.leave_one_out(torch.ones(5), 2)
