@@ -324,9 +324,16 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict:
+    """Every RNG's state as tensors and plain numbers only, so that ``torch.load(weights_only=True)``
+    reads it back (numpy's state holds an ndarray, which would need pickle)."""
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -335,11 +342,33 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_checkpoint_file(path: Path) -> dict:
+    """torch.load without pickle (weights_only): a planted payload is refused, never run; a truncated
+    or foreign file is a one-line UserError naming it."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused: it holds Python objects beyond tensors and numbers, which lowrank "
+                        "never writes (loading it could run code); resume from another checkpoint or use "
+                        "--overwrite") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(f"{path}: unreadable checkpoint file ({reason}); resume from another checkpoint or use "
+                        "--overwrite") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a lowrank checkpoint file (holds {type(state).__name__}, not a dict)")
+    return state
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, scheduler,
@@ -394,7 +423,10 @@ def resume_checkpoint(out_dir) -> Path:
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns (step, extra)."""
-    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    state = _load_checkpoint_file(Path(path) / "state.pt")
+    missing = [key for key in ("step", "extra", "trainable", "optimizer", "scheduler") if key not in state]
+    if missing:
+        raise UserError(f"{Path(path) / 'state.pt'}: not a lowrank checkpoint (no {missing[0]!r})")
     params = dict(accelerator.unwrap_model(model).named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -406,7 +438,11 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> tup
     scheduler.load_state_dict(state["scheduler"])
     rng_file = Path(path) / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        rng_state = _load_checkpoint_file(rng_file)
+        try:
+            _set_rng_state(rng_state)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise UserError(f"{rng_file}: not an RNG state lowrank wrote ({type(e).__name__})") from None
     else:
         log.warning("%s: no RNG state for process %d (different process count); dropout will differ",
                     path, accelerator.process_index)

@@ -1,0 +1,133 @@
+"""Checkpoints are read without pickle: a planted payload is refused and never runs; a torn file is
+one line naming it. Checkpoints come from shared or downloaded run dirs, so they are untrusted input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowrank.cli import main
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _args(tiny_spm, data, out) -> list[str]:
+    return ["sft", "--model", str(tiny_spm), "--data", str(data), "--quant", "none", "--max-steps", "4",
+            "--save-every", "2", "--batch-size", "2", "--max-length", "128", "--lora-r", "4", "--eval-every", "0",
+            "--no-gradient-checkpointing", "--output-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_spm, tmp_path_factory):
+    """An sft run stopped at step 3, with its step-2 checkpoint."""
+    from lowrank.sft import SFTConfig, default_data, train_sft
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    data = root / "data.jsonl"
+    data.write_text("".join(Path(default_data()).read_text().splitlines(keepends=True)[:40]))
+
+    def stop_at_3(record):
+        if record["step"] == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_sft(SFTConfig(model=str(tiny_spm), data=str(data), quant="none", max_steps=4, save_every=2,
+                            batch_size=2, max_length=128, lora_r=4, eval_every=0, gradient_checkpointing=False,
+                            output_dir=str(root / "run")), on_step=stop_at_3)
+    assert (root / "run" / "checkpoints" / "step-2" / "state.pt").exists()
+    return {"run": root / "run", "data": data}
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _resume(tiny_spm, interrupted, tmp_path, capsys, plant) -> tuple[int, list[str], Path]:
+    run = tmp_path / "run"
+    shutil.copytree(interrupted["run"], run)
+    target = plant(run / "checkpoints" / "step-2")
+    capsys.readouterr()
+    code = main([*_args(tiny_spm, interrupted["data"], run), "--resume"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert not (run / "lowrank.json").exists()  # nothing that looks finished
+    # the model loads (one INFO line) before its checkpoint can be applied; the error is one line
+    errors = [line for line in err.strip().splitlines() if " INFO " not in line]
+    assert all(line.startswith("lowrank sft: error: ") for line in errors), errors
+    return code, errors, target
+
+
+def test_checkpoint_files_load_without_pickle(interrupted):
+    step = interrupted["run"] / "checkpoints" / "step-2"
+    state = torch.load(step / "state.pt", weights_only=True)
+    rng = torch.load(step / "rng-0.pt", weights_only=True)
+    assert state["step"] == 2 and state["trainable"]
+    assert set(rng) >= {"python", "numpy", "torch"}
+
+
+def test_pickle_payload_in_the_rng_file_is_refused_and_never_runs(tiny_spm, interrupted, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    def plant(step: Path) -> Path:
+        torch.save({"python": _Payload(marker)}, step / "rng-0.pt")
+        return step / "rng-0.pt"
+
+    code, err, target = _resume(tiny_spm, interrupted, tmp_path, capsys, plant)
+    assert not marker.exists()
+    assert code == 2 and len(err) == 1, err
+    assert str(target) in err[0] and "refused" in err[0]
+
+
+def test_pickle_payload_in_the_state_file_is_refused_and_never_runs(tiny_spm, interrupted, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    def plant(step: Path) -> Path:
+        torch.save({"step": 2, "extra": _Payload(marker)}, step / "state.pt")
+        return step / "state.pt"
+
+    code, err, target = _resume(tiny_spm, interrupted, tmp_path, capsys, plant)
+    assert not marker.exists()
+    assert code == 2 and len(err) == 1, err
+    assert str(target) in err[0] and "refused" in err[0]
+
+
+def test_truncated_state_file_is_a_one_line_error(tiny_spm, interrupted, tmp_path, capsys):
+    def plant(step: Path) -> Path:
+        data = (step / "state.pt").read_bytes()
+        (step / "state.pt").write_bytes(data[: len(data) // 2])
+        return step / "state.pt"
+
+    code, err, target = _resume(tiny_spm, interrupted, tmp_path, capsys, plant)
+    assert code == 2 and len(err) == 1, err
+    assert str(target) in err[0] and "unreadable checkpoint file" in err[0]
+
+
+def test_state_file_of_another_program_is_a_one_line_error(tiny_spm, interrupted, tmp_path, capsys):
+    def plant(step: Path) -> Path:
+        torch.save({"weights": torch.zeros(2)}, step / "state.pt")
+        return step / "state.pt"
+
+    code, err, target = _resume(tiny_spm, interrupted, tmp_path, capsys, plant)
+    assert code == 2 and len(err) == 1, err
+    assert str(target) in err[0] and "not a lowrank checkpoint" in err[0]
+
+
+def test_rng_file_of_another_program_is_a_one_line_error(tiny_spm, interrupted, tmp_path, capsys):
+    def plant(step: Path) -> Path:
+        torch.save({"python": 1, "numpy": 2, "torch": 3}, step / "rng-0.pt")
+        return step / "rng-0.pt"
+
+    code, err, target = _resume(tiny_spm, interrupted, tmp_path, capsys, plant)
+    assert code == 2 and len(err) == 1, err
+    assert str(target) in err[0] and "not an RNG state" in err[0]
