@@ -36,8 +36,9 @@ IGNORE_INDEX = -100  # label of a position that carries no loss (the transformer
 
 # --- output dir, seeds, digests ------------------------------------------------------------
 
-def check_output_dir(path, overwrite: bool) -> Path:
-    """Refuse an output dir that is a file, or that holds a finished run (unless ``overwrite``); touch nothing.
+def check_output_dir(path, overwrite: bool, *, resume: bool = False) -> Path:
+    """Refuse an output dir that is a file, that holds a finished run, or that holds the checkpoints of an
+    interrupted run (unless ``overwrite``, or ``resume`` for the latter); touch nothing.
 
     A stage calls this before its slow set-up (loading the model) and :func:`prepare_output_dir` after.
     """
@@ -47,6 +48,10 @@ def check_output_dir(path, overwrite: bool) -> Path:
     if (out / FINISHED_MARKER).exists() and not overwrite:
         raise UserError(f"{out}: already holds a finished run ({FINISHED_MARKER}); "
                         f"pass --overwrite to replace it or choose another --output-dir")
+    steps = list_checkpoints(out)
+    if steps and not (overwrite or resume):
+        raise UserError(f"{out}: holds an interrupted run (checkpoint of step {steps[-1]}); pass --resume to "
+                        "continue it, or --overwrite to discard it and start again")
     return out
 
 
@@ -57,7 +62,7 @@ def prepare_output_dir(path, overwrite: bool, *, resume: bool = False) -> Path:
     run is removed first, marker before the rest, so the dir never looks finished meanwhile.
     With ``resume`` the checkpoints and metrics of the interrupted run are kept.
     """
-    out = check_output_dir(path, overwrite)
+    out = check_output_dir(path, overwrite, resume=resume)
     if (out / FINISHED_MARKER).exists():
         (out / FINISHED_MARKER).unlink()
         shutil.rmtree(out)
@@ -415,6 +420,9 @@ def latest_checkpoint(out_dir) -> Path | None:
 def resume_checkpoint(out_dir) -> Path:
     """The newest checkpoint in ``out_dir`` for ``--resume``; UserError when there is none."""
     root = Path(out_dir).expanduser()
+    if (root / FINISHED_MARKER).exists():
+        raise UserError(f"--resume: the run in {root} is finished ({FINISHED_MARKER}); there is nothing to resume "
+                        "(--overwrite trains it again)")
     found = latest_checkpoint(root)
     if found is None:
         raise UserError(f"--resume: no checkpoint in {root / CHECKPOINTS}; run without --resume")

@@ -131,3 +131,61 @@ def test_rng_file_of_another_program_is_a_one_line_error(tiny_spm, interrupted, 
     code, err, target = _resume(tiny_spm, interrupted, tmp_path, capsys, plant)
     assert code == 2 and len(err) == 1, err
     assert str(target) in err[0] and "not an RNG state" in err[0]
+
+
+# --- interrupted runs are kept -----------------------------------------------------------------
+
+def _errors(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.strip().splitlines() if " INFO " not in line]
+
+
+def test_rerun_without_resume_keeps_the_checkpoints_and_names_both_flags(tiny_spm, interrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted["run"], run)
+    capsys.readouterr()
+    code = main(_args(tiny_spm, interrupted["data"], run))
+    errors = _errors(capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert "holds an interrupted run (checkpoint of step 2)" in errors[0]
+    assert "--resume" in errors[0] and "--overwrite" in errors[0]
+    assert (run / "checkpoints" / "step-2" / "state.pt").exists()  # nothing deleted
+
+
+def test_overwrite_discards_the_interrupted_run(tiny_spm, interrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted["run"], run)
+    assert main([*_args(tiny_spm, interrupted["data"], run), "--save-every", "0", "--overwrite"]) == 0
+    assert (run / "lowrank.json").exists() and not (run / "checkpoints").exists()
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(tiny_spm, interrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted["run"], run)
+    assert main([*_args(tiny_spm, interrupted["data"], run), "--resume"]) == 0
+    capsys.readouterr()
+    code = main([*_args(tiny_spm, interrupted["data"], run), "--resume"])
+    errors = _errors(capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert f"the run in {run} is finished" in errors[0] and "no checkpoint" not in errors[0]
+
+
+def test_ctrl_c_says_how_to_resume(tiny_spm, interrupted, tmp_path, capsys, monkeypatch):
+    from lowrank import train
+
+    real_step, calls = train.optimizer_step, []
+
+    def interrupt_on_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", interrupt_on_third_step)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    code = main(_args(tiny_spm, interrupted["data"], run))
+    errors = _errors(capsys)
+    assert code == 130 and len(errors) == 1, errors
+    assert errors[0] == f"lowrank sft: interrupted; add --resume to the same command to continue from step 2 ({run})"

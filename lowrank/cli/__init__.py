@@ -123,8 +123,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowrank {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lowrank {args.command}: interrupted", file=sys.stderr)
+        print(f"lowrank {args.command}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
+
+
+def _how_to_continue(args) -> str:
+    """What an interrupted command leaves behind, and the command that continues it."""
+    if args.command == "run":
+        return "run the same command again: finished stages are skipped and training resumes from its checkpoints"
+    if not hasattr(args, "resume"):
+        return "nothing was finished; run the command again"
+    out_dir = getattr(args, "output_dir", None)
+    if out_dir is None:  # given in a --config file
+        return "add --resume to the same command to continue from its newest checkpoint (--save-every writes them)"
+    from lowrank.train import list_checkpoints
+
+    steps = list_checkpoints(out_dir)
+    if not steps:
+        return f"no checkpoint was written in {out_dir} (--save-every N writes them); run again with --overwrite"
+    return f"add --resume to the same command to continue from step {steps[-1]} ({out_dir})"
 
 
 if __name__ == "__main__":
