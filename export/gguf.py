@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from lowrank import locks
 from lowrank.errors import UserError
 from lowrank.export import quants
 from lowrank.export import tensors as table
@@ -400,6 +401,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str] | s
     source = read_source(model_dir)
     vocab = load_gguf_vocab(source.model_dir, int(source.config["vocab_size"]), chat_template)
     out = Path(out_dir)
+    locks.hold(out)  # released by the CLI when the command ends (files are published one by one, atomically)
     out.mkdir(parents=True, exist_ok=True)
     stem = name or source.model_dir.resolve().name
     paths = {g.name: out / f"{stem}-{g.name}.gguf" for g in gtypes}

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import rl, train
+from lowrank import locks, rl, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.roles import POLICY, REFERENCE, use_role
@@ -458,4 +458,5 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         train.write_adapter(peft_model, out_dir, meta, adapter_name=POLICY)
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
     accelerator.wait_for_everyone()
+    locks.release(out_dir)  # the output is complete
     return out_dir

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import rl
+from lowrank import locks, rl
 from lowrank.errors import UserError
 from lowrank.roles import POLICY, REFERENCE, REWARD, use_role
 from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
@@ -454,4 +454,5 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta, adapter_name=POLICY)
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()
+    locks.release(out_dir)  # the output is complete
     return out_dir

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import rl
+from lowrank import locks, rl
 from lowrank.errors import UserError
 from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
 from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
@@ -378,6 +378,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     }
     train.write_adapter(model, out_dir, meta, adapter_name=POLICY)
     shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+    locks.release(out_dir)  # the output is complete
     return out_dir
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lowrank import train
+from lowrank import locks, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 
@@ -216,4 +216,5 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
     _save_model(model, model_path, out_dir, meta)
     log.info("pretrained %s for %d steps (loss %.3f); written to %s", config.model, max_steps,
              metrics.get("loss", float("nan")), out_dir)
+    locks.release(out_dir)  # the output is complete
     return out_dir

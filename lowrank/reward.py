@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from lowrank import locks
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.train import causal_lm
@@ -628,4 +629,5 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
                     **plan.peak_metrics(memory_plan, device)},
     }
     train.write_adapter(model, out_dir, meta)
+    locks.release(out_dir)  # the output is complete
     return out_dir

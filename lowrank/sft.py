@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import train
+from lowrank import locks, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 
@@ -299,4 +299,5 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta)
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()
+    locks.release(out_dir)  # the output is complete
     return out_dir

@@ -62,6 +62,9 @@ def prepare_output_dir(path, overwrite: bool, *, resume: bool = False) -> Path:
     run is removed first, marker before the rest, so the dir never looks finished meanwhile.
     With ``resume`` the checkpoints and metrics of the interrupted run are kept.
     """
+    from lowrank import locks
+
+    locks.hold(path)  # before anything in the dir changes: one writer at a time
     out = check_output_dir(path, overwrite, resume=resume)
     if (out / FINISHED_MARKER).exists():
         (out / FINISHED_MARKER).unlink()

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowrank import locks
 from lowrank.errors import UserError
 from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest, recorded_base
 from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora_adapter, read_json
@@ -290,6 +291,7 @@ def merge_adapters(base: str, adapters: list[str], out_dir: str | Path, *, dtype
         raise UserError(f"{out.parent}: not enough disk space: the merged model needs {total_bytes / 1e9:.2f} GB, "
                         f"{free / 1e9:.2f} GB free")
 
+    locks.hold(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -320,6 +322,8 @@ def merge_adapters(base: str, adapters: list[str], out_dir: str | Path, *, dtype
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        locks.release(out)
     return out
 
 

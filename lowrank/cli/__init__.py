@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lowrank {args.command}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
+    finally:
+        from lowrank import locks
+
+        locks.release_all()
 
 
 def _how_to_continue(args) -> str:

@@ -149,7 +149,7 @@ def run_stage(stage, stages: dict, resume: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from lowrank import pipeline
+    from lowrank import locks, pipeline
     from lowrank.report import collect_results, measure_task_accuracy, plot_curves
 
     config, listed, source = build_pipeline_config(args)
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     out = pipeline.output_path(config)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output dir is a file; choose another --output-dir")
+    locks.hold(out)  # one `lowrank run` per output dir; its stages take their own dirs' locks too
     state = pipeline.read_state(out)
     actions = pipeline.decide(stages, state, config.overwrite)
     try:
