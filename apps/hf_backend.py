@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lowrank.apps.backends import ChatBackend, SamplingConfig, turn_stop_strings
 from lowrank.errors import UserError
+from lowrank.files import check_weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class HFBackend(ChatBackend):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
             match_sentencepiece(self.tokenizer)  # split text as training (lowrank.models.load_tokenizer) did
+            check_weights_dir(base_path)
             model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         except OSError as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -138,6 +140,7 @@ class HFBackend(ChatBackend):
         if self.kind == "adapter":
             from peft import PeftModel
 
+            check_weights_dir(path)
             model = PeftModel.from_pretrained(model, path)
         self.model = model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - start

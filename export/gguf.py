@@ -32,6 +32,7 @@ from lowrank.export import quants
 from lowrank.export import tensors as table
 from lowrank.export.stream import TensorWriter
 from lowrank.export.vocab import GGUFVocab, load_gguf_vocab, write_vocab
+from lowrank.files import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def read_source(model_dir: str | Path) -> SourceModel:
     spec = table.architecture_spec(config.get("model_type", "<missing>"), str(model_dir / "config.json"))
     found: list[SourceTensor] = []
     for f in _safetensors_files(model_dir):
+        check_safetensors(f)
         with safe_open(str(f), framework="pt") as st:
             for hf_name in st.keys():
                 if table.is_skipped(hf_name):

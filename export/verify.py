@@ -214,6 +214,9 @@ def load_hf_model(model_dir: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lowrank.files import check_weights_dir
+
+    check_weights_dir(model_dir)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 

@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 
 from lowrank.errors import UserError
+from lowrank.files import check_weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ def load_base_model(model: str, quant: str = "nf4", *, gradient_checkpointing: b
 
     model = resolve_model_name(model)
     check_architecture(model)
+    check_weights_dir(model)
     device = str(device) if device is not None else ("cuda" if _cuda_available() else "cpu")
     dtype = compute_dtype(device)
     quant_config = quantization_config(quant, dtype)

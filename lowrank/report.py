@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from lowrank.files import check_weights_dir
 from lowrank.pipeline import CURVES, POLICY_STAGES, RL_STAGES, VERIFY_FILE, Stage, gguf_paths, write_json
 
 EXAMPLES_KEPT = 5  # answers kept in task_eval.json, to see what the model says
@@ -60,6 +61,7 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
     if adapter is not None:
         from peft import PeftModel
 
+        check_weights_dir(adapter)
         model = PeftModel.from_pretrained(model, str(adapter))
     answers = generate_answers(model, tokenizer, template, records, max_new_tokens=task.config.eval_max_new_tokens,
                                batch_size=task.config.eval_batch_size)
@@ -75,6 +77,7 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
         from lowrank.rollout import kl_to_reference
         from lowrank.templates import stop_token_ids
 
+        check_weights_dir(reference)
         model.load_adapter(str(reference), adapter_name="reference")
         result["kl_to_reference"] = kl_to_reference(
             model, tokenizer, template, [prompt_messages(r) for r in records], policy="default", reference="reference",

@@ -35,6 +35,7 @@ from torch import nn
 from lowrank import locks
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.files import check_weights_dir
 from lowrank.train import causal_lm
 
 log = logging.getLogger(__name__)
@@ -270,10 +271,12 @@ def load_reward_adapter(model, reward_dir: str | Path, adapter_name: str = "rewa
     add_score_head(model)
     if isinstance(model, PeftModel):
         flags = [(p, p.requires_grad) for p in model.parameters()]
+        check_weights_dir(reward_dir)
         model.load_adapter(str(reward_dir), adapter_name=adapter_name, is_trainable=trainable)
         for p, flag in flags:  # load_adapter may touch other adapters' flags; keep them
             p.requires_grad_(flag)
         return model
+    check_weights_dir(reward_dir)
     return PeftModel.from_pretrained(model, str(reward_dir), adapter_name=adapter_name, is_trainable=trainable)
 
 

@@ -130,7 +130,10 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path | None = None, sf
 
     from lowrank.reward import load_reward_adapter
 
+    from lowrank.files import check_weights_dir
+
     if sft_adapter is not None:
+        check_weights_dir(sft_adapter)
         model = PeftModel.from_pretrained(base, str(sft_adapter), adapter_name=POLICY, is_trainable=True)
         model.load_adapter(str(sft_adapter), adapter_name=REFERENCE, is_trainable=False)
     else:

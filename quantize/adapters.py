@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lowrank.errors import UserError
+from lowrank.files import check_safetensors
 from lowrank.models import recorded_base
 
 # PEFT saves "base_model.model.<module path>.lora_A.weight"; older or hand-made files may keep
@@ -93,6 +94,7 @@ def load_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     extra: list[str] = []
+    check_safetensors(weights)
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             if _UNSUPPORTED_KEY.search(key):

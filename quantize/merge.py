@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from lowrank import locks
 from lowrank.errors import UserError
+from lowrank.files import check_safetensors
 from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest, recorded_base
 from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora_adapter, read_json
 from lowrank.quantize.roundtrip import QUANT_KINDS, quantized_weight_names, roundtrip_weight, training_quant
@@ -101,6 +102,7 @@ def _base_shards(base: Path) -> dict[str, list[str]]:
         return dict(sorted(shards.items()))
     single = base / "model.safetensors"
     if single.is_file():
+        check_safetensors(single)
         with safe_open(str(single), framework="pt") as f:
             return {single.name: list(f.keys())}
     raise UserError(f"{base}: not a model dir (no model.safetensors or model.safetensors.index.json); "
@@ -111,6 +113,7 @@ def _tensor_headers(base: Path, shards: dict[str, list[str]]) -> dict[str, tuple
     """name -> (shape, safetensors dtype string), read from file headers only."""
     out = {}
     for file, names in shards.items():
+        check_safetensors(base / file)
         with safe_open(str(base / file), framework="pt") as f:
             for name in names:
                 sl = f.get_slice(name)

@@ -1,0 +1,58 @@
+"""Checks of weight files before a library reads them: a truncated, empty or garbled safetensors file
+becomes one UserError naming it and what is wrong, instead of a SafetensorError traceback.
+
+The safetensors layout (huggingface/safetensors, "Format"): 8 bytes little-endian N, then N bytes of
+JSON header mapping each tensor to its dtype, shape and [begin, end) data offsets, then the data.
+Reading the header alone (no tensor data) finds every fault a kill mid-write or a bad download leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lowrank.errors import UserError
+
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the header size
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise UserError unless ``path`` is a complete safetensors file (header and every tensor's bytes)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise UserError(f"{path}: not a safetensors file: {size} bytes, shorter than its 8-byte header "
+                                "length (truncated or empty)")
+            length = int.from_bytes(prefix, "little")
+            if length > min(_MAX_HEADER, size - 8):
+                raise UserError(f"{path}: corrupt safetensors file: its header length says {length} bytes, the file "
+                                f"has {size - 8} after it")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: corrupt safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors file: its header is not a JSON object")
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise UserError(f"{path}: corrupt safetensors file: tensor {name!r} has no valid data_offsets")
+        ends.append(offsets[1])
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        raise UserError(f"{path}: truncated safetensors file: {size} bytes, its header describes {needed}")
+
+
+def check_weights_dir(directory: str | Path) -> None:
+    """check_safetensors on every ``*.safetensors`` file directly in ``directory`` (a model or adapter dir)."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.safetensors")):
+            check_safetensors(path)
