@@ -50,8 +50,13 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str, eos_toke
     def raise_exception(message):
         raise UserError(f"the chat template refused this conversation: {message}")
 
-    return _compile(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                     add_generation_prompt=add_generation_prompt, raise_exception=raise_exception)
+    try:
+        return _compile(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                         add_generation_prompt=add_generation_prompt, raise_exception=raise_exception)
+    except jinja2.TemplateError as e:  # UndefinedError, TemplateSyntaxError, a sandbox refusal, ...
+        first_line = (str(e) or type(e).__name__).splitlines()[0]
+        raise UserError(f"the chat template does not render ({type(e).__name__}: {first_line}); fix it or give "
+                        "another (a built-in name such as llama2 or chatml)") from None
 
 
 @functools.lru_cache(maxsize=16)

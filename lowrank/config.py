@@ -71,6 +71,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: config file not found") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML recipe") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

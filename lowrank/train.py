@@ -470,15 +470,31 @@ class MetricsLog:
         self.enabled = enabled
         self.records: list[dict] = []
         if self.path.exists():  # resuming: keep what the interrupted run logged
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    self.records.append(json.loads(line))
+            lines = self.path.read_text(errors="replace").splitlines()
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict):
+                    if number == len(lines):  # a kill mid-write tears the last line only
+                        log.warning("%s: dropped its torn last line %d (the run was stopped while writing it)",
+                                    self.path, number)
+                        continue
+                    raise UserError(f"{self.path}: line {number} is not a JSON object; remove the file or "
+                                    "run with --overwrite") from None
+                self.records.append(record)
 
     def truncate_after(self, step: int) -> None:
-        """Forget records logged after ``step`` (the checkpoint a resumed run restarts from)."""
+        """Forget records logged after ``step`` (the checkpoint a resumed run restarts from); the file is
+        rewritten under a temporary name and renamed, so a kill meanwhile leaves the old one whole."""
         self.records = [r for r in self.records if r.get("step", 0) <= step]
         if self.enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in self.records))
+            os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         self.records.append(record)

@@ -10,6 +10,7 @@ import pexpect
 import pytest
 
 from lowrank.apps.backends import SamplingConfig, load_backend, render_chat, turn_stop_strings
+from lowrank.errors import UserError
 from lowrank.apps.chat import chat_loop
 from lowrank.apps.hf_backend import cut_at_stop_strings
 from lowrank.cli import main
@@ -224,3 +225,22 @@ def test_adapter_chat_uses_the_template_recorded_in_lowrank_json(sft_adapter, tm
     rebased = load_backend(moved, base=meta["base"]["path"], device="cpu")
     assert rebased.template_source == "chatml from lowrank.json"
     assert "".join(rebased.generate(messages, SamplingConfig(max_tokens=4, seed=0)))
+
+
+def test_a_template_that_does_not_render_is_a_message_and_the_session_goes_on(gguf_backend, monkeypatch):
+    import io
+
+    from lowrank.apps.chat import chat_loop
+
+    monkeypatch.setattr(gguf_backend, "template", "{{ messages[0].content.upper().nope.deeper }}")
+    lines = iter(["hi", "/exit"])
+    out = io.StringIO()
+    assert chat_loop(gguf_backend, SamplingConfig(max_tokens=4, seed=0), read_line=lambda _: next(lines), out=out) == 0
+    assert "error: the chat template does not render (UndefinedError: " in out.getvalue()
+    assert "Traceback" not in out.getvalue()
+
+
+def test_a_template_with_a_syntax_error_is_a_user_error():
+    with pytest.raises(UserError, match=r"the model.s chat template is not valid Jinja: Unexpected end of template"):
+        render_chat("{% for m in messages %}{{ m.content }}", [{"role": "user", "content": "hi"}],
+                    bos_token="<s>", eos_token="</s>")

@@ -192,3 +192,30 @@ def test_ctrl_c_says_how_to_resume(tiny_spm, interrupted, tmp_path, capsys, monk
     errors = _errors(capsys)
     assert code == 130 and len(errors) == 1, errors
     assert errors[0] == f"lowrank sft: interrupted; add --resume to the same command to continue from step 2 ({run})"
+
+
+# --- metrics.jsonl after a kill --------------------------------------------------------------------
+
+def test_resume_drops_a_torn_last_metrics_line_and_says_so(tiny_spm, interrupted, tmp_path, capsys, caplog):
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(interrupted["run"], run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # the kill came mid-write
+    assert main([*_args(tiny_spm, interrupted["data"], run), "--resume"]) == 0
+    assert "dropped its torn last line" in caplog.text
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # 0: the evaluation before training
+
+
+def test_a_corrupt_metrics_line_before_the_last_is_a_one_line_error(tiny_spm, interrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted["run"], run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(["garbage", *lines]) + "\n")
+    capsys.readouterr()
+    code = main([*_args(tiny_spm, interrupted["data"], run), "--resume"])
+    errors = _errors(capsys)
+    assert code == 2 and errors == [f"lowrank sft: error: {run / 'metrics.jsonl'}: line 1 is not a JSON object; "
+                                    "remove the file or run with --overwrite"]

@@ -277,6 +277,13 @@ def test_missing_recipe_file_is_a_one_line_error(tmp_path, capsys):
     assert message == f"{tmp_path / 'nope.yaml'}: config file not found"
 
 
+def test_binary_recipe_file_is_a_one_line_error(tmp_path, capsys):
+    recipe = tmp_path / "recipe.bin"
+    recipe.write_bytes(b"stages:\n  - sft: {}\n\xff\xfe\x00binary")
+    message = _refused(tmp_path, capsys, None, str(recipe))
+    assert message == f"{recipe}: not a text file (byte 20 is not UTF-8); give a YAML recipe"
+
+
 def test_unknown_stage_is_refused(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - rewrd: {}\n")
     assert message == (f"{tmp_path / 'recipe.yaml'}: stage 2: unknown stage 'rewrd' (did you mean 'reward'?); "

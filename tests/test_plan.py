@@ -518,3 +518,21 @@ def test_unreadable_sizes_are_refused_naming_the_flag(text):
 
     with pytest.raises(UserError, match=r"^--max-shard-size: cannot read size"):
         parse_size(text)
+
+
+def test_a_closed_pipe_ends_a_command_quietly(capsys, monkeypatch):
+    """`lowrank plan | head`: the reader goes away; no BrokenPipeError traceback, status 141."""
+    import sys
+
+    from lowrank.cli import main
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["plan", "--model", "llama2-7b", "--tokens-per-step", "4096"]) == 141
+    assert capsys.readouterr().err == ""

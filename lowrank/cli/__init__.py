@@ -125,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lowrank {args.command}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lowrank plan | head`): stop quietly, as cat does. Output still
+        # buffered would raise again when Python flushes at exit, so it goes to /dev/null.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+            pass
+        return 141  # 128 + SIGPIPE, the status a shell gives a command the pipe closed on
     finally:
         from lowrank import locks
 
