@@ -32,7 +32,7 @@ from lowrank.export import quants
 from lowrank.export import tensors as table
 from lowrank.export.stream import TensorWriter
 from lowrank.export.vocab import GGUFVocab, load_gguf_vocab, write_vocab
-from lowrank.files import check_safetensors
+from lowrank.files import check_safetensors, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,10 @@ def estimate_file_bytes(source: SourceModel, gtype: GGUFType, vocab: GGUFVocab) 
     return sum(tensor_nbytes(t.shape, tensor_qtype(t, gtype)) + 64 for t in source.tensors) + estimate_vocab_bytes(vocab)
 
 
+# What a killed export leaves: atomic_output's temp files and the f16 intermediate of K-quants.
+_LEFTOVERS = (re.compile(r"\..+\.gguf\.tmp-(?P<pid>\d+)"), re.compile(r"\..+-f16-intermediate-(?P<pid>\d+)\.gguf"))
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary name next to ``path`` to write to: renamed to ``path`` when the block ends, removed on any error,
@@ -405,6 +409,8 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: list[str] | s
     out = Path(out_dir)
     locks.hold(out)  # released by the CLI when the command ends (files are published one by one, atomically)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale(out, *_LEFTOVERS):
+        log.info("removed %s, left by an export that was killed", stale)
     stem = name or source.model_dir.resolve().name
     paths = {g.name: out / f"{stem}-{g.name}.gguf" for g in gtypes}
     written: list[Path] = []

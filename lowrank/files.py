@@ -9,6 +9,9 @@ Reading the header alone (no tensor data) finds every fault a kill mid-write or 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 from lowrank.errors import UserError
@@ -56,3 +59,32 @@ def check_weights_dir(directory: str | Path) -> None:
     if directory.is_dir():
         for path in sorted(directory.glob("*.safetensors")):
             check_safetensors(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale(directory: str | Path, *patterns: re.Pattern) -> list[Path]:
+    """Remove the entries of ``directory`` whose name matches one of ``patterns`` (each with a group ``pid``)
+    and whose process is gone: the temp files and dirs a killed export or merge left. Returns what went."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = next((m for m in (p.fullmatch(entry.name) for p in patterns) if m), None)
+        if match is None or int(match["pid"]) == os.getpid() or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -70,9 +70,12 @@ def prepare_output_dir(path, overwrite: bool, *, resume: bool = False) -> Path:
         (out / FINISHED_MARKER).unlink()
         shutil.rmtree(out)
     elif out.exists() and not resume:
-        # Leftovers of an interrupted run we are not resuming: their checkpoints would mix with ours.
+        # Leftovers of an interrupted run we are not resuming (--overwrite): they would mix with ours.
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        try:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        except OSError as e:
+            raise UserError(f"{out / 'metrics.jsonl'}: cannot remove the old run's metrics ({e.strerror})") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -388,16 +391,21 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, sch
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            state = {"step": step, "extra": extra or {}, "trainable": trainable_state(unwrapped),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            check_free_space(tmp, _tensor_bytes(state), "checkpoint")
+            torch.save(state, tmp / "state.pt")
+    except BaseException:  # a full disk, a kill: the half-written checkpoint goes; the last good one stays
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        torch.save({"step": step, "extra": extra or {}, "trainable": trainable_state(unwrapped),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "state.pt")
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -406,6 +414,25 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, sch
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of every tensor inside a nest of dicts, lists and tuples (what torch.save will write, about)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """UserError when ``directory``'s file system has less than ``needed`` bytes (+5% and 1 MiB) free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed * 1.05 + (1 << 20):
+        raise UserError(f"{directory}: not enough disk space for the {what}: it needs {needed / 2**20:.1f} MiB, "
+                        f"{free / 2**20:.1f} MiB are free")
 
 
 def list_checkpoints(out_dir) -> list[int]:
@@ -543,9 +570,13 @@ def publish(src: Path, out: Path, meta: dict) -> None:
             os.chmod(f, 0o644)
             os.replace(f, out / f.name)
     marker_tmp = out / f".{FINISHED_MARKER}.tmp"
-    marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    os.chmod(marker_tmp, 0o644)
-    os.replace(marker_tmp, out / FINISHED_MARKER)
+    try:
+        marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        os.chmod(marker_tmp, 0o644)
+        os.replace(marker_tmp, out / FINISHED_MARKER)
+    except BaseException:
+        marker_tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default") -> Path:
@@ -558,6 +589,8 @@ def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / FINISHED_MARKER).unlink(missing_ok=True)
+    check_free_space(out, _tensor_bytes([p for n, p in peft_model.named_parameters() if f".{adapter_name}." in n]),
+                     "adapter")
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter-"))
     try:
         # save_embedding_layers=False: with lm_head among the LoRA targets, peft would otherwise save

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 
 from lowrank import locks
 from lowrank.errors import UserError
-from lowrank.files import check_safetensors
+from lowrank.files import check_safetensors, remove_stale
 from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest, recorded_base
 from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora_adapter, read_json
 from lowrank.quantize.roundtrip import QUANT_KINDS, quantized_weight_names, roundtrip_weight, training_quant
@@ -295,6 +296,9 @@ def merge_adapters(base: str, adapters: list[str], out_dir: str | Path, *, dtype
                         f"{free / 1e9:.2f} GB free")
 
     locks.hold(out)
+    leftovers = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(?P<pid>\d+)")
+    for stale in remove_stale(out.parent, leftovers):
+        log.info("removed %s, left by a merge that was killed", stale)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

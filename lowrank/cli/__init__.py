@@ -9,6 +9,7 @@ dependency of one command does not break the others.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -133,10 +134,32 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
             pass
         return 141  # 128 + SIGPIPE, the status a shell gives a command the pipe closed on
+    except OSError as e:
+        message = _disk_error(e)
+        if message is None:
+            raise
+        print(f"lowrank {args.command}: error: {message}", file=sys.stderr)
+        return 2
     finally:
         from lowrank import locks
 
         locks.release_all()
+
+
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full; free some space and run again (an interrupted training run "
+                              "keeps its last complete checkpoint: add --resume)",
+                errno.EDQUOT: "the disk quota is used up; free some space and run again",
+                errno.EROFS: "the file system is read-only; choose another output dir",
+                errno.EACCES: "permission denied; choose an output dir you can write",
+                errno.EPERM: "operation not permitted; choose an output dir you can write"}
+
+
+def _disk_error(error: OSError) -> str | None:
+    """One line for a write the machine refused (full disk, read-only or foreign dir), naming the file."""
+    advice = _DISK_ERRORS.get(error.errno)
+    if advice is None:
+        return None
+    return f"{error.filename or 'a file'}: {advice}"
 
 
 def _how_to_continue(args) -> str:
