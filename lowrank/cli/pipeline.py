@@ -98,7 +98,7 @@ def describe(stage) -> str:
         "pretrain": lambda: f"every weight of {c.model} on {c.data}",
         "sft": lambda: f"LoRA on {c.model} ({c.quant} base) with {c.data or 'the shipped alpaca sample'}",
         "reward": lambda: f"reward model on {c.data}" + (" from the SFT adapter" if c.sft_adapter else ""),
-        "ppo": lambda: f"policy against the reward model, {c.steps} steps of {c.rollout_batch_size} rollouts",
+        "ppo": lambda: f"policy against the reward model, {c.steps} steps of {c.rollout_batch_size * c.samples_per_prompt} rollouts",
         "dpo": lambda: f"policy on the preference pairs ({c.loss} loss, beta {c.beta}), reference: the SFT adapter",
         "grpo": lambda: (f"policy against {', '.join(c.rewards + (['the reward model'] if c.reward_adapter else []))}, "
                          f"{c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} samples"),
