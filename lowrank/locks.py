@@ -55,17 +55,20 @@ def hold(out_dir) -> None:
         _pid_file(path).write_text(f"{os.getpid()}\n")
     except OSError:
         pass  # the pid only improves the message another process prints
-    return
+
+
+def _drop(path: Path) -> None:
+    lock = _held.pop(path, None)
+    if lock is not None:
+        _pid_file(path).unlink(missing_ok=True)
+        lock.release()
 
 
 def release(out_dir) -> None:
     """Give up the lock of ``out_dir`` if this process holds it."""
-    lock = _held.pop(lock_path(out_dir), None)
-    if lock is not None:
-        _pid_file(lock_path(out_dir)).unlink(missing_ok=True)
-        lock.release()
+    _drop(lock_path(out_dir))
 
 
 def release_all() -> None:
     for path in list(_held):
-        release(path.with_name(path.name[1:-len(".lock")]))
+        _drop(path)
