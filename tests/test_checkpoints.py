@@ -11,6 +11,8 @@ import torch
 
 from lowrank.cli import main
 
+from cli_support import command_lines
+
 
 class _Interrupt(Exception):
     pass
@@ -60,12 +62,11 @@ def _resume(tiny_spm, interrupted, tmp_path, capsys, plant) -> tuple[int, list[s
     capsys.readouterr()
     code = main([*_args(tiny_spm, interrupted["data"], run), "--resume"])
     err = capsys.readouterr().err
-    assert "Traceback" not in err
     assert not (run / "lowrank.json").exists()  # nothing that looks finished
     # the model loads (one INFO line) before its checkpoint can be applied; the error is one line, the last
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("lowrank sft: error: "), err
-    return code, [line for line in lines if line.startswith("lowrank sft: ")], target
+    lines = command_lines(err, "sft")
+    assert lines[-1].startswith("lowrank sft: error: "), err
+    return code, lines, target
 
 
 def test_checkpoint_files_load_without_pickle(interrupted):
@@ -137,11 +138,7 @@ def test_rng_file_of_another_program_is_a_one_line_error(tiny_spm, interrupted, 
 
 def _errors(capsys) -> list[str]:
     """The command's own lines on stderr (log lines and progress bars left out); the last must be one of them."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("lowrank sft: "), err
-    return [line for line in lines if line.startswith("lowrank sft: ")]
+    return command_lines(capsys.readouterr().err, "sft")
 
 
 def test_rerun_without_resume_keeps_the_checkpoints_and_names_both_flags(tiny_spm, interrupted, tmp_path, capsys):

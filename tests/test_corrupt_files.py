@@ -14,6 +14,7 @@ from lowrank.errors import UserError
 from lowrank.files import check_safetensors
 
 from adapter_support import make_adapter
+from cli_support import command_lines
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +98,10 @@ def broken_adapter(adapter, tmp_path) -> tuple[Path, Path]:
 
 def _one_line(capsys, code: int, command: str, bad_file: Path) -> None:
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "SafetensorError" not in err, err
-    lines = err.strip().splitlines()
-    assert code == 2 and lines[-1].startswith(f"lowrank {command}: error: {bad_file}: truncated safetensors file"), err
-    assert sum(line.startswith(f"lowrank {command}:") for line in lines) == 1
+    assert "SafetensorError" not in err, err
+    lines = command_lines(err, command)
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"lowrank {command}: error: {bad_file}: truncated safetensors file"), err
 
 
 def test_sft_names_a_truncated_base(broken_base, tmp_path, capsys):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from lowrank.cli import main
 
 from adapter_support import make_adapter
+from cli_support import command_lines
 
 SFT_STEPS = 4
 
@@ -47,11 +48,9 @@ def _same_adapter(out: Path, straight: dict) -> None:
 
 def _one_error_line(capsys, command: str = "sft") -> str:
     err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith(f"lowrank {command}: error: "), err
-    assert sum(line.startswith(f"lowrank {command}:") for line in lines) == 1, err
-    return lines[-1]
+    lines = command_lines(err, command)
+    assert len(lines) == 1 and lines[0].startswith(f"lowrank {command}: error: "), err
+    return lines[0]
 
 
 # --- a full disk --------------------------------------------------------------------------------
