@@ -11,7 +11,11 @@ longer than the context) shows as a message in the page; the app keeps running.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +26,8 @@ from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
 
+AUTH_ENV = "LOWRANK_APP_AUTH"
+
 
 @dataclass
 class AppConfig:
@@ -30,7 +36,10 @@ class AppConfig:
     models_dir: str = field(default=".", metadata={"help": "folder searched for GGUF files and adapter dirs"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 exposes it to your network"})
     port: int = field(default=7860, metadata={"help": "port to bind"})
-    auth: str | None = field(default=None, metadata={"help": "require a login, given as user:pass"})
+    auth: bool | None = field(default=None, metadata={
+        "cli": False, "help": "require a login (true) or serve without one (false); unset: a login when one is given"})
+    auth_file: str | None = field(default=None, metadata={
+        "help": f"file of user:pass lines, one login each (keep it chmod 600); or set {AUTH_ENV}=user:pass"})
     share: bool = field(default=False, metadata={"help": "ask Gradio for a public share link (off unless given)"})
     keep_loaded: int = field(default=2, metadata={"help": "models kept in memory at once (a compare needs 2)"})
     queue_size: int = field(default=32, metadata={"help": "requests waiting in the queue before new ones are refused"})
@@ -96,7 +105,11 @@ def stream_turn(pool: ModelPool, model: str, message: str, history: list[dict], 
         backend = pool.get(model)
         reply = backend.generate(to_messages(history, system) + [{"role": "user", "content": message}], sampling)
     except UserError as e:
-        raise gr.Error(str(e), print_exception=False) from None
+        raise gr.Error(client_text(str(e), pool.models_dir), print_exception=False) from None
+    except Exception as e:  # noqa: BLE001 - the page keeps serving; the details stay in the server's log
+        log.exception("generating with %s failed", model)
+        raise gr.Error(f"{client_text(str(model), pool.models_dir)} failed ({type(e).__name__}); "
+                       "the server's log has the details", print_exception=False) from None
     notice = ""
     if reply.dropped_turns:
         notice = (f"The conversation is longer than the {backend.n_ctx}-token context: the model no longer "
@@ -110,8 +123,8 @@ def stream_turn(pool: ModelPool, model: str, message: str, history: list[dict], 
                              f"**{reply.tokens_per_second:.1f} tokens/s** (loaded in {backend.load_seconds:.2f} s)")
 
 
-def build_app(pool: ModelPool, *, queue_size: int = 32):
-    """The gr.Blocks page (not launched)."""
+def build_app(pool: ModelPool, *, queue_size: int = 32, notice: str | None = None):
+    """The gr.Blocks page (not launched); ``notice`` is shown above everything (an open page says so)."""
     import gradio as gr
 
     choices = pool.choices()
@@ -120,8 +133,10 @@ def build_app(pool: ModelPool, *, queue_size: int = 32):
     generate = dict(concurrency_id="generate", concurrency_limit=1)
 
     with gr.Blocks(title="lowrank chat") as demo:
-        gr.Markdown(f"## lowrank chat\nModels under `{pool.models_dir}`: GGUF files run by llama.cpp, "
-                    "adapters by transformers.")
+        if notice:
+            gr.Markdown(f"**Warning: {notice}**", elem_id="open-notice")
+        gr.Markdown(f"## lowrank chat\nModels in the folder `{pool.models_dir.name}`: GGUF files run by "
+                    "llama.cpp, adapters by transformers.")
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(label="System prompt", lines=2)
             with gr.Row():
@@ -197,10 +212,85 @@ def build_app(pool: ModelPool, *, queue_size: int = 32):
     return demo
 
 
-def parse_auth(auth: str | None) -> tuple[str, str] | None:
-    if not auth:
-        return None
-    user, sep, password = auth.partition(":")
+def _login(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.strip().partition(":")
     if not sep or not user or not password:
-        raise UserError("--auth must be given as user:pass")
+        raise UserError(f"{where}: a login must be given as user:pass")
     return user, password
+
+
+def read_logins(auth_file: str | None, environ=os.environ) -> list[tuple[str, str]]:
+    """Logins from ``auth_file`` (user:pass lines, # comments) or the LOWRANK_APP_AUTH variable; [] when neither.
+
+    Never from argv: a password there is visible to every user of the machine in `ps`.
+    """
+    from_env = environ.get(AUTH_ENV)
+    if auth_file and from_env:
+        raise UserError(f"give a login with --auth-file or {AUTH_ENV}, not both")
+    if from_env is not None:
+        return [_login(from_env, AUTH_ENV)]
+    if not auth_file:
+        return []
+    path = Path(auth_file)
+    try:
+        text = path.read_text()
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"--auth-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--auth-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    logins = [_login(line, f"{path} line {n}") for n, line in enumerate(text.splitlines(), 1)
+              if line.strip() and not line.lstrip().startswith("#")]
+    if not logins:
+        raise UserError(f"--auth-file {path}: no user:pass line in it")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s can be read by other users; `chmod 600 %s` keeps the passwords to you", path, path)
+    return logins
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def resolve_auth(config: AppConfig, environ=os.environ) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """(logins for Gradio or None, a notice for the page or None) for how ``config`` serves the app.
+
+    A page reachable from other machines (a host that is not loopback, or a share link) needs a login,
+    or --no-auth given on purpose; the page then says that it is open.
+    """
+    logins = read_logins(config.auth_file, environ)
+    exposed = config.share or not is_loopback(config.host)
+    where = "a public share link" if config.share else f"--host {config.host}"
+    if config.auth is False:
+        if logins:
+            raise UserError(f"--no-auth with a login from --auth-file or {AUTH_ENV}: drop one of them")
+        if not exposed:
+            return None, None
+        log.warning("serving %s without a login (--no-auth): anyone who can reach it can use it", where)
+        return None, (f"This page has no login (started with --no-auth): anyone who can reach "
+                      f"{'its share link' if config.share else 'this address'} can use these models.")
+    if logins:
+        return logins, None
+    if config.auth:
+        raise UserError(f"--auth needs a login: put user:pass in a file given with --auth-file, "
+                        f"or in the {AUTH_ENV} environment variable")
+    if exposed:
+        raise UserError(f"{where} lets other machines reach the app: give it a login (--auth-file FILE or "
+                        f"{AUTH_ENV}=user:pass), or pass --no-auth to serve it open on purpose")
+    return None, None
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:/[^\s/'\"`:,;()]+)+")
+
+
+def client_text(message: str, models_dir: Path) -> str:
+    """``message`` fit for a browser: paths under the models folder made relative, other absolute paths cut to
+    their last part, so a client learns nothing about the server's file system."""
+    root = str(models_dir)
+    message = message.replace(root + os.sep, "").replace(root, models_dir.name or ".")
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name, message)

@@ -13,14 +13,23 @@ turn) so Ollama can continue it. The stop strings are the family's end-of-turn m
 (lowrank.templates.end_of_turn) and the text that opens a new user turn. A template we do
 not recognise gets no TEMPLATE line (Ollama then reads tokenizer.chat_template from the GGUF
 and picks its closest built-in) and a warning in the log.
+
+The tokenizer's BOS/EOS texts and the system prompt come from files a user may have downloaded,
+so nothing is written unquoted. Ollama's Modelfile parser has no escapes: a value ends at the
+first line break where the text read so far is a whole "..." or triple-quoted string, and it drops
+unprintable characters. Each value gets the quoting that reads back exactly (checked by
+simulating that rule), or is left out with a warning; BOS/EOS texts that could open a Go
+template action go into the template as Go string literals.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+from lowrank.errors import UserError
 from lowrank.export.gguf import atomic_output
 from lowrank.templates import BUILTIN_TEMPLATES, end_of_turn
 
@@ -72,9 +81,17 @@ def stop_strings(family: str, eos_token: str) -> list[str]:
     return list(dict.fromkeys(s for s in [first, eos_token, *GO_TEMPLATES[family][1]] if s))
 
 
+def _go_text(text: str) -> str:
+    """``text`` as it must stand in a Go template to print itself: as is, or as a string literal when it holds
+    a brace (which could open an action, alone or with the template's next "{{"), a quote or a line break
+    (which could end the Modelfile's quoted TEMPLATE early)."""
+    plain = text.isprintable() and "{" not in text and '"' not in text
+    return text if plain else "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
+
 def go_template(family: str, bos_token: str, eos_token: str) -> str:
     """The Ollama TEMPLATE of a built-in family with the tokenizer's BOS/EOS texts filled in."""
-    return GO_TEMPLATES[family][0].replace("{BOS}", bos_token).replace("{EOS}", eos_token)
+    return GO_TEMPLATES[family][0].replace("{BOS}", _go_text(bos_token)).replace("{EOS}", _go_text(eos_token))
 
 
 def template_family(jinja: str | None) -> str | None:
@@ -85,8 +102,46 @@ def template_family(jinja: str | None) -> str | None:
     return None
 
 
-def _quote(text: str) -> str:
-    return '"""' + text + '"""'
+_BLOCK = ('"""', '"')  # templates and system prompts: triple quotes, as Ollama's docs write them
+
+
+def _unquote(text: str) -> str | None:
+    """What Ollama makes of a value read so far (spaces trimmed): its content, or None while a quote is open."""
+    for mark in ('"""', '"'):
+        if text.startswith(mark):
+            return text[len(mark):-len(mark)] if len(text) >= 2 * len(mark) and text.endswith(mark) else None
+    return text
+
+
+def _read_back(value: str) -> str | None:
+    """The text Ollama's parser reads from ``value`` written after a command, or None when it would stop early
+    (the rest of ``value`` would then be read as new commands)."""
+    read: list[str] = []
+    for ch in value:
+        if ch in "\r\n":
+            if _unquote("".join(read).strip()) is not None:
+                return None
+            read.append(ch)
+        elif ch.isprintable() or ch == "\t":
+            read.append(ch)
+    return _unquote("".join(read).strip())
+
+
+def modelfile_value(text: str, quotes: tuple[str, ...] = ('"', '"""')) -> str | None:
+    """``text`` in the first of ``quotes`` ("" for none) that Ollama reads back as exactly it, or None."""
+    for mark in quotes:
+        if _read_back(mark + text + mark) == text:
+            return mark + text + mark
+    return None
+
+
+def _instruction(command: str, text: str, what: str, quotes: tuple[str, ...] = ('"', '"""')) -> list[str]:
+    """``[command value]``, or [] with a warning when ``text`` cannot be written so that Ollama reads it back."""
+    value = modelfile_value(text, quotes)
+    if value is None:
+        log.warning("the Modelfile leaves out %s %r: Ollama's parser cannot read it back as written", what, text)
+        return []
+    return [f"{command} {value}"]
 
 
 def write_modelfile(gguf_path: str | Path, chat_template: str | None, eos_token: str, system: str | None = None,
@@ -98,17 +153,24 @@ def write_modelfile(gguf_path: str | Path, chat_template: str | None, eos_token:
     BOS is not in the template: llama.cpp adds it itself (tokenizer.ggml.add_bos_token).
     """
     gguf_path = Path(gguf_path)
-    lines = [f"FROM ./{gguf_path.name}"]
-    if adapter is not None:
-        lines.append(f"ADAPTER ./{Path(adapter).name}")
+    files = [("FROM", gguf_path)] + ([("ADAPTER", Path(adapter))] if adapter is not None else [])
+    lines = []
+    for command, path in files:
+        value = modelfile_value(f"./{path.name}", ("", '"', '"""'))
+        if value is None:
+            raise UserError(f"{path}: a Modelfile cannot name this file (rename it without line breaks)")
+        lines.append(f"{command} {value}")
     family = template_family(chat_template)
     if family:
-        lines.append(f"TEMPLATE {_quote(go_template(family, bos_token, eos_token))}")
-        lines += [f'PARAMETER stop "{s}"' for s in stop_strings(family, eos_token)]
+        template = _instruction("TEMPLATE", go_template(family, bos_token, eos_token), "the chat template", _BLOCK)
+        lines += template
+        if template:
+            for stop in stop_strings(family, eos_token):
+                lines += _instruction("PARAMETER stop", stop, "the stop string")
     elif chat_template:
         log.warning("chat template is not a built-in family; the Modelfile leaves TEMPLATE to Ollama's reading of the GGUF")
     if system:
-        lines.append(f"SYSTEM {_quote(system)}")
+        lines += _instruction("SYSTEM", system, "the system prompt", _BLOCK)
     out = (Path(adapter) if adapter is not None else gguf_path).with_suffix(".Modelfile")
     with atomic_output(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -141,10 +142,12 @@ def test_compare_view_answers_with_two_models_and_their_speeds(client, gguf_name
 # --- bad input: a message in the page, and the app keeps answering ---------------------------------------
 
 def assert_error_then_still_answers(client, gguf_name, expected: str, **kwargs):
+    """The error shows ``expected``, carries no absolute path of the server, and the next chat is answered."""
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match=expected):
+    with pytest.raises(AppError, match=expected) as error:
         chat(client, **kwargs)
+    assert not re.search(r"(^|[\s'\"(])/\w", str(error.value)), str(error.value)
     assert assistant_text(chat(client, "still there?", gguf_name)[1])
 
 
@@ -172,9 +175,115 @@ def test_long_history_drops_the_oldest_turns_and_says_so(client, gguf_name):
     assert assistant_text(new_history) and "tokens/s" in stats
 
 
-def test_auth_flag_must_be_user_colon_pass(capsys, tmp_path):
-    assert main(["app", "--models-dir", str(tmp_path), "--auth", "nopassword"]) == 2
-    assert capsys.readouterr().err.strip() == "lowrank app: error: --auth must be given as user:pass"
+# --- exposure: a page other machines can reach has a login, or says it has none ----------------------------
+
+@pytest.fixture
+def no_env_login(monkeypatch):
+    from lowrank.apps.app import AUTH_ENV
+
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+    return AUTH_ENV
+
+
+def app_error(capsys, argv: list[str]) -> str:
+    assert main(["app", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_password_on_the_command_line_is_refused_without_echoing_it(capsys, tmp_path, no_env_login):
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--auth", "alice:s3cret"])
+    assert "s3cret" not in line and "visible to every user in `ps`" in line
+    assert "--auth-file" in line and no_env_login in line
+
+
+@pytest.mark.parametrize("flags, where", [(["--host", "0.0.0.0"], "--host 0.0.0.0"),
+                                          (["--host", "my-laptop.local"], "--host my-laptop.local"),
+                                          (["--share"], "a public share link")], ids=["any-address", "host-name", "share"])
+def test_exposed_page_without_a_login_is_refused(capsys, tmp_path, no_env_login, flags, where):
+    line = app_error(capsys, ["--models-dir", str(tmp_path), *flags])
+    assert line.startswith(f"lowrank app: error: {where} lets other machines reach the app")
+    assert "--auth-file" in line and "--no-auth" in line
+
+
+def test_auth_without_a_login_is_refused(capsys, tmp_path, no_env_login):
+    assert "--auth needs a login" in app_error(capsys, ["--models-dir", str(tmp_path), "--auth"])
+
+
+def test_no_auth_with_a_login_is_refused(capsys, tmp_path, monkeypatch, no_env_login):
+    monkeypatch.setenv(no_env_login, "alice:s3cret")
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--host", "0.0.0.0", "--no-auth"])
+    assert "--no-auth with a login" in line and "s3cret" not in line
+
+
+def test_login_from_both_file_and_environment_is_refused(capsys, tmp_path, monkeypatch, no_env_login):
+    (tmp_path / "logins").write_text("alice:s3cret\n")
+    monkeypatch.setenv(no_env_login, "bob:hunter2")
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--auth-file", str(tmp_path / "logins")])
+    assert "not both" in line
+
+
+def test_malformed_login_in_the_environment_names_the_variable(capsys, tmp_path, monkeypatch, no_env_login):
+    monkeypatch.setenv(no_env_login, "nopassword")
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--host", "0.0.0.0"])
+    assert line == f"lowrank app: error: {no_env_login}: a login must be given as user:pass"
+
+
+def test_malformed_line_in_the_auth_file_names_file_and_line(capsys, tmp_path, no_env_login):
+    logins = tmp_path / "logins"
+    logins.write_text("# who may use the page\nalice:s3cret\nbob\n")
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--auth-file", str(logins)])
+    assert line == f"lowrank app: error: {logins} line 3: a login must be given as user:pass"
+
+
+def test_missing_auth_file_is_one_line(capsys, tmp_path, no_env_login):
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--auth-file", str(tmp_path / "nope")])
+    assert line == f"lowrank app: error: --auth-file {tmp_path / 'nope'}: no such file"
+
+
+def test_empty_auth_file_is_refused(capsys, tmp_path, no_env_login):
+    (tmp_path / "logins").write_text("# nobody yet\n\n")
+    line = app_error(capsys, ["--models-dir", str(tmp_path), "--auth-file", str(tmp_path / "logins")])
+    assert "no user:pass line" in line
+
+
+def test_logins_come_from_the_file_or_the_environment(tmp_path, caplog):
+    from lowrank.apps.app import AUTH_ENV, AppConfig, read_logins, resolve_auth
+
+    logins = tmp_path / "logins"
+    logins.write_text("alice:s3cret\n\n# a comment\nbob:pa:ss\n")
+    logins.chmod(0o600)
+    config = AppConfig(host="0.0.0.0", auth_file=str(logins))
+    assert resolve_auth(config, environ={}) == ([("alice", "s3cret"), ("bob", "pa:ss")], None)
+    assert resolve_auth(AppConfig(share=True), environ={AUTH_ENV: "carol:x"}) == ([("carol", "x")], None)
+    assert not caplog.records
+    logins.chmod(0o644)
+    read_logins(str(logins), environ={})
+    assert "can be read by other users" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_loopback_needs_no_login(host):
+    from lowrank.apps.app import AppConfig, resolve_auth
+
+    assert resolve_auth(AppConfig(host=host), environ={}) == (None, None)
+
+
+def test_open_page_says_it_has_no_login(models_dir):
+    from lowrank.apps.app import AppConfig, ModelPool, build_app, resolve_auth
+
+    auth, notice = resolve_auth(AppConfig(host="0.0.0.0", auth=False), environ={})
+    assert auth is None and "no login" in notice
+    demo = build_app(ModelPool(models_dir, n_ctx=CTX, n_threads=1), notice=notice)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        config = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10).read().decode()
+    finally:
+        demo.close()
+    assert "This page has no login (started with --no-auth)" in config
+    assert str(models_dir) not in config  # the page names its folder, not the server's path to it
 
 
 def test_browser_chat_shows_the_streamed_reply(app, gguf_name, tmp_path):
@@ -205,16 +314,17 @@ def test_browser_chat_shows_the_streamed_reply(app, gguf_name, tmp_path):
     assert (tmp_path / "chat.png").stat().st_size > 10_000
 
 
-def test_auth_keeps_out_who_has_no_login(models_dir, gguf_name):
+def test_auth_keeps_out_who_has_no_login(models_dir, gguf_name, tmp_path):
     import urllib.error
 
     from gradio_client import Client
 
-    from lowrank.apps.app import ModelPool, build_app, parse_auth
+    from lowrank.apps.app import ModelPool, build_app, read_logins
 
     demo = build_app(ModelPool(models_dir, n_ctx=CTX, n_threads=1))
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, auth=parse_auth("alice:s3cret"),
+    (tmp_path / "logins").write_text("alice:s3cret\n")
+    demo.launch(server_name="127.0.0.1", server_port=port, auth=read_logins(str(tmp_path / "logins"), environ={}),
                 prevent_thread_lock=True, quiet=True)
     try:
         url = f"http://127.0.0.1:{port}/"

@@ -1,13 +1,11 @@
 """Faults that lose nothing: a full disk, a read-only dir and kill -9 at several points of sft, export
-and merge. Each case ends in one of two outcomes: a one-line error, or a state that resumes (or reruns)
+and merge (ppo: tests/test_ppo.py). Each case ends in one of two outcomes: a one-line error, or a state that resumes (or reruns)
 to the same result as an uninterrupted run. Two writers on one dir: tests/test_locks.py."""
 
 from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 from lowrank.cli import main
 
 from adapter_support import make_adapter
-from cli_support import command_lines
+from cli_support import KILL_IN_CHECKPOINT, command_lines, run_killed
 
 SFT_STEPS = 4
 
@@ -145,23 +143,9 @@ def test_export_into_a_read_only_dir_is_one_line(tiny_bpe, tmp_path, capsys, mon
 
 # --- kill -9 ------------------------------------------------------------------------------------
 
-def _run_killed(patch: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """``lowrank argv`` in a child that SIGKILLs itself where ``patch`` (Python source) says."""
-    code = ("import os, signal, sys\nfrom pathlib import Path\n"
-            "def die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"{patch}\nfrom lowrank.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
-    assert result.returncode == -9, result.stderr[-2000:]
-    return result
-
-
 def test_sft_killed_in_the_middle_of_a_checkpoint_resumes_to_the_same_adapter(tiny_spm, straight, tmp_path):
     out = tmp_path / "run"
-    patch = ("import torch\nfrom lowrank import train\nreal = torch.save\ncount = [0]\n"
-             "def save(obj, path, *a, **k):\n    if Path(path).name == 'state.pt':\n        count[0] += 1\n"
-             "        if count[0] == 2:\n            die()\n    return real(obj, path, *a, **k)\n"
-             "train.torch.save = save\n")
-    _run_killed(patch, _sft_args(tiny_spm, straight["data"], out))
+    run_killed(KILL_IN_CHECKPOINT.format(n=2), _sft_args(tiny_spm, straight["data"], out))
     from lowrank import train
 
     assert train.list_checkpoints(out) == [1]  # the torn step-2 checkpoint does not count
@@ -174,7 +158,7 @@ def test_sft_killed_while_publishing_the_adapter_resumes_to_the_same_adapter(tin
     patch = ("from lowrank import train\nreal = train.os.replace\n"
              "def replace(src, dst):\n    real(src, dst)\n    if Path(str(dst)).name == 'adapter_model.safetensors':\n"
              "        die()\ntrain.os.replace = replace\n")
-    _run_killed(patch, _sft_args(tiny_spm, straight["data"], out))
+    run_killed(patch, _sft_args(tiny_spm, straight["data"], out))
     assert not (out / "lowrank.json").exists()  # never looks finished
     assert main([*_sft_args(tiny_spm, straight["data"], out), "--resume"]) == 0
     _same_adapter(out, straight)
@@ -185,7 +169,7 @@ def test_export_killed_mid_write_leaves_files_the_next_export_removes(tiny_bpe, 
     patch = ("from lowrank.export import gguf\nreal = gguf.os.replace\n"
              "def replace(src, dst):\n    die()\ngguf.os.replace = replace\n")
     argv = ["export", str(tiny_bpe), "--type", "q8_0,q4_k_m", "--out", str(out), "--no-verify", "--name", "m"]
-    _run_killed(patch, argv)
+    run_killed(patch, argv)
     leftovers = list(out.glob(".*"))
     assert leftovers and not list(out.glob("*.gguf"))  # only temp names: nothing looks complete
     assert main(argv) == 0
@@ -199,7 +183,7 @@ def test_merge_killed_mid_write_leaves_a_temp_dir_the_next_merge_removes(tiny_sp
     patch = ("from lowrank.quantize import merge\n"
              "def copy(*a, **k):\n    die()\nmerge._copy_side_files = copy\n")
     argv = ["merge", "--base", str(tiny_spm), "--adapter", str(adapter), "--out", str(out)]
-    _run_killed(patch, argv)
+    run_killed(patch, argv)
     leftovers = list(tmp_path.glob(".merged.tmp-*"))
     assert leftovers and not out.exists()
     assert main(argv) == 0

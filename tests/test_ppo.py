@@ -20,6 +20,7 @@ import torch
 from lowrank.cli import main
 from lowrank.templates import stop_token_ids
 
+from cli_support import KILL_IN_CHECKPOINT, run_killed
 from rl_support import PROMPTS, TARGET, train_sft_adapter as _train_sft_adapter, words as _words
 
 
@@ -190,29 +191,56 @@ def test_reward_scores_in_ppo_equal_lowrank_score_on_the_same_text(task, swapped
     assert printed == pytest.approx(in_ppo.tolist(), abs=1e-5)
 
 
-def test_resume_continues_exactly_where_the_run_stopped(task, tmp_path, capsys):
+SMALL = dict(steps=3, rollout_batch_size=8, ppo_epochs=1, save_every=1)
+
+
+@pytest.fixture(scope="module")
+def straight_small(task, tmp_path_factory):
+    """An uninterrupted short run, which every interrupted and resumed one must match."""
     from lowrank.ppo import train_ppo
+
+    return train_ppo(_config(task, tmp_path_factory.mktemp("ppo_straight") / "out", **SMALL))
+
+
+def _resume_args(task, out) -> list[str]:
+    return ["ppo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--reward-adapter",
+            str(task["reward"]), "--prompts", str(task["prompts"]), "--output-dir", str(out),
+            "--max-new-tokens", "8", "--minibatch-size", "4", "--learning-rate", "1e-4", "--init-kl-coef", "0.05",
+            "--target-kl", "2.0", "--kl-horizon", "1000", "--vf-coef", "0.5", "--seed", "0",
+            "--steps", "3", "--rollout-batch-size", "8", "--ppo-epochs", "1", "--save-every", "1"]
+
+
+def _same_policy(a_dir, b_dir) -> None:
     from peft import load_peft_weights
 
-    small = dict(steps=3, rollout_batch_size=8, ppo_epochs=1, save_every=1)
-    straight = train_ppo(_config(task, tmp_path / "straight", **small))
+    a, b = load_peft_weights(str(a_dir)), load_peft_weights(str(b_dir))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(task, straight_small, tmp_path):
+    from lowrank.ppo import train_ppo
 
     def stop_after_two(record):
         if record["step"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(_config(task, tmp_path / "resumed", **small), on_step=stop_after_two)
+        train_ppo(_config(task, tmp_path / "resumed", **SMALL), on_step=stop_after_two)
     assert not (tmp_path / "resumed" / "lowrank.json").exists()  # an interrupted run never looks finished
-    args = ["ppo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--reward-adapter",
-            str(task["reward"]), "--prompts", str(task["prompts"]), "--output-dir", str(tmp_path / "resumed"),
-            "--max-new-tokens", "8", "--minibatch-size", "4", "--learning-rate", "1e-4", "--init-kl-coef", "0.05",
-            "--target-kl", "2.0", "--kl-horizon", "1000", "--vf-coef", "0.5",
-            "--steps", "3", "--rollout-batch-size", "8", "--ppo-epochs", "1", "--save-every", "1", "--resume"]
-    assert main(args) == 0
-    a, b = load_peft_weights(str(straight)), load_peft_weights(str(tmp_path / "resumed"))
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert main([*_resume_args(task, tmp_path / "resumed"), "--resume"]) == 0
+    _same_policy(straight_small, tmp_path / "resumed")
+
+
+def test_ppo_killed_in_the_middle_of_a_checkpoint_resumes_to_the_same_policy(task, straight_small, tmp_path):
+    from lowrank import train
+
+    out = tmp_path / "killed"
+    run_killed(KILL_IN_CHECKPOINT.format(n=2), _resume_args(task, out))
+    assert train.list_checkpoints(out) == [1]  # the torn step-2 checkpoint does not count
+    assert not (out / "lowrank.json").exists()
+    assert main([*_resume_args(task, out), "--resume"]) == 0
+    _same_policy(straight_small, out)
 
 
 def _run_cli(task, tmp_path, capsys, **changes):
