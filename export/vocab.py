@@ -71,7 +71,12 @@ def _sentencepiece_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVoc
 
     T = _token_types()
     path = model_dir / "tokenizer.model"
-    sp = SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = SentencePieceProcessor(model_file=str(path))
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+    except (RuntimeError, OSError, ValueError) as e:  # sentencepiece raises RuntimeError on a bad protobuf
+        raise UserError(f"{path}: not a readable SentencePiece model ({str(e).splitlines()[0]})") from None
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i))
@@ -96,8 +101,6 @@ def _sentencepiece_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVoc
         scores.append(-1000.0)
         types.append(T.CONTROL if added.special else T.USER_DEFINED)
     _pad_vocab(tokens, scores, types, vocab_size)
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
     add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
     return GGUFVocab("llama", tokens, scores, [int(t) for t in types], add_space_prefix=add_space_prefix)
 

@@ -78,6 +78,18 @@ def check_architecture(model: str) -> str:
     return model_type
 
 
+def _check_tokenizer_json(model_dir: Path) -> None:
+    """Name the tokenizer file of ``model_dir`` that is not JSON (transformers' error does not say which)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
+                where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+                raise UserError(f"{path}: not valid JSON{where}") from None
+
+
 def load_tokenizer(model: str, *, pad_with_eos: bool = True):
     """The model's tokenizer, as every stage (training, data, export, verify) must see it.
 
@@ -95,6 +107,7 @@ def load_tokenizer(model: str, *, pad_with_eos: bool = True):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
+        _check_tokenizer_json(Path(model))
         raise UserError(f"{model}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     match_sentencepiece(tokenizer)
     if pad_with_eos and tokenizer.pad_token_id is None:

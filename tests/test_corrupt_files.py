@@ -177,3 +177,37 @@ def test_chat_names_a_truncated_adapter(tiny_spm, broken_adapter, capsys):
     adapter_dir, bad = broken_adapter
     code = main(["chat", str(adapter_dir), "--base", str(tiny_spm)])
     _one_line(capsys, code, "chat", bad)
+
+
+# --- tokenizers -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def model_copy(tiny_spm, tmp_path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_spm, copy)
+    return copy
+
+
+def _tokenizer_error(capsys, code: int, command: str) -> str:
+    lines = command_lines(capsys.readouterr().err, command)
+    assert code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_export_names_a_truncated_sentencepiece_model(model_copy, tmp_path, capsys):
+    spm = model_copy / "tokenizer.model"
+    spm.write_bytes(spm.read_bytes()[:100])
+    code = main(["export", str(model_copy), "--type", "f16", "--out", str(tmp_path / "gguf"), "--no-verify"])
+    line = _tokenizer_error(capsys, code, "export")
+    assert line.startswith(f"lowrank export: error: {spm}: not a readable SentencePiece model")
+    assert not list((tmp_path / "gguf").glob("*.gguf")) if (tmp_path / "gguf").exists() else True
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_sft_names_a_garbled_tokenizer_file(model_copy, tmp_path, capsys, name):
+    (model_copy / name).write_text('{"garbled')
+    code = main(["sft", "--model", str(model_copy), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+                 "--quant", "none"])
+    line = _tokenizer_error(capsys, code, "sft")
+    assert line == f"lowrank sft: error: {model_copy / name}: not valid JSON (line 1)"
+    assert not (tmp_path / "out").exists()
