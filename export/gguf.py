@@ -250,12 +250,23 @@ def write_hparams(writer, config: dict, file_type: int) -> None:
 
 # ----------------------------------------------------------------------------- tensors
 
-def tensor_qtype(tensor: SourceTensor, gtype: GGUFType):
+# Types below 8 bits whose output projection is written as Q8_0 instead, as llama.cpp's quantizer keeps it at
+# higher precision (Q6_K, which gguf-py cannot write, or Q8_0 for rows that are not a multiple of 256).
+_OUTPUT_AT_Q8_0 = ("Q4_0", "Q5_0")
+
+
+def output_tensor_name(source: SourceModel) -> str:
+    """The tensor llama.cpp multiplies the last hidden state by: output.weight, or token_embd.weight when tied."""
+    return "output.weight" if any(t.gguf_name == "output.weight" for t in source.tensors) else "token_embd.weight"
+
+
+def tensor_qtype(tensor: SourceTensor, gtype: GGUFType, output_name: str = "output.weight"):
     """The ggml type one tensor is stored as in a file of type ``gtype``.
 
     1-D tensors (norms, biases, rope factors) stay F32, as llama.cpp's converter keeps
     them. Quantized blocks cover 32 elements of a row; a row length that is not a multiple
-    falls back to F16 (as llama.cpp's converter does for Q8_0 / Q4_0 / Q5_0).
+    falls back to F16 (as llama.cpp's converter does for Q8_0 / Q4_0 / Q5_0). In Q4_0 and
+    Q5_0 files the output projection (``output_name``) is Q8_0: its error reaches every logit.
     """
     import gguf
 
@@ -263,6 +274,8 @@ def tensor_qtype(tensor: SourceTensor, gtype: GGUFType):
     if len(tensor.shape) == 1:
         return Q.F32
     qtype = Q[gtype.ggml]
+    if gtype.ggml in _OUTPUT_AT_Q8_0 and tensor.gguf_name == output_name:
+        qtype = Q.Q8_0
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if tensor.shape[-1] % block:
         return Q.F16
@@ -323,7 +336,9 @@ def estimate_file_bytes(source: SourceModel, gtype: GGUFType, vocab: GGUFVocab) 
     if gtype.ggml is None:
         data = sum(math.prod(t.shape) * (4 if len(t.shape) == 1 else gtype.bits_per_weight / 8) for t in source.tensors)
         return int(data) + estimate_vocab_bytes(vocab)
-    return sum(tensor_nbytes(t.shape, tensor_qtype(t, gtype)) + 64 for t in source.tensors) + estimate_vocab_bytes(vocab)
+    output = output_tensor_name(source)
+    return (sum(tensor_nbytes(t.shape, tensor_qtype(t, gtype, output)) + 64 for t in source.tensors)
+            + estimate_vocab_bytes(vocab))
 
 
 # What a killed export leaves: atomic_output's temp files and the f16 intermediate of K-quants.
@@ -349,7 +364,8 @@ def write_direct(source: SourceModel, vocab: GGUFVocab, gtype: GGUFType, path: P
     import gguf
 
     check_disk_space(path, estimate_file_bytes(source, gtype, vocab))
-    plan = [(t, tensor_qtype(t, gtype)) for t in source.tensors]
+    output = output_tensor_name(source)
+    plan = [(t, tensor_qtype(t, gtype, output)) for t in source.tensors]
     with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), source.spec.gguf_arch)
         try:

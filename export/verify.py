@@ -7,8 +7,10 @@ Checks, each reported with numbers (VerifyReport):
 - F32/F16/BF16 files: logits match within a stated tolerance and greedy continuations are
   token-identical for ``greedy_tokens`` tokens (a position where the HF model's own top two
   logits are within that tolerance is a near-tie, reported rather than failed);
-- quantized files: KL divergence and top-1 agreement against a reference (the F16 file
-  when given, else the HF model) and perplexity on held-out text;
+- quantized files: KL divergence and top-1 agreement against a float GGUF (the one given,
+  else an F16 written from the HF model for the check), each held to a limit (see
+  lowrank.export.quality: by default what llama.cpp's own quantization of the same float file
+  measures, plus a margin), and perplexity on held-out text;
 - chat template: the template stored in the file, rendered and tokenized the way
   llama-cpp-python's chat completion does (its Jinja2ChatFormatter, then tokenize with
   special=True and no extra BOS), gives exactly the string and the token ids that training
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrank.errors import UserError
+from lowrank.export import quality
 from lowrank.export.llama import gguf_logits, load_llama
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,11 @@ class VerifyReport:
     kl_divergence: float | None = None  # mean over positions, nats, vs reference
     top1_agreement: float | None = None
     reference: str | None = None
+    kl_limit: float | None = None
+    top1_limit: float | None = None
+    limits_source: str | None = None
+    reference_quant_kl: float | None = None  # llama.cpp's own quantization of the reference, same type and text
+    reference_quant_top1: float | None = None
     perplexity: float | None = None
     perplexity_hf: float | None = None
     chat_template_checked: bool = False
@@ -273,22 +281,43 @@ def _check_greedy(report: VerifyReport, llm, model, tokenizer, greedy_tokens: in
     report.greedy_tokens, report.greedy_identical_tokens, report.greedy_near_ties = len(hf_new), identical, ties
 
 
-def _check_quantized(report: VerifyReport, llm, model, tokenizer, reference_gguf: Path | None, n_threads: int) -> None:
+def _logits_of(path: Path, ids: list[int], n_threads: int) -> np.ndarray:
+    llm = load_llama(path, n_threads=n_threads, n_ctx=max(256, len(ids)))
+    try:
+        return gguf_logits(llm, ids)
+    finally:
+        llm.close()
+
+
+def _check_quantized(report: VerifyReport, llm, model, tokenizer, path: Path, model_dir: Path,
+                     reference_gguf: Path | None, n_threads: int, reference_quant: bool) -> None:
+    """KL and top-1 agreement against a float GGUF, held to limits (lowrank.export.quality); perplexity."""
     ids = tokenizer(HELD_OUT_TEXT)["input_ids"]
     got = gguf_logits(llm, ids)
     report.perplexity = perplexity(got, ids)
-    ref_hf = _hf_logits(model, ids)
-    report.perplexity_hf = perplexity(ref_hf, ids)
-    if reference_gguf is not None:
-        ref_llm = load_llama(reference_gguf, n_threads=n_threads)
-        try:
-            ref = gguf_logits(ref_llm, ids)
-        finally:
-            ref_llm.close()
-        report.reference = str(reference_gguf)
-    else:
-        ref, report.reference = ref_hf, "hf"
-    report.kl_divergence, report.top1_agreement = kl_and_top1(ref, got)
+    report.perplexity_hf = perplexity(_hf_logits(model, ids), ids)
+    with quality.scratch_dir(path) as scratch:
+        if reference_gguf is None:
+            reference_gguf = quality.write_float_reference(model_dir, scratch / "reference-f16.gguf")
+            report.reference = f"F16 of {model_dir}"
+        else:
+            report.reference = str(reference_gguf)
+        ref = _logits_of(reference_gguf, ids, n_threads)
+        report.kl_divergence, report.top1_agreement = kl_and_top1(ref, got)
+        limits = None
+        if reference_quant:
+            made = quality.llama_cpp_quantization(reference_gguf, report.file_type, scratch / "llama-cpp-quant.gguf")
+            if made is not None:
+                limits = quality.relative_limits(report.file_type, *kl_and_top1(ref, _logits_of(made, ids, n_threads)))
+        limits = limits or quality.published_limits(report.file_type)
+    if limits is None:
+        log.warning("%s: no limits for type %s; KL and top-1 are reported only", path, report.file_type)
+        return
+    report.kl_limit, report.top1_limit, report.limits_source = limits.kl, limits.top1, limits.source
+    report.reference_quant_kl, report.reference_quant_top1 = limits.reference_quant_kl, limits.reference_quant_top1
+    report.problems += quality.check_limits(report.kl_divergence, report.top1_agreement, limits,
+                                            "the F16 reference" if report.reference.startswith("F16 of") else
+                                            Path(report.reference).name)
 
 
 def _check_lora_files(lora_gguf: Path, base_gguf: Path) -> str:
@@ -324,11 +353,15 @@ def _check_lora(report: VerifyReport, merged: Path, base_gguf: Path, lora_gguf: 
 def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gguf: str | Path | None = None,
                 chat_template: str | None = None, greedy_tokens: int = 32, n_ctx: int = 256,
                 n_threads: int = 2, lora_gguf: str | Path | None = None,
-                base_gguf: str | Path | None = None, lora_exact: bool = True, hf_model=None) -> VerifyReport:
+                base_gguf: str | Path | None = None, lora_exact: bool = True, hf_model=None,
+                reference_quant: bool = True) -> VerifyReport:
     """Compare ``gguf_path`` with the HF model in ``hf_model_dir``; return the report (never raises on a mismatch).
 
     ``chat_template``: the Jinja template training used (default: the HF tokenizer's own).
-    ``reference_gguf``: the F16 file to measure a quantized file against.
+    ``reference_gguf``: the float (F16/BF16/F32) file to measure a quantized file against; without it an F16
+    is written from ``hf_model_dir`` into a temp dir beside ``gguf_path`` for the check.
+    ``reference_quant``: hold a quantized file to what llama.cpp's own quantization of the reference gives
+    (made in the same temp dir); False: to llama.cpp's published figures for LLaMA 3 8B.
     ``lora_gguf`` with ``base_gguf``: also check that llama.cpp running ``base_gguf`` with the
     adapter ``lora_gguf`` gives the logits of ``gguf_path`` (the merged file). ``lora_exact=False``
     reports the gap without a tolerance (a merge into dequantized nf4/int8 weights differs from
@@ -346,6 +379,9 @@ def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gg
                         "with --lora and the base with --base-gguf")
     if lora_gguf is not None:
         _check_lora_files(Path(lora_gguf), Path(base_gguf))  # bad files fail before any slow work
+    if reference_gguf is not None and file_type_name(check_gguf_file(reference_gguf)) not in quality.FLOAT_TYPES:
+        raise UserError(f"{reference_gguf}: a reference must be a float GGUF (F16, BF16 or F32), not "
+                        f"{file_type_name(check_gguf_file(reference_gguf))}")
     model_dir = Path(hf_model_dir)
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: not a Hugging Face model dir (no config.json)")
@@ -367,7 +403,8 @@ def verify_gguf(gguf_path: str | Path, hf_model_dir: str | Path, *, reference_gg
         if report.file_type in LOGIT_TOLERANCE:
             _check_float_parity(report, llm, model, tokenizer, greedy_tokens)
         else:
-            _check_quantized(report, llm, model, tokenizer, Path(reference_gguf) if reference_gguf else None, n_threads)
+            _check_quantized(report, llm, model, tokenizer, path, model_dir,
+                             Path(reference_gguf) if reference_gguf else None, n_threads, reference_quant)
     finally:
         llm.close()
     if lora_gguf is not None:
@@ -385,7 +422,10 @@ def format_report(report: VerifyReport) -> str:
                      f"greedy: {report.greedy_identical_tokens}/{report.greedy_tokens} tokens identical"
                      + (f", {report.greedy_near_ties} near-tie(s) within tolerance" if report.greedy_near_ties else ""))
     if report.kl_divergence is not None:
-        lines.append(f"  vs {report.reference}: KL {report.kl_divergence:.2e} nats, top-1 agreement {report.top1_agreement:.1%}")
+        limits = (f" (limits: KL <= {report.kl_limit:.2e}, top-1 >= {report.top1_limit:.1%}, from {report.limits_source})"
+                  if report.kl_limit is not None else " (no limits for this type)")
+        lines.append(f"  vs {report.reference}: KL {report.kl_divergence:.2e} nats, top-1 agreement "
+                     f"{report.top1_agreement:.1%}{limits}")
     if report.perplexity is not None:
         lines.append(f"  perplexity on held-out text: {report.perplexity:.2f} (HF model: {report.perplexity_hf:.2f})")
     if report.chat_template_checked:

@@ -105,8 +105,9 @@ TYPE_BOUNDS = {"f32": (1e-6, 1e-9), "f16": (3e-3, 1e-6), "bf16": (2e-2, 1e-5), "
                "q6_k": (0.15, 5e-4), "q5_k_m": (0.25, 1e-3), "q5_0": (0.35, 2e-3), "q4_k_m": (0.45, 4e-3),
                "q4_0": (0.7, 1e-2)}
 # What 2-D tensors are stored as: one ggml type for direct types; llama.cpp's mixes keep some in Q6_K.
-TENSOR_TYPES = {"f32": {"F32"}, "f16": {"F16"}, "bf16": {"BF16"}, "q8_0": {"Q8_0"}, "q5_0": {"Q5_0"},
-                "q4_0": {"Q4_0"}, "q6_k": {"Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q4_k_m": {"Q4_K", "Q6_K"}}
+# Q4_0 and Q5_0 keep the output projection at Q8_0, as llama.cpp keeps it above the file type.
+TENSOR_TYPES = {"f32": {"F32"}, "f16": {"F16"}, "bf16": {"BF16"}, "q8_0": {"Q8_0"}, "q5_0": {"Q5_0", "Q8_0"},
+                "q4_0": {"Q4_0", "Q8_0"}, "q6_k": {"Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q4_k_m": {"Q4_K", "Q6_K"}}
 
 
 @pytest.fixture(scope="module")

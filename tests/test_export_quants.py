@@ -120,7 +120,8 @@ def test_all_finite_agrees_with_isfinite(dtype, monkeypatch):
 
 def test_exported_q_files_hold_gguf_py_bytes_and_q8_0_runs_in_llama_cpp(tiny_bpe, tmp_path):
     """End to end: every 2-D tensor of the Q8_0/Q4_0/Q5_0 files is gguf-py's quantization of the
-    (q/k-permuted) HF weight, and llama.cpp loads the Q8_0 file and gives finite logits."""
+    (q/k-permuted) HF weight, the output projection Q8_0 in every file, and llama.cpp loads the Q8_0
+    file and gives finite logits."""
     import gguf
 
     from lowrank.export.gguf import export_gguf, load_tensor, read_source
@@ -132,11 +133,13 @@ def test_exported_q_files_hold_gguf_py_bytes_and_q8_0_runs_in_llama_cpp(tiny_bpe
     for path, name in zip(paths, ["Q8_0", "Q4_0", "Q5_0"]):
         checked = 0
         for t in gguf.GGUFReader(str(path)).tensors:
-            if t.tensor_type.name == name:
-                want = reference(weights[t.name], name).reshape(-1)
+            if t.name == "output.weight":
+                assert t.tensor_type.name == "Q8_0", (path.name, t.tensor_type.name)
+            if t.tensor_type.name in (name, "Q8_0"):
+                want = reference(weights[t.name], t.tensor_type.name).reshape(-1)
                 np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), want, err_msg=f"{path.name} {t.name}")
                 checked += 1
-        assert checked >= 7, (path, checked)  # every 2-D weight of the tiny model
+        assert checked >= 8, (path, checked)  # every 2-D weight of the tiny model
     llm = load_llama(paths[0], n_threads=1)
     logits = gguf_logits(llm, [1, 2, 3, 4])
     llm.close()

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -200,6 +201,31 @@ def test_failed_verification_shows_in_the_table_and_exits_1(runs):
     code, printed = runs["failed"]
     assert code == 1
     assert "verify FAIL (logits differ by 1.00e-01)" in printed
+
+
+def test_a_quantized_file_that_fails_verification_on_numbers_exits_1(runs, tmp_path, capsys, monkeypatch):
+    """A Q8_0 file whose largest tensor has its block scales negated as it is written: verify FAIL, exit 1."""
+    from lowrank.export import gguf as gguf_module
+
+    from test_verify_quality import scramble_scales
+
+    real = gguf_module.write_direct
+
+    def write_then_break(source, vocab, gtype, path, *args, **kwargs):
+        written = real(source, vocab, gtype, path, *args, **kwargs)
+        if gtype.name == "q8_0":
+            scramble_scales(written, written.with_name("scrambled"))
+            shutil.move(written.with_name("scrambled"), written)
+        return written
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["out"], out)
+    recipe = tmp_path / "q8.yaml"
+    recipe.write_text(runs["recipe"].read_text().replace("export: {type: [f16]}", "export: {type: [f16, q8_0]}"))
+    monkeypatch.setattr(gguf_module, "write_direct", write_then_break)
+    code, printed, _ = _cli([str(recipe), "--output-dir", str(out), "--overwrite"], capsys)
+    assert code == 1
+    assert re.search(r"verify FAIL \(.*KL to run-f16.gguf \S+ nats exceeds the limit", printed), printed
 
 
 def test_changed_settings_of_a_finished_stage_are_refused_without_overwrite(runs, tmp_path, capsys):
