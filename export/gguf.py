@@ -54,10 +54,16 @@ TYPES: dict[str, GGUFType] = {
     "q8_0": GGUFType("q8_0", "Q8_0", "MOSTLY_Q8_0", 8.5),
     "q5_0": GGUFType("q5_0", "Q5_0", "MOSTLY_Q5_0", 5.5),
     "q4_0": GGUFType("q4_0", "Q4_0", "MOSTLY_Q4_0", 4.5),
-    # Average bits per weight of llama.cpp's mixes (llama.cpp tools/quantize README, 7B).
+    # Average bits per weight of llama.cpp's mixes (llama.cpp tools/quantize README, 7B; the smaller types from
+    # the file sizes of LLaMA 3 8B, 8.03e9 weights, in llama.cpp's examples/perplexity/README.md).
     "q6_k": GGUFType("q6_k", None, "MOSTLY_Q6_K", 6.56),
     "q5_k_m": GGUFType("q5_k_m", None, "MOSTLY_Q5_K_M", 5.69),
     "q4_k_m": GGUFType("q4_k_m", None, "MOSTLY_Q4_K_M", 4.89),
+    "q4_k_s": GGUFType("q4_k_s", None, "MOSTLY_Q4_K_S", 4.67),
+    "iq4_xs": GGUFType("iq4_xs", None, "MOSTLY_IQ4_XS", 4.43),
+    "q3_k_m": GGUFType("q3_k_m", None, "MOSTLY_Q3_K_M", 4.00),
+    "q3_k_s": GGUFType("q3_k_s", None, "MOSTLY_Q3_K_S", 3.66),
+    "q2_k": GGUFType("q2_k", None, "MOSTLY_Q2_K", 3.17),
 }
 
 
