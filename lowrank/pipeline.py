@@ -133,6 +133,7 @@ class TaskConfig:
     name: str = field(default="sort", metadata={"help": "task: sort, reverse or add"})
     seed: int | None = field(default=None, metadata={"help": "seed of the problems (default: the pipeline's)"})
     sizes: dict[str, int] = field(default_factory=dict, metadata={"help": "problems per file (pretrain, sft, eval, preferences, prompts); default lowrank.tasks.DEFAULT_SIZES"})
+    length: list[int] | None = field(default=None, metadata={"help": "difficulty: [low, high] letters per problem (sort, reverse; default [3, 6]) or digits per operand (add; default [1, 2])"})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "length limit of a greedy answer when measuring accuracy"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when measuring accuracy"})
 
@@ -347,13 +348,14 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
 
 
 def _check_task(config: TaskConfig, source: str) -> None:
-    """lowrank.tasks' own check of the name and sizes, its message prefixed with the recipe."""
+    """lowrank.tasks' own check of the name, sizes and length, its message prefixed with the recipe."""
     from lowrank import tasks
 
     if not isinstance(config.sizes, dict):
         raise UserError(f"{source}: task.sizes must map files to problem counts, e.g. {{eval: 100}}")
     try:
         tasks._check(config.name, config.sizes)
+        tasks.check_length(config.name, config.length)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
 

@@ -64,22 +64,23 @@ def _letters(rng: random.Random, low: int, high: int) -> list[str]:
     return rng.sample(string.ascii_lowercase, rng.randint(low, high))
 
 
-def _sort_problem(rng: random.Random) -> Problem:
-    letters = _letters(rng, 3, 6)
+def _sort_problem(rng: random.Random, length: tuple[int, int] = (3, 6)) -> Problem:
+    letters = _letters(rng, *length)
     answer = " ".join(sorted(letters))
     return Problem(answer, f"Sort these letters: {' '.join(letters)}", answer,
                    f"sort: {' '.join(letters)} = {answer}", tuple(letters))
 
 
-def _reverse_problem(rng: random.Random) -> Problem:
-    letters = _letters(rng, 3, 6)
+def _reverse_problem(rng: random.Random, length: tuple[int, int] = (3, 6)) -> Problem:
+    letters = _letters(rng, *length)
     answer = " ".join(reversed(letters))
     return Problem(answer, f"Reverse these letters: {' '.join(letters)}", answer,
                    f"reverse: {' '.join(letters)} = {answer}", tuple(letters))
 
 
-def _add_problem(rng: random.Random) -> Problem:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def _add_problem(rng: random.Random, length: tuple[int, int] = (1, 2)) -> Problem:
+    low, high = 10 ** (length[0] - 1) if length[0] > 1 else 0, 10 ** length[1] - 1
+    a, b = rng.randint(low, high), rng.randint(low, high)
     key = f"{min(a, b)}+{max(a, b)}"  # 3 + 5 and 5 + 3 are one problem
     return Problem(key, f"What is {a} plus {b}?", str(a + b), f"{a} + {b} = {a + b}", (a, b))
 
@@ -133,6 +134,9 @@ _GENERATORS: dict[str, tuple[Callable[[random.Random], Problem], Callable[[Probl
 }
 TASKS: tuple[str, ...] = tuple(_GENERATORS)
 DEFAULT_TASK = "sort"
+# The difficulty knob: letters per problem (sort, reverse) or digits per operand (add), low to high.
+DEFAULT_LENGTH = {"sort": (3, 6), "reverse": (3, 6), "add": (1, 2)}
+MAX_LENGTH = {"sort": 26, "reverse": 26, "add": 9}
 # How many problems go into each file by default (the demo's sizes).
 DEFAULT_SIZES = {"pretrain": 20000, "sft": 1000, "eval": 200, "preferences": 1500, "prompts": 500}
 PRACTICE_PER_DOCUMENT = 8  # practice problems per pretraining document (one per line)
@@ -149,19 +153,41 @@ def _check(name: str, sizes: dict) -> dict[str, int]:
     return {**DEFAULT_SIZES, **sizes}
 
 
+def check_length(name: str, length) -> tuple[int, int]:
+    """``length`` ([low, high], or None for the task's default) as a checked (low, high)."""
+    if length is None:
+        return DEFAULT_LENGTH[name]
+    what = "digits per operand" if name == "add" else "letters per problem"
+    if (not isinstance(length, (list, tuple)) or len(length) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in length)):
+        raise UserError(f"task: length must be [low, high], the {what}, got {length!r}")
+    low, high = length
+    if not 1 <= low <= high <= MAX_LENGTH[name]:
+        raise UserError(f"task: length [{low}, {high}] must have 1 <= low <= high <= {MAX_LENGTH[name]} ({what})")
+    return low, high
+
+
 # --------------------------------------------------------------------------------------------
 # Writing the files
 # --------------------------------------------------------------------------------------------
 
-def generate(name: str = DEFAULT_TASK, seed: int = 0, **sizes: int) -> dict[str, list[dict]]:
+def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int) -> dict[str, list[dict]]:
     """The records of every file, by file name (see the module docstring); deterministic for a seed.
+
+    ``length`` ([low, high]): letters per problem (sort, reverse) or digits per operand (add); the
+    difficulty knob (default DEFAULT_LENGTH).
 
     The held-out problems are drawn first; every other file draws only problems whose key is not
     held out. Problems may repeat across the training files (pretraining practice, SFT,
     preferences, prompts): they are one training pool.
     """
     sizes = _check(name, sizes)
-    make_problem, make_wrong = _GENERATORS[name]
+    length = check_length(name, length)
+    generator, make_wrong = _GENERATORS[name]
+
+    def make_problem(rng: random.Random) -> Problem:
+        return generator(rng, length)
+
     rng = random.Random(f"lowrank-task-{name}-{seed}")
     held_out: dict[str, Problem] = {}
     for _ in range(100 * sizes["eval"]):  # the problem space is large: this never runs dry in practice
@@ -206,7 +232,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, **sizes: int) -> dict[str, Path]:
+def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int) -> dict[str, Path]:
     """Write the task's files (``<file>.jsonl`` for each of FILES) to ``out_dir``; return their paths by file.
 
     Every file is written to a temporary name and renamed; ``task.json`` (task, seed, sizes and
@@ -214,11 +240,12 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, **sizes: 
     and the files still match their digests, nothing is rewritten.
     """
     full_sizes = _check(name, sizes)
+    length = list(check_length(name, length))
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: task dir is a file; choose another dir")
     paths = {file: out / f"{file}.jsonl" for file in FILES}
-    wanted = {"version": VERSION, "task": name, "seed": seed, "sizes": full_sizes}
+    wanted = {"version": VERSION, "task": name, "seed": seed, "sizes": full_sizes, "length": length}
     marker = out / MARKER
     if marker.is_file():
         try:
@@ -233,7 +260,7 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, **sizes: 
     try:
         out.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
-        records = generate(name, seed, **full_sizes)
+        records = generate(name, seed, length, **full_sizes)
         for file, path in paths.items():
             _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[file]))
         summary = {**wanted, "digests": {f: _digest(p) for f, p in paths.items()},

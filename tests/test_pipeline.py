@@ -365,6 +365,12 @@ def test_unknown_task_size_is_refused(tmp_path, capsys):
     assert message == f"{tmp_path / 'recipe.yaml'}: task: unknown size 'evl'; sizes are {', '.join(DEFAULT_SIZES)}"
 
 
+def test_bad_task_length_is_refused_before_anything_runs(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - task: {length: [6, 3]}\n  - sft: {}\n")
+    assert message == (f"{tmp_path / 'recipe.yaml'}: task: length [6, 3] must have 1 <= low <= high <= 26 "
+                       "(letters per problem)")
+
+
 def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
     message = _refused(tmp_path, capsys, None, "--model", str(tmp_path / "no-such-model"))
     assert message.startswith(str(tmp_path / "no-such-model"))

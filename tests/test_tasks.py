@@ -236,3 +236,52 @@ def test_a_task_dir_of_an_older_version_is_rewritten(tmp_path):
     write_task(tmp_path, "sort", seed=0, **SMALL)
     assert all("answer" in r for r in _read(paths["prompts"]))
     assert json.loads(marker.read_text())["version"] == VERSION
+
+
+# --- the difficulty knob ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, length", [("sort", [7, 9]), ("reverse", [2, 2]), ("add", [3, 4])])
+def test_length_sets_the_letters_or_digits_of_every_problem(name, length):
+    low, high = length
+    records = generate(name, seed=0, length=length, **SMALL)
+    for record in records["sft"] + records["eval"] + records["prompts"]:
+        answer = record.get("output", record.get("answer"))
+        if name == "add":
+            a, b = map(int, re.findall(r"\d+", record.get("instruction", record.get("prompt"))))
+            assert all(low <= len(str(n)) <= high for n in (a, b)), record
+            assert answer == str(a + b)
+        else:
+            assert low <= len(answer.split()) <= high, record
+    seen = {len(r["output"].split()) for r in records["sft"]} if name != "add" else set()
+    assert name == "add" or seen == set(range(low, high + 1))  # the whole range is drawn
+
+
+def test_default_length_is_the_shipped_task(tmp_path):
+    assert generate("sort", seed=5, **SMALL) == generate("sort", seed=5, length=[3, 6], **SMALL)
+
+
+def test_another_length_rewrites_the_task_dir(tmp_path):
+    paths = write_task(tmp_path, "sort", seed=0, **SMALL)
+    write_task(tmp_path, "sort", seed=0, length=[8, 10], **SMALL)
+    assert json.loads((tmp_path / "task.json").read_text())["length"] == [8, 10]
+    assert all(len(r["output"].split()) >= 8 for r in _read(paths["sft"]))
+
+
+@pytest.mark.parametrize("length, message", [
+    (5, r"length must be \[low, high\], the letters per problem, got 5"),
+    ([3], r"length must be \[low, high\]"),
+    ([3, "6"], r"length must be \[low, high\]"),
+    ([True, 6], r"length must be \[low, high\]"),
+    ([6, 3], r"length \[6, 3\] must have 1 <= low <= high <= 26 \(letters per problem\)"),
+    ([0, 3], r"length \[0, 3\] must have 1 <= low"),
+    ([3, 27], r"length \[3, 27\] must have 1 <= low <= high <= 26"),
+], ids=["not-a-list", "one-number", "a-string", "a-bool", "low-above-high", "zero", "above-the-alphabet"])
+def test_bad_length_is_refused(tmp_path, length, message):
+    with pytest.raises(UserError, match=message):
+        write_task(tmp_path, "sort", length=length, **SMALL)
+    assert not (tmp_path / "task.json").exists()
+
+
+def test_more_digits_than_the_add_task_allows_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"length \[1, 10\] must have 1 <= low <= high <= 9 \(digits per operand\)"):
+        write_task(tmp_path, "add", length=[1, 10], **SMALL)

@@ -118,7 +118,7 @@ def run_stage(stage, stages: dict, resume: bool) -> None:
     if stage.name == "task":
         from lowrank.tasks import write_task
 
-        write_task(stage.dir, config.name, config.seed, **config.sizes)
+        write_task(stage.dir, config.name, config.seed, config.length, **config.sizes)
     elif stage.name in SHOWN:
         from lowrank.dpo import train_dpo
         from lowrank.grpo import train_grpo
