@@ -49,7 +49,7 @@ def _architecture_problem(path: str) -> str:
 
     return (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) cannot run {path}: its architecture "
             f"'{arch}' (general.architecture) is unknown to it or the file is incomplete; "
-            "export a llama, mistral or qwen2 model")
+            "export a llama, mistral, qwen2 or qwen3 model")
 
 
 class GGUFBackend(ChatBackend):

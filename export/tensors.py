@@ -37,10 +37,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": ArchitectureSpec("llama", permute_qk=True, has_qkv_bias=False),
     "mistral": ArchitectureSpec("llama", permute_qk=True, has_qkv_bias=False),
     "qwen2": ArchitectureSpec("qwen2", permute_qk=False, has_qkv_bias=True),
+    # Qwen3: Qwen2 without the q/k/v biases, with an RMSNorm over each head's q and k (q_norm, k_norm) before
+    # rope, and a head_dim of its own (written as key/value_length when it is not hidden / heads).
+    "qwen3": ArchitectureSpec("qwen3", permute_qk=False, has_qkv_bias=False),
 }
 
-# (HF name pattern, GGUF name). Shared by llama, mistral and qwen2 (they use the same HF
-# module names); tensors an architecture lacks (biases for llama) simply never occur.
+# (HF name pattern, GGUF name). Shared by llama, mistral, qwen2 and qwen3 (they use the same HF
+# module names); tensors an architecture lacks (biases for llama, q/k norms but in qwen3) never occur.
 TENSOR_NAME_TABLE: list[tuple[str, str]] = [
     (r"model\.embed_tokens\.weight", "token_embd.weight"),
     (r"model\.norm\.weight", "output_norm.weight"),
@@ -50,6 +53,8 @@ TENSOR_NAME_TABLE: list[tuple[str, str]] = [
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", "blk.{bid}.attn_k.{kind}"),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", "blk.{bid}.attn_v.{kind}"),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{bid}.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{bid}.attn_q_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{bid}.attn_k_norm.weight"),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{bid}.ffn_norm.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{bid}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{bid}.ffn_up.weight"),

@@ -157,7 +157,7 @@ def _bpe_tokenizer(vocab_size: int, qwen: bool = False):
 
 
 def _config(arch: str, vocab_size: int, tokenizer, **shape):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -179,7 +179,10 @@ def _config(arch: str, vocab_size: int, tokenizer, **shape):
         return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
     if arch == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
-    raise ValueError(f"tiny models come in llama, mistral and qwen2, not {arch!r}")
+    if arch == "qwen3":  # a head_dim of its own, as Qwen3 has (128 for 40 heads of a 5120-wide model)
+        return Qwen3Config(**common, head_dim=2 * shape["hidden_size"] // shape["num_heads"], rope_theta=1000000.0,
+                           use_sliding_window=False, attention_bias=False)
+    raise ValueError(f"tiny models come in llama, mistral, qwen2 and qwen3, not {arch!r}")
 
 
 def build_tiny_model(
@@ -196,8 +199,13 @@ def build_tiny_model(
     max_position_embeddings: int = 512,
     vocab_size: int = 1000,
     seed: int = 0,
+    random_norms: bool = False,
 ) -> Path:
-    """Write a tiny Hugging Face model dir (config, fp32 safetensors, tokenizer) and return its path."""
+    """Write a tiny Hugging Face model dir (config, fp32 safetensors, tokenizer) and return its path.
+
+    ``random_norms``: norm weights drawn around 1 (1 + 0.3 N(0, 1)) instead of transformers' ones, so that a
+    norm written under the wrong name or axis changes the logits (export tests of q/k norms).
+    """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -207,7 +215,7 @@ def build_tiny_model(
         if tokenizer == "spm":
             tok, model_file = _spm_tokenizer(Path(work), vocab_size)
         elif tokenizer == "bpe":
-            tok, model_file = _bpe_tokenizer(vocab_size, qwen=arch == "qwen2"), None
+            tok, model_file = _bpe_tokenizer(vocab_size, qwen=arch in ("qwen2", "qwen3")), None
         else:
             raise ValueError(f"tokenizer must be 'spm' or 'bpe', not {tokenizer!r}")
         tok.model_max_length = max_position_embeddings
@@ -224,6 +232,11 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if random_norms:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(0.3 * torch.randn_like(param))
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

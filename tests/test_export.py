@@ -34,6 +34,9 @@ CASES = {
                                  ["f16", "q4_k_m"], "llama2"),
     # Qwen2: NEOX rope (no q/k permutation), q/k/v biases, the Qwen2 pre-tokenizer, ChatML, no BOS.
     "qwen2-bpe-tied": Case(dict(tokenizer="bpe", arch="qwen2", tie_word_embeddings=True), ["f32", "q5_0"], None),
+    # Qwen3: no biases, an RMSNorm over each head's q and k (random here, so a mis-wired one shows), and a
+    # head_dim twice hidden / heads (key_length / value_length in the GGUF).
+    "qwen3-bpe-qknorm": Case(dict(tokenizer="bpe", arch="qwen3", random_norms=True), ["f32", "q8_0"], None),
 }
 
 

@@ -1,0 +1,41 @@
+"""Each supported model family end to end, as a user takes it: SFT of a LoRA on an nf4 base, merge, export to
+F16 + Q8_0 + Q4_K_M, and every file verified in llama.cpp (tokenization on the built-in texts, F32/F16
+logits and greedy continuation, chat-template token ids, and the quantized files' KL and top-1 limits)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lowrank.cli import main
+
+FAMILIES = {
+    "llama3": dict(tokenizer="bpe"),  # byte-level BPE with LLaMA-3's pre-tokenizer and template
+    "llama2": dict(tokenizer="spm"),  # SentencePiece
+    "mistral": dict(tokenizer="spm", arch="mistral", num_kv_heads=4),
+    "qwen2": dict(tokenizer="bpe", arch="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(tokenizer="bpe", arch="qwen3", random_norms=True),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sft_on_nf4_merge_export_and_verify(family, tiny_model_factory, tmp_path, capsys, sample_data):
+    base = tiny_model_factory(**FAMILIES[family])
+    adapter, merged, gguf = tmp_path / "sft", tmp_path / "merged", tmp_path / "gguf"
+    assert main(["sft", "--model", str(base), "--data", str(sample_data["alpaca"]), "--quant", "nf4",
+                 "--max-steps", "2", "--batch-size", "2", "--max-length", "96", "--lora-r", "4", "--eval-every", "0",
+                 "--no-gradient-checkpointing", "--output-dir", str(adapter)]) == 0
+    assert json.loads((adapter / "lowrank.json").read_text())["stage"] == "sft"
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    code = main(["export", str(merged), "--type", "f16,q8_0,q4_k_m", "--out", str(gguf), "--name", "m"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for kind in ("F16", "Q8_0", "Q4_K_M"):
+        assert f"m-{kind.lower()}.gguf ({kind}): PASS" in out, out
+    # A greedy token that differs only within the logit tolerance (a near-tie of the HF model) passes.
+    assert re.search(r"logits: max relative diff \S+ \(tolerance \S+\); greedy: \d+/32 tokens identical", out), out
+    assert out.count("chat template: identical rendering and token ids") == 3
+    assert len(re.findall(r"tokenization: (\d+)/\1 texts identical", out)) == 3
