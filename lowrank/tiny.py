@@ -174,6 +174,10 @@ def _config(arch: str, vocab_size: int, tokenizer, **shape):
         initializer_range=0.02,
     )
     if arch == "llama":
+        if shape.get("rope_llama3"):  # LLaMA 3.1-style scaling: long wavelengths divided by 8, on a short window
+            return LlamaConfig(**common, rope_parameters={
+                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
         return LlamaConfig(**common, rope_theta=10000.0)
     if arch == "mistral":
         return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
@@ -200,11 +204,14 @@ def build_tiny_model(
     vocab_size: int = 1000,
     seed: int = 0,
     random_norms: bool = False,
+    rope_llama3: bool = False,
 ) -> Path:
     """Write a tiny Hugging Face model dir (config, fp32 safetensors, tokenizer) and return its path.
 
     ``random_norms``: norm weights drawn around 1 (1 + 0.3 N(0, 1)) instead of transformers' ones, so that a
     norm written under the wrong name or axis changes the logits (export tests of q/k norms).
+    ``rope_llama3`` (llama only): LLaMA 3.1's rope scaling, with an original window of 32 positions so that
+    it changes the logits of short texts.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -229,6 +236,7 @@ def build_tiny_model(
         intermediate_size=intermediate_size or 4 * ((8 * hidden_size // 3 + 3) // 4),
         num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        rope_llama3=rope_llama3,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -12,7 +12,8 @@ import pytest
 from lowrank.cli import main
 
 FAMILIES = {
-    "llama3": dict(tokenizer="bpe"),  # byte-level BPE with LLaMA-3's pre-tokenizer and template
+    # Byte-level BPE with LLaMA-3's pre-tokenizer and template, and LLaMA 3.1's rope scaling (rope_freqs).
+    "llama3": dict(tokenizer="bpe", rope_llama3=True),
     "llama2": dict(tokenizer="spm"),  # SentencePiece
     "mistral": dict(tokenizer="spm", arch="mistral", num_kv_heads=4),
     "qwen2": dict(tokenizer="bpe", arch="qwen2", tie_word_embeddings=True),
