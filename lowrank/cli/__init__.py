@@ -18,6 +18,10 @@ import warnings
 
 from lowrank.errors import UserError
 
+# What `lowrank --help` says the tool is for (the docstring above is about this module).
+DESCRIPTION = ("Fine-tune LLaMA-class models with LoRA or QLoRA (SFT, reward model, PPO, GRPO, DPO) on one GPU "
+               "or a CPU, merge the adapters, export GGUF files for llama.cpp, and chat with the result.")
+
 # subcommand name -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lowrank.cli.pipeline", "run a recipe: every stage (task, pretrain, SFT, reward, PPO, merge, export, verify), each skipped when finished"),
@@ -48,7 +52,7 @@ def _load(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lowrank", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
