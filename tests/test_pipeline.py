@@ -431,6 +431,14 @@ def test_flags_override_the_recipe_and_stage_fields_fill_stage_configs(tmp_path)
     assert (configs["export"].type, configs["export"].name, configs["export"].verify) == (["q8_0"], "run", False)
 
 
+def test_the_sft_line_names_its_base_in_words(tmp_path):
+    from lowrank.cli.pipeline import describe
+
+    for quant, words in (("none", "(unquantized)"), ("nf4", "(4-bit NF4, QLoRA)"), ("int8", "(8-bit)")):
+        _, stages = _plan(tmp_path, "stages: [sft]\n", "--quant", quant)
+        assert describe(stages["sft"]).startswith(f"LoRA on tiny {words} with "), describe(stages["sft"])
+
+
 def test_config_flag_names_the_recipe_too(tmp_path, capsys):
     from lowrank.cli import build_parser
     from lowrank.cli.pipeline import build_pipeline_config

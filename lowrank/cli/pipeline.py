@@ -91,12 +91,17 @@ SHOWN = {
 }
 
 
+# how the base of a training stage is named in its line (the pipeline has resolved "auto")
+BASE_WORDS = {"nf4": "4-bit NF4, QLoRA", "int8": "8-bit", "none": "unquantized"}
+
+
 def describe(stage) -> str:
     c = stage.config
     return {
         "task": lambda: f"'{c.name}' problems (seed {c.seed}) -> {stage.dir}",
         "pretrain": lambda: f"every weight of {c.model} on {c.data}",
-        "sft": lambda: f"LoRA on {c.model} ({c.quant} base) with {c.data or 'the shipped alpaca sample'}",
+        "sft": lambda: (f"LoRA on {c.model} ({BASE_WORDS.get(c.quant, c.quant)}) with "
+                        f"{c.data or 'the shipped alpaca sample'}"),
         "reward": lambda: f"reward model on {c.data}" + (" from the SFT adapter" if c.sft_adapter else ""),
         "ppo": lambda: f"policy against the reward model, {c.steps} steps of {c.rollout_batch_size * c.samples_per_prompt} rollouts",
         "dpo": lambda: f"policy on the preference pairs ({c.loss} loss, beta {c.beta}), reference: the SFT adapter",
