@@ -21,7 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank.apps.backends import ChatBackend, SamplingConfig, find_models, load_backend
+from lowrank.apps.backends import ChatBackend, SamplingConfig
+from lowrank.apps.loading import find_models, load_backend
 from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ class AppConfig:
     share: bool = field(default=False, metadata={"help": "ask Gradio for a public share link (off unless given)"})
     keep_loaded: int = field(default=2, metadata={"help": "models kept in memory at once (a compare needs 2)"})
     queue_size: int = field(default=32, metadata={"help": "requests waiting in the queue before new ones are refused"})
+
+    def __post_init__(self):
+        if not 1 <= self.port <= 65535:
+            raise UserError(f"--port must lie in 1-65535, got {self.port}")
+        for name in ("keep_loaded", "queue_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 class ModelPool:

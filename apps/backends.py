@@ -4,7 +4,7 @@ The terminal chat and the Gradio page only talk to :class:`ChatBackend`. What th
 two kinds share lives here: formatting a conversation with the model's own chat
 template, the stop strings that end a turn, fitting a long conversation into the
 context, timing a reply. The kind-specific parts are in ``gguf_backend.py`` and
-``hf_backend.py``; :func:`load_backend` picks one from what is on disk.
+``hf_backend.py``; ``loading.load_backend`` picks one from what is on disk.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file (gguf spec, "File Structure")
-
-
 @dataclass
 class SamplingConfig:
     """How a reply is sampled; the same fields for both backends."""
@@ -36,6 +33,14 @@ class SamplingConfig:
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling: keep the smallest set of tokens with this much probability"})
     max_tokens: int = field(default=256, metadata={"help": "most tokens in one reply"})
     seed: int | None = field(default=None, metadata={"help": "sampling seed (random when not given)"})
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be at least 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must lie in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1, got {self.max_tokens}")
 
 
 def render_chat(template: str, messages: list[dict], *, bos_token: str, eos_token: str,
@@ -249,54 +254,3 @@ def _one_step_at_a_time(pieces: Iterator[str], lock: threading.RLock) -> Iterato
     finally:
         with lock:
             pieces.close()
-
-
-def sniff_model(path: str | Path) -> str:
-    """"gguf", "adapter" or "model" for what lies at ``path``; UserError when it is none of them."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such file or directory; give a .gguf file, an adapter dir or a model dir")
-    if p.is_dir():
-        if (p / "adapter_config.json").is_file():
-            return "adapter"
-        if (p / "config.json").is_file():
-            return "model"
-        raise UserError(f"{p} is a directory but holds neither an adapter (adapter_config.json) "
-                        "nor a model (config.json)")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise UserError(f"{p} is not a GGUF file (it does not start with the bytes 'GGUF'); "
-                        "write one with `lowrank export` or give an adapter dir")
-    return "gguf"
-
-
-def load_backend(path: str | Path, *, base: str | None = None, n_ctx: int | None = None,
-                 n_threads: int | None = None, device: str | None = None) -> ChatBackend:
-    """Load whatever is at ``path``: a GGUF file, an adapter dir (on ``base`` or the one its lowrank.json
-    names) or a plain/merged Hugging Face model dir."""
-    kind = sniff_model(path)
-    if kind == "gguf":
-        from lowrank.apps.gguf_backend import GGUFBackend
-
-        return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads)
-    from lowrank.apps.hf_backend import HFBackend
-
-    return HFBackend(str(path), base=base, n_ctx=n_ctx, device=device, n_threads=n_threads)
-
-
-def find_models(root: str | Path) -> list[Path]:
-    """GGUF files, adapter dirs and model dirs under ``root``, sorted; what the app's model picker lists."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"--models-dir {root}: not a directory")
-    found = []
-    for p in sorted(root.rglob("*")):
-        if any(part.startswith(".") for part in p.relative_to(root).parts):
-            continue  # temporary outputs of an unfinished write are hidden names
-        if p.is_file() and p.suffix.lower() == ".gguf":
-            found.append(p)
-        elif p.is_dir() and ((p / "adapter_config.json").is_file()
-                             or ((p / "config.json").is_file() and any(p.glob("*.safetensors")))):
-            found.append(p)
-    return found

@@ -16,25 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lowrank import runrecord
 from lowrank.apps.backends import ChatBackend, SamplingConfig, turn_stop_strings
 from lowrank.errors import UserError
 from lowrank.files import check_weights_dir
+from lowrank.runrecord import RunRecord
 
 log = logging.getLogger(__name__)
 
 
-def read_adapter_meta(adapter_dir: Path) -> dict:
-    """The adapter's lowrank.json, or {} for an adapter trained elsewhere."""
-    meta_path = adapter_dir / "lowrank.json"
-    if not meta_path.is_file():
-        return {}
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e}); the adapter's run did not finish writing it") from e
-
-
-def base_of(adapter_dir: Path, meta: dict) -> str | None:
+def base_of(adapter_dir: Path, record: RunRecord | None) -> str | None:
     """The base model an adapter was trained on.
 
     lowrank's stages record ``"base": {"id", "path", "digest"}`` in lowrank.json: ``path`` is the
@@ -42,9 +33,7 @@ def base_of(adapter_dir: Path, meta: dict) -> str | None:
     (a hub id or ``tiny``, which resolve on any machine). The path wins while it is still there.
     Without that record (an adapter made elsewhere), peft's adapter_config.json says.
     """
-    from lowrank.models import recorded_base
-
-    path, model_id = recorded_base(meta).get("path"), recorded_base(meta).get("id")
+    path, model_id = (record.base.path, record.base.id) if record else (None, None)
     if path and (Path(path).expanduser() / "config.json").is_file():
         return path
     if model_id or path:
@@ -54,32 +43,6 @@ def base_of(adapter_dir: Path, meta: dict) -> str | None:
     except (OSError, json.JSONDecodeError):
         return None
     return config.get("base_model_name_or_path") or None
-
-
-def check_base_digest(adapter_dir: Path, meta: dict, base_path: str) -> None:
-    """Refuse a base other than the one training recorded (its digest): a LoRA loads silently onto
-    any base of the same shapes, and would then just talk nonsense."""
-    from lowrank.models import base_digest_mismatch, recorded_base
-
-    if not (Path(base_path) / "config.json").is_file():
-        return  # a hub id: digesting it would need the network
-    mismatch = base_digest_mismatch(meta, base_path)
-    if mismatch:
-        recorded, actual = mismatch
-        raise UserError(f"adapter {adapter_dir} was trained on base '{recorded_base(meta).get('id')}' (digest "
-                        f"{recorded[:12]}), not on '{base_path}' (digest {actual[:12]}); "
-                        "pass the base it was trained on with --base DIR")
-
-
-def template_of(meta: dict) -> tuple[str, str] | None:
-    """(jinja, where it came from) from lowrank.json's "chat_template" (a string or {"name", "jinja"})."""
-    value = meta.get("chat_template")
-    if isinstance(value, dict):
-        jinja = value.get("jinja") or value.get("template")
-        return (jinja, f"{value.get('name', 'recorded')} from lowrank.json") if jinja else None
-    if isinstance(value, str) and value:
-        return value, "from lowrank.json"
-    return None
 
 
 def _check_base(base: str, adapter_dir: Path) -> str:
@@ -105,19 +68,21 @@ class HFBackend(ChatBackend):
         self.path = path
         directory = Path(path)
         start = time.perf_counter()
-        meta: dict = {}
+        record = None
         if (directory / "adapter_config.json").is_file():
             self.kind = "adapter"
-            meta = read_adapter_meta(directory)
-            if meta.get("stage") == "reward":
+            record = runrecord.read_optional(directory)
+            if record and record.stage == "reward":
                 raise UserError(f"{path} is a reward adapter (stage 'reward' in lowrank.json): it scores "
                                 "replies but does not write them; chat with an SFT or PPO adapter")
-            base = base or base_of(directory, meta)
+            base = base or base_of(directory, record)
             if not base:
                 raise UserError(f"adapter {path} does not name its base model (no base in lowrank.json or "
                                 "adapter_config.json); pass it with --base DIR")
             base_path = _check_base(base, directory)
-            check_base_digest(directory, meta, base_path)
+            if (Path(base_path) / "config.json").is_file():  # a hub id: digesting it would need the network
+                runrecord.check_base(record, f"adapter {directory}", base=base_path,
+                                     hint="pass the base it was trained on with --base DIR")
         else:
             self.kind, base_path = "model", path
         if n_threads:
@@ -149,9 +114,10 @@ class HFBackend(ChatBackend):
         self.n_ctx = min(n_ctx, trained_ctx) if n_ctx else trained_ctx
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
-        recorded = template_of(meta)
+        recorded = record.chat_template if record else None
         if recorded:
-            self.template, self.template_source = recorded
+            self.template = recorded.jinja
+            self.template_source = f"{recorded.name or 'recorded'} from {runrecord.RECORD_FILE}"
         else:  # what training's --template auto picks: the tokenizer's own, else the default built-in
             from lowrank.templates import resolve_template
 

@@ -65,13 +65,13 @@ def export_lora_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: st
     import gguf
 
     from lowrank.export.gguf import atomic_output
-    from lowrank.models import model_digest, recorded_base
+    from lowrank.models import model_digest
     from lowrank.quantize.merge import base_tensor_shapes, resolve_base_dir
 
     base = resolve_base_dir(str(base_dir))
     config = read_json(base / "config.json")
     adapter = load_lora_adapter(adapter_dir)
-    digest = model_digest(str(base)) if recorded_base(adapter.meta).get("digest") else None
+    digest = model_digest(str(base)) if adapter.record and adapter.record.base.digest else None
     check_against_base(adapter, base_tensor_shapes(base), digest)
     arch = tensors.architecture_spec(config.get("model_type")).gguf_arch
     pairs = list(lora_gguf_tensors(adapter, config))

@@ -105,17 +105,49 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
     values.update({k: v for k, v in overrides.items() if v is not None})
     hints = typing.get_type_hints(cls)
     for name, value in list(values.items()):
-        tp = _scalar_type(hints[name])
-        try:
-            if tp is list and isinstance(value, str):
-                values[name] = [x.strip() for x in value.split(",") if x.strip()]
-            elif tp in (int, float) and not isinstance(value, bool) and value is not None:
-                values[name] = tp(value)
-            elif tp is bool and not isinstance(value, bool):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise UserError(f"{source}: field '{name}' must be {tp.__name__}, got {value!r}") from None
+        if typing.get_origin(hints[name]) is not dict:  # a mapping field (task sizes) is its stage's to check
+            values[name] = _typed(value, _scalar_type(hints[name]), f"{source}: field '{name}'")
     return cls(**values)
+
+
+def _typed(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as the field's type ``tp``, or a UserError: no silent truncation (2.5 for an int), no
+    bool for a number (YAML's ``yes``), no list or mapping for a single value."""
+    if value is None:
+        return None
+    if tp is list:
+        if isinstance(value, str):
+            return [x.strip() for x in value.split(",") if x.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                                    for x in value):
+            return list(value)
+    elif isinstance(value, bool):
+        if tp is bool:
+            return value
+    elif tp is int:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        if isinstance(value, (int, float)):  # a name that YAML read as a number (a seed-like id, a version)
+            return str(value)
+    elif tp is not bool:
+        return value
+    raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -142,3 +174,35 @@ def parse_size(text, flag: str, *, bare: str = "b") -> int:
         raise UserError(f"{flag}: cannot read size '{text}'; write a positive size such as 4GB (10^9 bytes) "
                         f"or 4GiB (2^30 bytes)" + (f"; a bare number is {bare}" if bare != "b" else ""))
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+# --- checks every stage's config gets when it is built -------------------------------------------
+
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+_ABOVE_ZERO = ("temperature", "cliprange", "cliprange_value", "lora_alpha")
+_AT_LEAST_ZERO = ("learning_rate", "max_grad_norm", "weight_decay", "warmup_steps", "cliprange_high")
+
+
+def check_fields(config: Any) -> None:
+    """The range and choice checks of the fields stages share, whichever of them ``config`` has; a
+    UserError names the flag. Stage configs run this when they are built (``__post_init__``), so a
+    bad value is refused before any model loads."""
+    def has(name: str) -> bool:
+        return hasattr(config, name) and getattr(config, name) is not None
+
+    for name in _ABOVE_ZERO:
+        if has(name) and not getattr(config, name) > 0:
+            raise UserError(f"{_flag(name)} must be above 0, got {getattr(config, name)}")
+    for name in _AT_LEAST_ZERO:
+        if has(name) and not getattr(config, name) >= 0:
+            raise UserError(f"{_flag(name)} must be at least 0, got {getattr(config, name)}")
+    if has("lr_scheduler") and config.lr_scheduler not in LR_SCHEDULERS:
+        raise UserError(f"--lr-scheduler: unknown '{config.lr_scheduler}'; choose cosine, linear or constant")
+    if has("optim_bits") and config.optim_bits not in (8, 32):
+        raise UserError(f"--optim-bits must be 8 or 32, got {config.optim_bits}")
+    if has("top_p") and not 0 < config.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1], got {config.top_p}")
+    if has("lora_dropout") and not 0 <= config.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
+    if has("max_new_tokens") and config.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")

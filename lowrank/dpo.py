@@ -28,9 +28,10 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, rl, train
+from lowrank import locks, rl, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.metrics import MetricsLog, TrackerFields
 from lowrank.roles import POLICY, REFERENCE, use_role
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrackerFields):
     """Settings of `lowrank dpo`; defaults follow TRL's DPOTrainer where they fit a LoRA run."""
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
@@ -308,23 +309,23 @@ def _load_inputs(config: DPOConfig):
     Returns (model path, tokenizer, (template name, jinja), tokenized pairs, SFT lowrank.json or None).
     """
     from lowrank.data import load_preference_pairs
-    from lowrank.models import QUANT_CHOICES, check_architecture, load_tokenizer
-    from lowrank.reward import check_adapter_base
+    from lowrank.models import QUANT_CHOICES, check_architecture, load_tokenizer, resolve_quant
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
     _validate(config)
-    sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft") if config.sft_adapter else None
+    sft_meta = (runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
+                if config.sft_adapter else None)
     if config.quant == "auto":  # the base as the SFT adapter saw it in training
-        config.quant = (sft_meta or {}).get("config", {}).get("quant") or "nf4"
+        config.quant = (sft_meta.config.get("quant") if sft_meta else None) or resolve_quant("auto")
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)
     tokenizer = load_tokenizer(model_path)
-    recorded = (sft_meta or {}).get("chat_template")
+    recorded = sft_meta.chat_template if sft_meta else None
     if recorded:
-        template_name, template = recorded["name"], recorded["jinja"]
+        template_name, template = recorded.name, recorded.jinja
     else:
         template_name, template = resolve_template(tokenizer, None if config.template in ("", "auto") else config.template)
     examples = tokenize_preference_pairs(tokenizer, template, load_preference_pairs(config.pairs), config.max_length)
@@ -343,7 +344,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
     held-out figures before training.
     """
 
-    from lowrank.models import load_base_model, lora_config, model_digest
+    from lowrank.models import load_base_model, lora_config
     from lowrank.reward import _split
     from lowrank.roles import build_roles, trainable_parameters
     from lowrank.sft import BatchStream
@@ -380,7 +381,8 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
                                       kind=config.lr_scheduler)
     peft_model = model
     model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
-    metrics_log = train.MetricsLog(out_dir, enabled=accelerator.is_main_process)
+    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
+                             stage="dpo", config=config_to_dict(config))
 
     start_step = 0
     if resume_from is not None:
@@ -441,20 +443,21 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         metrics["steps"] = max_steps
         if torch.cuda.is_available():
             metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
-        meta = {
-            "stage": "dpo",
-            "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
-            "chat_template": {"name": template_name, "jinja": template},
-            "data": {"source": config.pairs, "digest": train.data_digest(config.pairs), "pairs": len(examples),
-                     "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
-            "sft_adapter": config.sft_adapter or None,
-            # what the implicit rewards are measured against
-            "reference": None if config.loss in REFERENCE_FREE else (config.sft_adapter or "base"),
-            "config": config_to_dict(config),
-            "seed": config.seed,
-            "processes": accelerator.num_processes,
-            "metrics": metrics,
-        }
+        meta = runrecord.RunRecord(
+            stage="dpo", base=runrecord.BaseRef.of(config.model, model_path),
+            chat_template=runrecord.ChatTemplate(template_name, template),
+            data={"source": config.pairs, "digest": train.data_digest(config.pairs), "pairs": len(examples),
+                  "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
+            config=config_to_dict(config),
+            seed=config.seed,
+            metrics=metrics,
+            extra={
+                "sft_adapter": config.sft_adapter or None,
+                # what the implicit rewards are measured against
+                "reference": None if config.loss in REFERENCE_FREE else (config.sft_adapter or "base"),
+                "processes": accelerator.num_processes,
+            },
+        )
         train.write_adapter(peft_model, out_dir, meta, adapter_name=POLICY)
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
     accelerator.wait_for_everyone()

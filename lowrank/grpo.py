@@ -40,8 +40,9 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, rl
+from lowrank import locks, rl, runrecord
 from lowrank.errors import UserError
+from lowrank.metrics import MetricsLog, TrackerFields
 from lowrank.roles import POLICY, REFERENCE, REWARD, use_role
 from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
                              response_logprobs, sample, seeded_prompt_order, tokenize_prompts)
@@ -52,7 +53,7 @@ LOSS_NORMALIZATIONS = ("token", "sequence", "constant")
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(TrackerFields):
     """Every knob of `lowrank grpo`; defaults follow DeepSeekMath and TRL's GRPOTrainer where they fit LoRA."""
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
@@ -365,7 +366,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
     """
     from lowrank import plan, train
     from lowrank.config import config_to_dict
-    from lowrank.models import load_base_model, lora_config, model_digest
+    from lowrank.models import load_base_model, lora_config
     from lowrank.roles import build_roles, trainable_parameters
     from lowrank.templates import stop_token_ids
 
@@ -393,7 +394,8 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
     scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps * updates_per_step,
                                       kind="constant")
     model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
-    metrics_log = train.MetricsLog(out_dir, enabled=accelerator.is_main_process)
+    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
+                             stage="grpo", config=config_to_dict(config))
     start = 0
     if checkpoint is not None:
         start, _ = train.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
@@ -437,20 +439,21 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
                                                         "response_length", "truncated", "zero_std_groups"])
         final = metrics_log.records[-1] if metrics_log.records else {}
         final.update(plan.peak_metrics(memory_plan, accelerator.device))
-        meta = {
-            "stage": "grpo",
-            "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
-            "chat_template": {"name": template_name, "jinja": template},
-            "data": {"source": config.prompts, "digest": train.data_digest(config.prompts),
-                     "prompts": len(prompts.ids)},
-            "sft_adapter": config.sft_adapter or None,
-            "reward_adapter": config.reward_adapter or None,
-            "rewards": [f.name for f in functions],
-            "config": config_to_dict(config),
-            "seed": config.seed,
-            "processes": accelerator.num_processes,
-            "metrics": {k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
-        }
+        meta = runrecord.RunRecord(
+            stage="grpo", base=runrecord.BaseRef.of(config.model, model_path),
+            chat_template=runrecord.ChatTemplate(template_name, template),
+            data={"source": config.prompts, "digest": train.data_digest(config.prompts),
+                  "prompts": len(prompts.ids)},
+            config=config_to_dict(config),
+            seed=config.seed,
+            metrics={k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
+            extra={
+                "sft_adapter": config.sft_adapter or None,
+                "reward_adapter": config.reward_adapter or None,
+                "rewards": [f.name for f in functions],
+                "processes": accelerator.num_processes,
+            },
+        )
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta, adapter_name=POLICY)
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowrank import runrecord
 from lowrank.errors import UserError
 
 STAGES = ("task", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "merge", "export", "verify")
@@ -216,18 +217,6 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def resolve_quant(quant: str) -> str:
-    from lowrank.models import QUANT_CHOICES
-
-    if quant == "auto":
-        import torch
-
-        return "nf4" if torch.cuda.is_available() else "none"
-    if quant not in QUANT_CHOICES:
-        raise UserError(f"--quant: unknown value '{quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
-    return quant
-
-
 def output_path(config: PipelineConfig) -> Path:
     """The output dir as an absolute path: every stage records paths in it, valid from any working dir."""
     if not config.output_dir:
@@ -265,6 +254,8 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
     dirs = {name: out / STAGE_DIRS[name] for name in STAGES}
     task_files = {f: str(dirs["task"] / f"{f}.jsonl") for f in FILES}
     base = str(dirs["pretrain"]) if "pretrain" in names else config.model
+    from lowrank.models import resolve_quant
+
     quant = resolve_quant(config.quant)
     common = {"model": base, "quant": quant, "seed": config.seed, "overwrite": True}
     wiring = {
@@ -379,7 +370,7 @@ def output_finished(stage: Stage) -> bool:
         return all(p.is_file() for p in gguf_paths(stage.config))
     if stage.name == "verify":
         return (stage.dir / VERIFY_FILE).is_file()
-    return (stage.dir / "lowrank.json").is_file()
+    return runrecord.exists(stage.dir)
 
 
 def settings(stage: Stage) -> dict:
@@ -460,7 +451,7 @@ def clear_output(stage: Stage) -> None:
         shutil.rmtree(stage.dir, ignore_errors=True)  # files of types no longer asked for go too
         return
     markers = {"task": MARKER, "verify": VERIFY_FILE}
-    (stage.dir / markers.get(stage.name, "lowrank.json")).unlink(missing_ok=True)
+    (stage.dir / markers.get(stage.name, runrecord.RECORD_FILE)).unlink(missing_ok=True)
     if stage.eval_file is not None:
         stage.eval_file.unlink(missing_ok=True)
 

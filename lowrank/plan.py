@@ -329,16 +329,16 @@ class Plan:
         return self.needed <= card_bytes
 
 
-def _stage_defaults(stage: str) -> dict:
-    import importlib
-
-    # Only the stage's own module is imported: a plan for SFT does not depend on the RL stages.
-    name = {"sft": "SFTConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "grpo": "GRPOConfig",
-            "dpo": "DPOConfig"}[stage]
-    config = getattr(importlib.import_module(f"lowrank.{stage}"), name)()
-    # lowrank.roles.build_roles sets every dropout to 0 for the stages with a policy and a reference.
-    return {"gradient_checkpointing": config.gradient_checkpointing,
-            "lora_dropout": config.lora_dropout if stage in ("sft", "reward") else 0.0}
+# What each stage's config defaults to (its dataclass in lowrank.<stage>; tests/test_plan.py checks that
+# they agree), written out so that planning imports no stage module: the stages import this one.
+# lowrank.roles.build_roles sets every dropout to 0 for the stages with a policy and a reference.
+STAGE_DEFAULTS = {
+    "sft": {"gradient_checkpointing": True, "lora_dropout": 0.05},
+    "reward": {"gradient_checkpointing": True, "lora_dropout": 0.05},
+    "ppo": {"gradient_checkpointing": False, "lora_dropout": 0.0},
+    "grpo": {"gradient_checkpointing": False, "lora_dropout": 0.0},
+    "dpo": {"gradient_checkpointing": True, "lora_dropout": 0.0},
+}
 
 
 def _pick_peak(model: str, stage: str, phases: dict[str, dict[str, int]], outside: dict[str, int],
@@ -349,7 +349,7 @@ def _pick_peak(model: str, stage: str, phases: dict[str, dict[str, int]], outsid
     return Plan(model, stage, phase, _nonzero(phases[phase]), _nonzero(outside), settings, totals)
 
 
-def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16, target_modules=("all-linear",),
+def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16, target_modules=("all-linear",),
              lora_dropout: float | None = None, tokens_per_step: int | None = None,
              tokens_per_micro_batch: int | None = None, max_length: int = 1024, optim_bits: int = 32,
              paged_optimizer: bool | None = None, gradient_checkpointing: bool | None = None,
@@ -377,18 +377,20 @@ def estimate(model, *, stage: str = "sft", quant: str = "nf4", lora_r: int = 16,
     ``ppo_reference_adapter``): the frozen reference is a copy of the SFT adapter, not the bare base.
     ``None`` settings take the stage's defaults: gradient checkpointing and LoRA dropout from its
     config (0 for the stages with a reference: lowrank.roles turns dropout off), a paged optimizer
-    for every stage on a quantized base (lowrank.train.build_optimizer).
+    for every stage on a quantized base (lowrank.train.build_optimizer). ``quant`` "auto" is nf4, what
+    a run on CUDA takes.
     """
+    from lowrank.models import resolve_quant
+
     if stage not in STAGES:
         raise UserError(f"--stage: unknown '{stage}'; choose {', '.join(STAGES)}")
-    if quant not in ("nf4", "int8", "none"):
-        raise UserError(f"--quant: unknown value '{quant}'; choose nf4, int8 or none")
+    quant = resolve_quant(quant, cuda=True)
     if lora_r < 1:
         raise UserError(f"--lora-r must be at least 1, got {lora_r}")
     if optim_bits not in (8, 32):
         raise UserError(f"--optim-bits must be 8 or 32, got {optim_bits}")
     arch = _as_architecture(model)
-    defaults = _stage_defaults(stage)
+    defaults = STAGE_DEFAULTS[stage]
     checkpointed = defaults["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing
     dropout = (defaults["lora_dropout"] if lora_dropout is None else lora_dropout) > 0
     paged = (quant != "none") if paged_optimizer is None else paged_optimizer
@@ -704,8 +706,7 @@ def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -
     """estimate() keyword arguments for a stage's config dataclass (SFTConfig, RewardConfig, PPOConfig,
     GRPOConfig, DPOConfig). Stages that start from an SFT adapter take its rank and target modules."""
     get = functools.partial(getattr, config)
-    quant = get("quant", "nf4")
-    settings = {"stage": stage, "quant": "nf4" if quant == "auto" else quant, "lora_r": get("lora_r", 16),
+    settings = {"stage": stage, "quant": get("quant", "auto"), "lora_r": get("lora_r", 16),
                 "gradient_checkpointing": get("gradient_checkpointing", None)}
     sft_adapter = get("sft_adapter", "") if stage in ("ppo", "grpo", "dpo") else ""
     if sft_adapter:

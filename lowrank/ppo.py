@@ -27,8 +27,9 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, rl
+from lowrank import locks, rl, runrecord
 from lowrank.errors import UserError
+from lowrank.metrics import MetricsLog, TrackerFields
 from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
 from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
                              length_alarm, load_policy_inputs, response_mask, sample,
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrackerFields):
     """Every knob of `lowrank ppo`; defaults follow TRL's PPO and the InstructGPT paper where they fit a small run."""
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT/reward)"})
@@ -300,7 +301,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     from lowrank import plan, train
     from lowrank.config import config_to_dict
-    from lowrank.models import load_base_model, lora_config, model_digest
+    from lowrank.models import load_base_model, lora_config
     from lowrank.roles import build_roles, trainable_parameters, zero_value_head
     from lowrank.templates import stop_token_ids
 
@@ -324,7 +325,8 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     optimizer = train.build_optimizer(parameters, config.learning_rate, paged=config.quant != "none")
     scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps, kind="constant")
     kl_controller = make_kl_controller(config)
-    metrics_log = train.MetricsLog(out_dir)
+    metrics_log = MetricsLog(out_dir, report_to=config.report_to, stage="ppo",
+                             config=config_to_dict(config))
     start = 0
     if checkpoint is not None:
         start, extra = train.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
@@ -365,17 +367,18 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
                                                          "explained_variance", "response_length", "truncated"])
     final = metrics_log.records[-1] if metrics_log.records else {}
     final.update(plan.peak_metrics(memory_plan, accelerator.device))
-    meta = {
-        "stage": "ppo",
-        "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
-        "chat_template": {"name": template_name, "jinja": template},
-        "data": {"source": config.prompts, "digest": train.data_digest(config.prompts), "prompts": len(prompt_ids)},
-        "sft_adapter": config.sft_adapter or None,
-        "reward_adapter": config.reward_adapter,
-        "config": config_to_dict(config),
-        "seed": config.seed,
-        "metrics": {k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
-    }
+    meta = runrecord.RunRecord(
+        stage="ppo", base=runrecord.BaseRef.of(config.model, model_path),
+        chat_template=runrecord.ChatTemplate(template_name, template),
+        data={"source": config.prompts, "digest": train.data_digest(config.prompts), "prompts": len(prompt_ids)},
+        config=config_to_dict(config),
+        seed=config.seed,
+        metrics={k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
+        extra={
+            "sft_adapter": config.sft_adapter or None,
+            "reward_adapter": config.reward_adapter,
+        },
+    )
     train.write_adapter(model, out_dir, meta, adapter_name=POLICY)
     shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
     locks.release(out_dir)  # the output is complete

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lowrank import locks, train
+from lowrank import locks, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.metrics import MetricsLog, TrackerFields
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _EXTRA_FILES = ("tokenizer.model", "generation_config.json")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrackerFields):
     """Settings of `lowrank pretrain` (flags: --model, --data, --output-dir, ...)."""
 
     model: str = field(default="tiny", metadata={"help": "model to train: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe' (random weights)"})
@@ -107,7 +108,7 @@ def load_documents(tokenizer, source: str, max_length: int) -> list[dict]:
     return examples
 
 
-def _save_model(model, model_path: str, out_dir: Path, meta: dict) -> None:
+def _save_model(model, model_path: str, out_dir: Path, meta: runrecord.RunRecord) -> None:
     """Write the model as a Hugging Face dir in ``out_dir``; lowrank.json, the finished marker, last.
 
     Everything goes to a temp dir first and is renamed into place, so a file under its final name
@@ -139,7 +140,7 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
     from accelerate import Accelerator
 
     from lowrank.data import collate, pack_examples
-    from lowrank.models import check_architecture, load_base_model, load_tokenizer, model_digest
+    from lowrank.models import check_architecture, load_base_model, load_tokenizer
     from lowrank.sft import BatchStream, evaluate, split_held_out
     from lowrank.tiny import resolve_model_name
 
@@ -169,7 +170,8 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
     optimizer = train.build_optimizer(params, config.learning_rate, weight_decay=config.weight_decay)
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind=config.lr_scheduler)
-    metrics_log = train.MetricsLog(out_dir)
+    metrics_log = MetricsLog(out_dir, report_to=config.report_to, stage="pretrain",
+                             config=config_to_dict(config))
     pad_id = tokenizer.pad_token_id
 
     if eval_rows:
@@ -204,15 +206,14 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
     metrics.update({"initial_eval_loss": evals[0] if evals else None, "steps": max_steps,
                     "epochs": round(stream.epoch(), 4), "train_tokens": train_tokens,
                     "tokens_per_second": train_tokens / max(train_seconds, 1e-9)})
-    meta = {
-        "stage": "pretrain",
-        "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
-        "data": {"source": config.data, "digest": train.data_digest(config.data), "documents": len(documents),
-                 "train_documents": len(train_docs), "eval_documents": len(eval_docs), "train_rows": len(train_rows)},
-        "config": config_to_dict(config),
-        "seed": config.seed,
-        "metrics": metrics,
-    }
+    meta = runrecord.RunRecord(
+        stage="pretrain", base=runrecord.BaseRef.of(config.model, model_path),
+        data={"source": config.data, "digest": train.data_digest(config.data), "documents": len(documents),
+              "train_documents": len(train_docs), "eval_documents": len(eval_docs), "train_rows": len(train_rows)},
+        config=config_to_dict(config),
+        seed=config.seed,
+        metrics=metrics,
+    )
     _save_model(model, model_path, out_dir, meta)
     log.info("pretrained %s for %d steps (loss %.3f); written to %s", config.model, max_steps,
              metrics.get("loss", float("nan")), out_dir)

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from lowrank import runrecord
 from lowrank.files import check_weights_dir
 from lowrank.pipeline import CURVES, POLICY_STAGES, RL_STAGES, VERIFY_FILE, Stage, gguf_paths, write_json
 
@@ -49,7 +50,7 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
     adapter = stage.dir if stage.name in POLICY_STAGES else None
     if adapter is not None:
         model_id, quant = stage.config.model, stage.config.quant
-        template = read_json(adapter / "lowrank.json")["chat_template"]["jinja"]
+        template = runrecord.read(adapter).chat_template.jinja
     else:
         model_id, quant = stage.evaluates["model"], stage.evaluates["quant"]
     model_path = resolve_model_name(model_id)
@@ -133,7 +134,8 @@ def run_verify(stage: Stage, stages: dict[str, Stage], on_report=None) -> dict:
     from lowrank.tasks import is_correct
 
     merged = stages["merge"].dir
-    template = ((read_json(merged / "lowrank.json") or {}).get("chat_template") or {}).get("jinja")
+    record = runrecord.read_optional(merged)
+    template = record.chat_template.jinja if record and record.chat_template else None
     paths = gguf_paths(stages["export"].config)
     reference = next((p for p in paths if p.name.endswith("-f16.gguf")), None)
     hf_model = load_hf_model(merged)  # loaded once for every file
@@ -177,24 +179,25 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
     from lowrank.data import sample_property
 
     by_name = {s.name: s for s in stages}
-    meta = {name: read_json(s.dir / "lowrank.json") or {} for name, s in by_name.items()
+    meta = {name: runrecord.read_optional(s.dir) for name, s in by_name.items()
             if name in ("pretrain", "sft", "reward") + RL_STAGES}
+    meta = {name: record for name, record in meta.items() if record is not None}
     results: dict = {"stages": list(by_name),
                      "seconds": {name: (state["stages"].get(name) or {}).get("seconds") for name in by_name}}
     for name in ("pretrain", "sft"):
         if name in meta:
-            metrics = meta[name].get("metrics", {})
+            metrics = meta[name].metrics
             results[f"{name}_loss"] = [metrics.get("initial_eval_loss"), metrics.get("eval_loss")]
-            data = meta[name].get("data", {})
+            data = meta[name].data
             results[f"{name}_eval_examples"] = data.get("eval_examples", data.get("eval_documents"))
     base = by_name.get("pretrain") or by_name.get("task")
     results["accuracy"] = {label: read_json(s.eval_file) for label, s in
                            [("base", base)] + [(name, by_name.get(name)) for name in POLICY_STAGES]
                            if s is not None and s.eval_file is not None}
     if "reward" in meta:
-        metrics = meta["reward"].get("metrics", {})
+        metrics = meta["reward"].metrics
         results["reward"] = {"accuracy": metrics.get("eval_accuracy"), "margin": metrics.get("eval_margin"),
-                             "pairs": meta["reward"].get("data", {}).get("eval_pairs")}
+                             "pairs": meta["reward"].data.get("eval_pairs")}
     for name, key in (("ppo", "score"), ("grpo", "reward")):
         if name not in by_name:
             continue
@@ -211,10 +214,10 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
 
             results["ppo"]["property_rate"] = [rate(records[:window]), rate(records[-window:])]
     if "dpo" in meta:
-        metrics = meta["dpo"].get("metrics", {})
+        metrics = meta["dpo"].metrics
         results["dpo"] = {"accuracy": [metrics.get("initial_eval_accuracy"), metrics.get("eval_accuracy")],
                           "margin": [metrics.get("initial_eval_margin"), metrics.get("eval_margin")],
-                          "pairs": meta["dpo"].get("data", {}).get("eval_pairs"),
+                          "pairs": meta["dpo"].data.get("eval_pairs"),
                           "held_out_kl": ((results["accuracy"].get("dpo") or {}).get("kl_to_reference"))}
     if "verify" in by_name:
         verified = read_json(by_name["verify"].dir / VERIFY_FILE) or {}

@@ -32,9 +32,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lowrank import locks
+from lowrank import locks, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.metrics import MetricsLog, TrackerFields
 from lowrank.files import check_weights_dir
 from lowrank.train import causal_lm
 
@@ -216,42 +217,6 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 # Loading a trained reward adapter
 # --------------------------------------------------------------------------------------------
 
-def read_adapter_meta(adapter_dir: str | Path, *, stage: str | None = None, what: str = "adapter") -> dict:
-    """lowrank.json of an adapter dir, checked to be a finished lowrank adapter (of ``stage``)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UserError(f"{what} directory {adapter_dir} does not exist")
-    meta_path = adapter_dir / "lowrank.json"
-    if not (adapter_dir / "adapter_config.json").is_file() or not meta_path.is_file():
-        raise UserError(f"{adapter_dir}: not a finished lowrank adapter (adapter_config.json or lowrank.json "
-                        f"missing); give the output dir of a completed `lowrank {stage or 'sft'}` run")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{meta_path}: not valid JSON; rerun the stage that wrote it") from None
-    if stage is not None and meta.get("stage") != stage:
-        raise UserError(f"{adapter_dir}: a '{meta.get('stage')}' adapter, expected a '{stage}' adapter")
-    return meta
-
-
-def check_adapter_base(adapter_dir: str | Path, base: str, *, stage: str | None = None) -> dict:
-    """Refuse an adapter trained on another base: compare lowrank.json's base digest with ``base``'s.
-
-    ``base`` is a model name or path as given on the command line (``tiny`` resolves). A LoRA
-    loads silently onto any base with the same layer shapes, so without this check a reward model
-    of another base would just give meaningless scores. Returns the adapter's lowrank.json.
-    """
-    from lowrank.models import base_digest_mismatch, recorded_base
-
-    meta = read_adapter_meta(adapter_dir, stage=stage, what=f"{'SFT' if stage == 'sft' else stage or 'the'} adapter")
-    mismatch = base_digest_mismatch(meta, base)
-    if mismatch:
-        recorded, actual = mismatch
-        raise UserError(f"{adapter_dir} was trained on base '{recorded_base(meta).get('id')}' (digest {recorded[:12]}), "
-                        f"not on '{base}' (digest {actual[:12]}); use the base it was trained on")
-    return meta
-
-
 def load_reward_adapter(model, reward_dir: str | Path, adapter_name: str = "reward", *,
                         trainable: bool = False, base: str | None = None):
     """Load a reward adapter (LoRA + score head) as the named adapter ``adapter_name``; return the PeftModel.
@@ -264,10 +229,7 @@ def load_reward_adapter(model, reward_dir: str | Path, adapter_name: str = "rewa
     """
     from peft import PeftModel
 
-    if base is not None:
-        check_adapter_base(reward_dir, base, stage="reward")
-    else:
-        read_adapter_meta(reward_dir, stage="reward", what="reward adapter")
+    runrecord.read_adapter(reward_dir, stage="reward", what="reward adapter", base=base)
     add_score_head(model)
     if isinstance(model, PeftModel):
         flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -292,21 +254,23 @@ def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str 
     from lowrank.models import load_base_model, load_tokenizer
     from lowrank.tiny import resolve_model_name
 
-    meta = read_adapter_meta(reward_dir, stage="reward", what="reward adapter")
-    base = base or (meta.get("base") or {}).get("id")
+    meta = runrecord.read_adapter(reward_dir, stage="reward", what="reward adapter")
+    base = base or meta.base.id
     if not base:
-        raise UserError(f"{reward_dir}/lowrank.json names no base model; give --model")
-    check_adapter_base(reward_dir, base, stage="reward")
+        raise UserError(f"{reward_dir}/{runrecord.RECORD_FILE} names no base model; give --model")
+    runrecord.check_base(meta, reward_dir, base=base)
     model_path = resolve_model_name(base)
     tokenizer = load_tokenizer(model_path)
-    template = meta["chat_template"]["jinja"]
-    max_length = int(meta.get("config", {}).get("max_length", 4096))
+    if meta.chat_template is None:
+        raise UserError(f"{reward_dir}/{runrecord.RECORD_FILE} records no chat template; retrain it with `lowrank reward`")
+    template = meta.chat_template.jinja
+    max_length = int(meta.config.get("max_length", 4096))
     sequences = []
     for prompt, response in pairs:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages.append({"role": "assistant", "content": response})
         sequences.append(tokenize_conversation(tokenizer, template, messages, max_length)["input_ids"])
-    quant = quant or meta.get("config", {}).get("quant", "none")
+    quant = quant or meta.quant
     model = load_reward_adapter(load_base_model(model_path, quant, gradient_checkpointing=False), reward_dir)
     model.eval()
     device = model.get_base_model().get_output_embeddings().weight.device
@@ -324,14 +288,14 @@ def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str 
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class RewardConfig:
+class RewardConfig(TrackerFields):
     """Settings of `lowrank reward` (flags: --model, --data, --output-dir, ...)."""
 
     model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny'"})
     data: str = field(default="", metadata={"help": "preference pairs (.json/.jsonl with prompt/chosen/rejected, or a hub dataset)"})
     output_dir: str = field(default="", metadata={"help": "where the reward adapter is written"})
     sft_adapter: str | None = field(default=None, metadata={"help": "SFT adapter dir to initialise the LoRA from (and take the chat template of)"})
-    quant: str = field(default="nf4", metadata={"help": "base weights: nf4 (QLoRA), int8 or none"})
+    quant: str = field(default="auto", metadata={"help": "base weights: nf4 (QLoRA), int8, none, or auto (nf4 on CUDA, none on a CPU, where bitsandbytes' 4-bit is ~20x slower)"})
     template: str | None = field(default=None, metadata={"help": "chat template when no SFT adapter is given: auto, tokenizer or a built-in name"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (ignored with --sft-adapter: its rank is kept)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (ignored with --sft-adapter)"})
@@ -524,10 +488,11 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
 
     from lowrank import plan, train
     from lowrank.data import load_preference_pairs
-    from lowrank.models import load_base_model, load_tokenizer, model_digest
+    from lowrank.models import load_base_model, load_tokenizer, resolve_quant
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
+    config.quant = resolve_quant(config.quant)  # "auto" becomes this machine's choice, and lowrank.json records that
     if not config.data:
         raise UserError("no preference data: give --data FILE.jsonl (fields prompt, chosen, rejected)")
     if not config.output_dir:
@@ -539,12 +504,12 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
     model_path = resolve_model_name(config.model)
     sft_meta = None
     if config.sft_adapter:
-        sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft")
+        sft_meta = runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
         read_sft_lora_config(config.sft_adapter)
     # Validate every input before touching the output dir or loading the model.
     tokenizer = load_tokenizer(model_path)
-    if sft_meta is not None and sft_meta.get("chat_template"):
-        template_name, template = sft_meta["chat_template"]["name"], sft_meta["chat_template"]["jinja"]
+    if sft_meta is not None and sft_meta.chat_template:
+        template_name, template = sft_meta.chat_template.name, sft_meta.chat_template.jinja
     else:
         template_name, template = resolve_template(tokenizer, config.template)
     pairs = load_preference_pairs(config.data)
@@ -582,7 +547,8 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
                                       paged=config.quant != "none", optim_bits=config.optim_bits)
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind="constant")
-    metrics_log = train.MetricsLog(out_dir)
+    metrics_log = MetricsLog(out_dir, report_to=config.report_to, stage="reward",
+                             config=config_to_dict(config))
     order_rng = random.Random(config.seed)
     order: list[int] = []
     final: dict = {}
@@ -619,18 +585,19 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
             on_step(record)
 
     metrics_log.plot(out_dir / "reward_metrics.png", ["loss", "eval_accuracy", "eval_margin"])
-    meta = {
-        "stage": "reward",
-        "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
-        "chat_template": {"name": template_name, "jinja": template},
-        "data": {"source": config.data, "digest": train.data_digest(config.data), "pairs": len(examples),
-                 "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
-        "sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
-        "config": config_to_dict(config),
-        "seed": config.seed,
-        "metrics": {**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr")},
-                    **plan.peak_metrics(memory_plan, device)},
-    }
+    meta = runrecord.RunRecord(
+        stage="reward", base=runrecord.BaseRef.of(config.model, model_path),
+        chat_template=runrecord.ChatTemplate(template_name, template),
+        data={"source": config.data, "digest": train.data_digest(config.data), "pairs": len(examples),
+              "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
+        config=config_to_dict(config),
+        seed=config.seed,
+        metrics={**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr")},
+                 **plan.peak_metrics(memory_plan, device)},
+        extra={
+            "sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
+        },
+    )
     train.write_adapter(model, out_dir, meta)
     locks.release(out_dir)  # the output is complete
     return out_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank import rl
+from lowrank import rl, runrecord
 from lowrank.errors import UserError
 
 
@@ -194,13 +194,13 @@ def tokenize_prompts(tokenizer, template: str, prompts: list[list[dict]], *, sou
     return prompt_ids
 
 
-def check_reward_accuracy(reward_meta: dict, adapter: str | Path, threshold: float, refuse: bool, log) -> None:
+def check_reward_accuracy(reward_meta: runrecord.RunRecord, adapter: str | Path, threshold: float, refuse: bool, log) -> None:
     """Warn (or refuse, with ``refuse``) when the reward adapter ranked too few held-out pairs right.
 
     A policy optimised against a reward model that is right on 55% of pairs learns its mistakes as
     eagerly as its knowledge. The accuracy is the one `lowrank reward` recorded in lowrank.json.
     """
-    accuracy = (reward_meta.get("metrics") or {}).get("eval_accuracy")
+    accuracy = reward_meta.metrics.get("eval_accuracy")
     if accuracy is None or threshold <= 0:
         return
     if accuracy < threshold:
@@ -220,8 +220,7 @@ def load_policy_inputs(config, log):
     the tokenizer's) and ``config.quant`` "auto" becomes what the adapters were trained on.
     Returns (model path, tokenizer, (template name, jinja), SFT lowrank.json or None, reward's or None).
     """
-    from lowrank.models import QUANT_CHOICES, load_tokenizer
-    from lowrank.reward import check_adapter_base
+    from lowrank.models import QUANT_CHOICES, load_tokenizer, resolve_quant
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
@@ -230,25 +229,26 @@ def load_policy_inputs(config, log):
         if not Path(config.sft_adapter).is_dir():
             raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
                             "`lowrank sft` (or leave --sft-adapter out to start from the base)")
-        sft_meta = check_adapter_base(config.sft_adapter, config.model, stage="sft")
+        sft_meta = runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
     if config.reward_adapter:
         if not Path(config.reward_adapter).is_dir():
             raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
                             "of `lowrank reward`")
-        reward_meta = check_adapter_base(config.reward_adapter, config.model, stage="reward")
+        reward_meta = runrecord.read_adapter(config.reward_adapter, stage="reward", what="reward adapter",
+                                             base=config.model)
         check_reward_accuracy(reward_meta, config.reward_adapter, config.min_reward_accuracy,
                               config.refuse_weak_reward, log)
     model_path = resolve_model_name(config.model)
     tokenizer = load_tokenizer(model_path)
-    recorded = (sft_meta or reward_meta or {}).get("chat_template")
-    if sft_meta and reward_meta and reward_meta.get("chat_template") and recorded and \
-            reward_meta["chat_template"].get("jinja") != recorded.get("jinja"):
+    first = sft_meta or reward_meta
+    recorded = first.chat_template if first else None
+    if sft_meta and reward_meta and reward_meta.chat_template and recorded and \
+            reward_meta.chat_template.jinja != recorded.jinja:
         log.warning("the reward adapter was trained with chat template '%s', the SFT adapter with '%s': "
-                    "rollouts use the SFT one, so scores may be off", reward_meta["chat_template"].get("name"),
-                    recorded.get("name"))
-    template = (recorded["name"], recorded["jinja"]) if recorded else resolve_template(tokenizer, None)
+                    "rollouts use the SFT one, so scores may be off", reward_meta.chat_template.name, recorded.name)
+    template = (recorded.name, recorded.jinja) if recorded else resolve_template(tokenizer, None)
     if config.quant == "auto":  # the base as the adapters saw it in training
-        config.quant = (sft_meta or reward_meta or {}).get("config", {}).get("quant") or "nf4"
+        config.quant = (first.config.get("quant") if first else None) or resolve_quant("auto")
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
     return model_path, tokenizer, template, sft_meta, reward_meta

@@ -23,15 +23,16 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, train
+from lowrank import locks, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.metrics import MetricsLog, TrackerFields
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrackerFields):
     """Settings of `lowrank sft` (flags: --model, --data, --output-dir, ...)."""
 
     model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe'"})
@@ -42,7 +43,7 @@ class SFTConfig:
     template: str = field(default="auto", metadata={"help": "chat template: auto (the tokenizer's, else vicuna), tokenizer, alpaca, vicuna, llama2, llama3, chatml"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are cut) and per packed row"})
     pack: bool = field(default=True, metadata={"help": "pack several examples into one row, padding-free"})
-    quant: str = field(default="nf4", metadata={"help": "base weights: nf4 (QLoRA), int8 or none"})
+    quant: str = field(default="auto", metadata={"help": "base weights: nf4 (QLoRA), int8, none, or auto (nf4 on CUDA, none on a CPU, where bitsandbytes' 4-bit is ~20x slower)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
@@ -79,10 +80,9 @@ def _validate(config: SFTConfig) -> None:
     for name in ("batch_size", "gradient_accumulation_steps", "max_length"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    from lowrank.models import QUANT_CHOICES
+    from lowrank.models import resolve_quant
 
-    if config.quant not in QUANT_CHOICES:
-        raise UserError(f"--quant: unknown value '{config.quant}'; choose one of {', '.join(QUANT_CHOICES)}")
+    resolve_quant(config.quant)  # refuses an unknown value
     if config.tokens_per_step < 0:
         raise UserError(f"--tokens-per-step must be 0 (off) or positive, got {config.tokens_per_step}")
     if not 0.0 <= config.eval_fraction < 1.0:
@@ -175,15 +175,17 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     from lowrank import plan
     from lowrank.data import build_sft_dataset, collate
-    from lowrank.models import check_architecture, load_base_model, load_tokenizer, lora_config, model_digest
+    from lowrank.models import check_architecture, load_base_model, load_tokenizer, lora_config, resolve_quant
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
     _validate(config)
     accelerator = train.make_accelerator()
+    config.quant = resolve_quant(config.quant, cuda=accelerator.device.type == "cuda")  # recorded as resolved
     # Validate every input (model, template, data) before touching the output dir.
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)
+    plan.lora_targets(plan.architecture(model_path), config.target_modules)  # names peft would not find
     tokenizer = load_tokenizer(model_path)
     template_name, template = resolve_template(tokenizer, None if config.template in ("", "auto") else config.template)
     data_source = config.data or default_data()
@@ -225,7 +227,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind=config.lr_scheduler)
     model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
-    metrics_log = train.MetricsLog(out_dir, enabled=accelerator.is_main_process)
+    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
+                             stage="sft", config=config_to_dict(config))
     pad_id = tokenizer.pad_token_id
 
     start_step = 0
@@ -282,20 +285,19 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
                         "epochs": round(stream.epoch(), 4), "train_tokens": train_tokens,
                         "micro_batches_per_step": accumulation, **plan.peak_metrics(memory_plan, accelerator.device),
                         "tokens_per_second": train_tokens / max(train_seconds, 1e-9)})
-        meta = {
-            "stage": "sft",
-            "base": {"id": config.model, "path": str(model_path), "digest": model_digest(model_path)},
-            "chat_template": {"name": template_name, "jinja": template},
-            "data": {"source": data_source, "digest": train.data_digest(data_source),
-                     "eval_source": config.eval_data or None,
-                     "eval_digest": train.data_digest(config.eval_data) if config.eval_data else None,
-                     "examples": len(examples), "train_examples": len(train_examples),
-                     "eval_examples": len(eval_examples), "train_rows": len(train_rows)},
-            "config": config_to_dict(config),
-            "seed": config.seed,
-            "processes": accelerator.num_processes,
-            "metrics": metrics,
-        }
+        meta = runrecord.RunRecord(
+            stage="sft", base=runrecord.BaseRef.of(config.model, model_path),
+            chat_template=runrecord.ChatTemplate(template_name, template),
+            data={"source": data_source, "digest": train.data_digest(data_source),
+                  "eval_source": config.eval_data or None,
+                  "eval_digest": train.data_digest(config.eval_data) if config.eval_data else None,
+                  "examples": len(examples), "train_examples": len(train_examples),
+                  "eval_examples": len(eval_examples), "train_rows": len(train_rows)},
+            config=config_to_dict(config),
+            seed=config.seed,
+            metrics=metrics,
+            extra={"processes": accelerator.num_processes},
+        )
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta)
         shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()

@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lowrank import runrecord
 from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FINISHED_MARKER = "lowrank.json"
+FINISHED_MARKER = runrecord.RECORD_FILE
 CHECKPOINTS = "checkpoints"
 IGNORE_INDEX = -100  # label of a position that carries no loss (the transformers convention)
 
@@ -487,80 +488,10 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> tup
     return int(state["step"]), dict(state["extra"])
 
 
-# --- metrics ---------------------------------------------------------------------------------
-
-class MetricsLog:
-    """metrics.jsonl in the output dir (one JSON object per line, appended and flushed) and its plot."""
-
-    def __init__(self, out_dir, *, enabled: bool = True):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.enabled = enabled
-        self.records: list[dict] = []
-        if self.path.exists():  # resuming: keep what the interrupted run logged
-            lines = self.path.read_text(errors="replace").splitlines()
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                if not isinstance(record, dict):
-                    if number == len(lines):  # a kill mid-write tears the last line only
-                        log.warning("%s: dropped its torn last line %d (the run was stopped while writing it)",
-                                    self.path, number)
-                        continue
-                    raise UserError(f"{self.path}: line {number} is not a JSON object; remove the file or "
-                                    "run with --overwrite") from None
-                self.records.append(record)
-
-    def truncate_after(self, step: int) -> None:
-        """Forget records logged after ``step`` (the checkpoint a resumed run restarts from); the file is
-        rewritten under a temporary name and renamed, so a kill meanwhile leaves the old one whole."""
-        self.records = [r for r in self.records if r.get("step", 0) <= step]
-        if self.enabled:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in self.records))
-            os.replace(tmp, self.path)
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
-
-    def plot(self, path, keys: list[str]) -> Path | None:
-        """One panel per key present in the records, against the step; written as a PNG by rename."""
-        if not self.enabled:
-            return None
-        keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in self.records)]
-        if not keys:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)), squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            points = [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
-            ax.set_ylabel(key)
-            ax.grid(alpha=0.3)
-        axes[-1, 0].set_xlabel("optimizer step")
-        fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
-
-
 # --- the finished adapter ----------------------------------------------------------------------
 
-def publish(src: Path, out: Path, meta: dict) -> None:
-    """Rename the files of the temp dir ``src`` into ``out``, then write lowrank.json (``meta``) last.
+def publish(src: Path, out: Path, record: runrecord.RunRecord) -> None:
+    """Rename the files of the temp dir ``src`` into ``out``, then write the run record last.
 
     A file under its final name is complete, and the marker of a finished run appears only after
     every other file. Temp files are private by default; a model or adapter is meant to be shared.
@@ -569,17 +500,10 @@ def publish(src: Path, out: Path, meta: dict) -> None:
         if f.is_file():
             os.chmod(f, 0o644)
             os.replace(f, out / f.name)
-    marker_tmp = out / f".{FINISHED_MARKER}.tmp"
-    try:
-        marker_tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        os.chmod(marker_tmp, 0o644)
-        os.replace(marker_tmp, out / FINISHED_MARKER)
-    except BaseException:
-        marker_tmp.unlink(missing_ok=True)
-        raise
+    runrecord.write(out, record)
 
 
-def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default") -> Path:
+def write_adapter(peft_model, out_dir, record: runrecord.RunRecord, adapter_name: str = "default") -> Path:
     """Write the adapter ``adapter_name`` as a standard PEFT dir in ``out_dir``, then lowrank.json.
 
     peft writes to a temp dir first; its files are renamed into ``out_dir`` and lowrank.json,
@@ -598,7 +522,7 @@ def write_adapter(peft_model, out_dir, meta: dict, adapter_name: str = "default"
         # vocabularies, which lowrank never makes.
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name], save_embedding_layers=False)
         # peft puts a non-default adapter in a subdir named after it.
-        publish(tmp if adapter_name == "default" else tmp / adapter_name, out, meta)
+        publish(tmp if adapter_name == "default" else tmp / adapter_name, out, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

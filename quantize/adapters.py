@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from lowrank import runrecord
 from lowrank.errors import UserError
 from lowrank.files import check_safetensors
-from lowrank.models import recorded_base
+from lowrank.runrecord import RunRecord
 
 # PEFT saves "base_model.model.<module path>.lora_A.weight"; older or hand-made files may keep
 # the adapter name ("lora_A.default.weight").
@@ -43,7 +44,7 @@ class LoraModule:
 class LoraAdapter:
     path: Path
     config: dict  # adapter_config.json
-    meta: dict  # lowrank.json ({} for a plain PEFT dir)
+    record: RunRecord | None  # lowrank.json (None for a plain PEFT dir)
     modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight name -> module
 
     @property
@@ -90,7 +91,7 @@ def load_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path}: no adapter_model.safetensors (only safetensors adapters are supported)")
-    meta = read_json(path / "lowrank.json") if (path / "lowrank.json").is_file() else {}
+    record = runrecord.read_optional(path)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     extra: list[str] = []
@@ -111,7 +112,7 @@ def load_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     if not pairs:
         raise UserError(f"{weights}: no LoRA tensors found")
 
-    adapter = LoraAdapter(path=path, config=config, meta=meta)
+    adapter = LoraAdapter(path=path, config=config, record=record)
     alpha = float(config.get("lora_alpha", 8))
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -126,12 +127,8 @@ def load_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
 
 def check_against_base(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], base_digest: str | None) -> None:
     """UserError if the adapter was made for another base: recorded digest, missing modules, or wrong shapes."""
-    recorded = recorded_base(adapter.meta).get("digest")
-    if recorded and base_digest and recorded != base_digest:
-        base_id = recorded_base(adapter.meta).get("id")
-        made_for = f" ({base_id})" if isinstance(base_id, str) else ""
-        raise UserError(f"{adapter.path}: adapter was trained on another base{made_for}: lowrank.json base digest "
-                        f"{recorded[:12]} != {base_digest[:12]} of the given base; pass the base it was trained on")
+    if base_digest:
+        runrecord.check_base(adapter.record, adapter.path, digest=base_digest, hint="pass the base it was trained on")
     for name, module in adapter.modules.items():
         if name not in base_shapes:
             raise UserError(f"{adapter.path}: adapter targets {name.removesuffix('.weight')}, which the base does not have; "

@@ -27,12 +27,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lowrank import locks
+from lowrank import locks, runrecord
 from lowrank.errors import UserError
 from lowrank.files import check_safetensors, remove_stale
-from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest, recorded_base
+from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest
 from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora_adapter, read_json
-from lowrank.quantize.roundtrip import QUANT_KINDS, quantized_weight_names, roundtrip_weight, training_quant
+from lowrank.quantize.roundtrip import QUANT_KINDS, quantized_weight_names, roundtrip_weight
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,9 @@ def _plan_output(shards: dict[str, list[str]], headers, dtype: torch.dtype, max_
 def _chat_template(adapters: list[LoraAdapter]) -> tuple[str | None, str | None]:
     """(name, jinja) of the chat template the last adapter that records one was trained with."""
     for adapter in reversed(adapters):
-        meta = adapter.meta
-        jinja = meta.get("chat_template")
-        if isinstance(jinja, dict):  # {"name": ..., "jinja": ...}
-            return jinja.get("name"), jinja.get("jinja")
-        if isinstance(jinja, str) and jinja:
-            return meta.get("template"), jinja
+        template = adapter.record.chat_template if adapter.record else None
+        if template:
+            return template.name, template.jinja
     return None, None
 
 
@@ -170,7 +167,7 @@ def _copy_side_files(base: Path, out: Path, dtype: str, template: tuple[str | No
     """config (with the new dtype), generation config, tokenizer files; the chat template from training."""
     for item in base.iterdir():
         if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name not in _WEIGHT_INDEXES \
-                and item.name not in ("config.json", "lowrank.json"):
+                and item.name not in ("config.json", runrecord.RECORD_FILE):
             shutil.copy2(item, out / item.name)
     config = read_json(base / "config.json")
     config["dtype"] = dtype
@@ -217,7 +214,7 @@ def _merged_tensor(name, tensor, adapters, roundtrip_quant, roundtrip_names, dty
 
 def _roundtrip_choice(adapters: list[LoraAdapter], into: str | None) -> tuple[str, str | None]:
     """(training quantization, quantization to redo before adding the deltas or None)."""
-    quants = {training_quant(a.meta) for a in adapters} - {"none"}
+    quants = {a.record.quant for a in adapters if a.record} - {"none"}
     if len(quants) > 1:
         raise UserError(f"adapters were trained on different base quantizations ({', '.join(sorted(quants))}); "
                         "merge them separately")
@@ -281,7 +278,7 @@ def merge_adapters(base: str, adapters: list[str], out_dir: str | Path, *, dtype
     headers = _tensor_headers(base_path, shards)
     loaded = [load_lora_adapter(a) for a in adapters]
     # Hashing a multi-GB base takes a while: only when some adapter records the digest to compare with.
-    digest = model_digest(str(base_path)) if any(recorded_base(a.meta).get("digest") for a in loaded) else None
+    digest = model_digest(str(base_path)) if any(a.record and a.record.base.digest for a in loaded) else None
     for adapter in loaded:
         check_against_base(adapter, {n: s for n, (s, _) in headers.items()}, digest)
     train_quant, roundtrip_quant = _roundtrip_choice(loaded, into)
@@ -310,17 +307,12 @@ def merge_adapters(base: str, adapters: list[str], out_dir: str | Path, *, dtype
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
         template = _chat_template(loaded)
         _copy_side_files(base_path, tmp, dtype, template)
-        record = {
-            "stage": "merge",
-            "base": {"id": base},
-            "adapters": [str(a.path) for a in loaded],
-            "dtype": dtype,
-            "train_quant": train_quant,
-            "into": "dequantized" if roundtrip_quant else "original",
-            # Same layout as an adapter's lowrank.json, so export reads the template from either.
-            "chat_template": {"name": template[0], "jinja": template[1]} if template[1] else None,
-        }
-        (tmp / "lowrank.json").write_text(json.dumps(record, indent=2) + "\n")
+        # Same record as an adapter's, so export reads the template from either.
+        runrecord.write(tmp, runrecord.RunRecord(
+            stage="merge", base=runrecord.BaseRef(id=base),
+            chat_template=runrecord.ChatTemplate(*template) if template[1] else None,
+            extra={"adapters": [str(a.path) for a in loaded], "dtype": dtype, "train_quant": train_quant,
+                   "into": "dequantized" if roundtrip_quant else "original"}))
         if out.exists():  # --overwrite: move the old one aside first, so a crash never leaves half of each
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

@@ -63,12 +63,3 @@ def quantized_weight_names(base_dir: str | Path) -> set[str]:
             names.add(f"{name}.weight")
     return names
 
-
-def training_quant(meta: dict) -> str:
-    """The quantization an adapter was trained with, read from its lowrank.json ("none" if unknown)."""
-    for holder in (meta, meta.get("config") or {}):
-        value = holder.get("quant") if isinstance(holder, dict) else None
-        if value:
-            return str(value)
-    return "none"
-

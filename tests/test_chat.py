@@ -9,7 +9,8 @@ import sys
 import pexpect
 import pytest
 
-from lowrank.apps.backends import SamplingConfig, load_backend, render_chat, turn_stop_strings
+from lowrank.apps.backends import SamplingConfig, render_chat, turn_stop_strings
+from lowrank.apps.loading import load_backend
 from lowrank.errors import UserError
 from lowrank.apps.chat import chat_loop
 from lowrank.apps.hf_backend import cut_at_stop_strings

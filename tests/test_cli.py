@@ -1,8 +1,9 @@
-"""The words `lowrank` shows a user: what --help says the tool is, and the third-party noise kept out of a
-normal run's output."""
+"""The words `lowrank` shows a user: what --help says the tool is, how `lowrank score` names a pair, and
+the third-party noise kept out of a normal run's output."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,6 +18,17 @@ def test_help_says_what_the_tool_does(capsys):
     assert "Fine-tune LLaMA-class models with LoRA or QLoRA (SFT, reward model, PPO, GRPO, DPO)" in text
     assert "merge the adapters, export GGUF files for llama.cpp, and chat with the result" in text
     assert "The `lowrank` command: parses flags" not in text  # the module's docstring, not the tool's
+
+
+def test_score_lines_name_each_pair_in_a_few_quoted_words():
+    from lowrank.cli.score import _excerpt
+
+    assert _excerpt("How do I\n save a file?") == '"How do I save a file?"'
+    long = "word " * 20
+    assert _excerpt(long) == json.dumps(("word " * 8)[:37] + "...") and len(json.loads(_excerpt(long))) == 40
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert _excerpt(messages) == '"Hi there"'  # a conversation: its last message
+    assert _excerpt('say "yes"') == '"say \\"yes\\""'  # one JSON string: quotes inside cannot end it
 
 
 def _sft_nf4_one_step(base, out, *flags: str) -> subprocess.CompletedProcess:

@@ -43,12 +43,14 @@ def make_sft_adapter(base_path, out_dir):
     from lowrank.models import load_base_model, model_digest
     from lowrank.templates import BUILTIN_TEMPLATES
 
+    from lowrank.runrecord import RunRecord
+
     torch.manual_seed(3)
     base = load_base_model(str(base_path), "none", gradient_checkpointing=False)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     meta = {"stage": "sft", "base": {"id": str(base_path), "digest": model_digest(str(base_path))},
             "chat_template": {"name": "chatml", "jinja": BUILTIN_TEMPLATES["chatml"]}, "config": {"quant": "none"}}
-    train.write_adapter(model, out_dir, meta)
+    train.write_adapter(model, out_dir, RunRecord.from_dict(meta))
     return out_dir
 
 

@@ -265,7 +265,8 @@ def test_interrupted_training_resumes_only_with_the_settings_it_started_with(tmp
 
 
 def test_chat_loads_the_ppo_adapter_on_the_pretrained_base(runs):
-    from lowrank.apps.backends import SamplingConfig, load_backend
+    from lowrank.apps.backends import SamplingConfig
+    from lowrank.apps.loading import load_backend
 
     backend = load_backend(runs["out"] / "ppo", device="cpu")
     try:

@@ -449,6 +449,15 @@ def test_cli_prints_the_breakdown_and_exits_0_when_it_fits(capsys):
     assert "largest that fits:" in out and "22.35 GiB" in out  # 24 GB = 10^9 bytes each
 
 
+def test_cli_quant_auto_is_the_default_and_plans_the_nf4_base_a_gpu_run_takes(capsys):
+    """Training stages resolve --quant auto to nf4 on CUDA (none on a CPU); a plan is for the CUDA run."""
+    flags = ["--model", "llama2-7b", "--tokens-per-step", "4096"]
+    default, auto, nf4, plain = (run_plan(capsys, *flags, *quant)[1] for quant in
+                                 ([], ["--quant", "auto"], ["--quant", "nf4"], ["--quant", "none"]))
+    assert default == auto == nf4 and "decoder weights (nf4)" in nf4
+    assert "decoder weights (bf16)" in plain
+
+
 def test_cli_exits_1_when_it_does_not_fit(capsys):
     code, out, _ = run_plan(capsys, "--model", "llama2-7b", "--tokens-per-step", "65536", "--gpu-memory", "16GiB")
     assert code == 1
@@ -536,3 +545,17 @@ def test_a_closed_pipe_ends_a_command_quietly(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["plan", "--model", "llama2-7b", "--tokens-per-step", "4096"]) == 141
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "grpo", "dpo"])
+def test_the_plans_stage_defaults_are_the_stage_configs_defaults(stage):
+    """plan.STAGE_DEFAULTS spells out what each stage's config defaults to, so plan imports no stage."""
+    import importlib
+
+    from lowrank.plan import STAGE_DEFAULTS
+
+    config = getattr(importlib.import_module(f"lowrank.{stage}"),
+                     {"sft": "SFTConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "grpo": "GRPOConfig",
+                      "dpo": "DPOConfig"}[stage])()
+    dropout = config.lora_dropout if stage in ("sft", "reward") else 0.0  # roles.build_roles: 0 with a reference
+    assert STAGE_DEFAULTS[stage] == {"gradient_checkpointing": config.gradient_checkpointing, "lora_dropout": dropout}

@@ -187,7 +187,9 @@ def test_reward_scores_in_ppo_equal_lowrank_score_on_the_same_text(task, swapped
     capsys.readouterr()
     assert main(["score", "--reward", str(task["reward"]), "--model", str(task["base"]),
                  "--pairs", str(tmp_path / "pairs.jsonl")]) == 0
-    printed = [float(line) for line in capsys.readouterr().out.split()]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(pairs) and all(line.startswith("score ") for line in lines)
+    printed = [float(line.split()[1]) for line in lines]
     assert printed == pytest.approx(in_ppo.tolist(), abs=1e-5)
 
 

@@ -76,12 +76,13 @@ def small_pairs_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny_spm, pairs_file, tmp_path_factory):
-    """One reward adapter trained through the CLI, shared by the tests of this module (with its stderr)."""
+    """One reward adapter trained through the CLI, shared by the tests of this module (with its stdout and stderr)."""
     out = tmp_path_factory.mktemp("reward") / "adapter"
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    printed, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(err):
         code = main(["reward", "--model", str(tiny_spm), "--data", pairs_file, "--output-dir", str(out), *TRAIN_FLAGS])
     assert code == 0, err.getvalue()[-2000:]
+    (out.parent / "stdout.txt").write_text(printed.getvalue())
     (out.parent / "stderr.txt").write_text(err.getvalue())
     return out
 
@@ -125,6 +126,28 @@ def test_reward_reaches_high_heldout_accuracy_on_the_please_task(trained):
     assert meta["base"]["digest"] and meta["data"]["pairs"] == 200 and meta["data"]["eval_pairs"] == 40
 
 
+def test_reward_cli_ends_by_printing_the_held_out_accuracy_and_margin(trained):
+    metrics = json.loads((trained / "lowrank.json").read_text())["metrics"]
+    printed = (trained.parent / "stdout.txt").read_text().splitlines()
+    assert printed == [f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.4f}",
+                       f"reward adapter written to {trained}"]
+
+
+def test_reward_cli_default_quant_is_auto_and_records_what_it_resolved_to(tiny_spm, small_pairs_file, tmp_path,
+                                                                          capsys):
+    """--quant auto, the default, is nf4 on CUDA and none on a CPU; lowrank.json records which."""
+    from lowrank.reward import RewardConfig
+
+    assert RewardConfig().quant == "auto"
+    out = tmp_path / "out"
+    assert main(["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0", "--max-length", str(MAX_LENGTH),
+                 "--no-gradient-checkpointing"]) == 0
+    assert json.loads((out / "lowrank.json").read_text())["config"]["quant"] == ("nf4" if torch.cuda.is_available()
+                                                                                 else "none")
+    assert capsys.readouterr().out == f"reward adapter written to {out}\n"  # no held-out pairs: no accuracy line
+
+
 def test_adapter_dir_is_standard_peft_with_score_head_saved(trained):
     from safetensors.torch import load_file
 
@@ -163,7 +186,11 @@ def test_score_cli_prints_score_sequences_of_the_same_text(trained, tiny_spm, tm
     # --model omitted: the base comes from lowrank.json.
     assert main(["score", "--reward", str(trained), "--prompt", texts[0][0], "--response", texts[0][1],
                  "--pairs", pairs]) == 0
-    printed = [float(line) for line in capsys.readouterr().out.split()]
+    lines = capsys.readouterr().out.splitlines()
+    # Each line says what it is and which pair: `score VALUE  "prompt" -> "response"`.
+    assert [line.split("  ", 1)[1] for line in lines] == [json.dumps(p) + " -> " + json.dumps(r) for p, r in texts]
+    assert all(line.split()[0] == "score" for line in lines)
+    printed = [float(line.split()[1]) for line in lines]
 
     meta = json.loads((trained / "lowrank.json").read_text())
     tokenizer = load_tokenizer(str(tiny_spm))
@@ -297,13 +324,15 @@ def make_sft_adapter(base_path, out_dir, template_name="chatml", targets=("q_pro
     from lowrank.models import load_base_model, model_digest
     from lowrank.templates import BUILTIN_TEMPLATES
 
+    from lowrank.runrecord import RunRecord
+
     torch.manual_seed(3)
     base = load_base_model(str(base_path), "none", gradient_checkpointing=False)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
                                             init_lora_weights=False))  # B != 0: an adapter that does something
     meta = {"stage": "sft", "base": {"id": str(base_path), "digest": model_digest(str(base_path))},
             "chat_template": {"name": template_name, "jinja": BUILTIN_TEMPLATES[template_name]}}
-    train.write_adapter(model, out_dir, meta)
+    train.write_adapter(model, out_dir, RunRecord.from_dict(meta))
     return out_dir
 
 
@@ -384,13 +413,14 @@ def test_sft_adapter_of_another_base_is_refused(tiny_spm, tiny_model_factory, sm
 
 
 def test_nf4_reward_trains_and_scores_on_the_cpu(tiny_spm, small_pairs_file, tmp_path):
-    """QLoRA reward: a 4-bit base, gradient checkpointing on (the defaults), two steps, then `lowrank score`."""
+    """QLoRA reward: a 4-bit base (the default on CUDA), gradient checkpointing on (the default), two steps, then
+    `lowrank score`."""
     from safetensors.torch import load_file
 
     from lowrank.reward import RewardConfig, score_texts, train_reward
 
     out = train_reward(RewardConfig(model=str(tiny_spm), data=small_pairs_file, output_dir=str(tmp_path / "nf4"),
-                                    max_steps=2, batch_size=4, learning_rate=1e-2, eval_fraction=0.25,
+                                    quant="nf4", max_steps=2, batch_size=4, learning_rate=1e-2, eval_fraction=0.25,
                                     max_length=MAX_LENGTH))
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["config"]["quant"] == "nf4" and meta["config"]["gradient_checkpointing"]

@@ -110,7 +110,7 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tiny_spm):
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_quantized_sft_runs_end_to_end_on_the_cpu(tiny_spm, tmp_path, quant):
-    """`lowrank sft`'s default path (QLoRA: nf4, gradient checkpointing) and int8, two steps on the CPU."""
+    """`lowrank sft`'s default path on CUDA (QLoRA: nf4, gradient checkpointing) and int8, two steps on the CPU."""
     from safetensors.torch import load_file
 
     from lowrank.sft import SFTConfig, default_data, train_sft
@@ -268,7 +268,23 @@ def test_overwrite_replaces_a_finished_run(tiny_spm, tmp_path, capsys):
 
 def test_cli_unknown_quant(tmp_path, capsys):
     code, _, err = _cli(["--model", "tiny", "--quant", "fp3", "--output-dir", str(tmp_path / "out")], capsys)
-    _assert_one_line_error(code, err, "--quant: unknown value 'fp3'; choose one of nf4, int8, none")
+    _assert_one_line_error(code, err, "--quant: unknown value 'fp3'; choose auto or one of nf4, int8, none")
+
+
+def test_default_quant_is_auto_nf4_on_cuda_and_unquantized_on_a_cpu(tiny_spm, tmp_path, capsys):
+    """The default trains on the base this machine runs fastest, and lowrank.json records which."""
+    from lowrank.models import resolve_quant
+    from lowrank.sft import SFTConfig
+
+    assert SFTConfig().quant == "auto"
+    assert resolve_quant("auto", cuda=True) == "nf4" and resolve_quant("auto", cuda=False) == "none"
+    assert resolve_quant("nf4", cuda=False) == "nf4"  # asked for, nf4 runs on the CPU too
+    out = tmp_path / "out"
+    code, _, _ = _cli(["--model", str(tiny_spm), "--output-dir", str(out), "--max-steps", "1", "--max-length", "64",
+                       "--lora-r", "2", "--eval-fraction", "0", "--no-gradient-checkpointing"], capsys)
+    assert code == 0
+    recorded = json.loads((out / "lowrank.json").read_text())["config"]["quant"]
+    assert recorded == ("nf4" if torch.cuda.is_available() else "none")
 
 
 def test_resume_checkpoint_expands_home_and_takes_the_newest(tmp_path, monkeypatch):

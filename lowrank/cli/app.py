@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.auth, str):
         raise UserError(f"--auth takes no value: a password in the command line is visible to every user in `ps`; "
                         f"put user:pass in a file given with --auth-file, or in the {AUTH_ENV} environment variable")
+    from lowrank.cli.chat import check_model_arguments
+
     config = build_config(AppConfig, args)
+    check_model_arguments(args)
     auth, notice = resolve_auth(config)
     if not Path(config.models_dir).is_dir():
         raise UserError(f"--models-dir {config.models_dir}: not a directory")

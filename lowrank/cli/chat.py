@@ -19,6 +19,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device for adapters: cuda or cpu (default: cuda if there is one)")
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Refuse a context or thread count below 1 before anything loads."""
+    from lowrank.errors import UserError
+
+    for name in ("ctx", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     from lowrank.apps.backends import SamplingConfig
 
@@ -29,10 +39,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowrank.apps.backends import SamplingConfig, load_backend
+    from lowrank.apps.backends import SamplingConfig
+    from lowrank.apps.loading import load_backend
     from lowrank.apps.chat import chat_loop
 
     sampling = build_config(SamplingConfig, args)
+    check_model_arguments(args)
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # keep log lines out of the conversation
     try:

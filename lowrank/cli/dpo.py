@@ -13,9 +13,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import os
 
+    from lowrank import runrecord
     from lowrank.cli.progress import StepBar
     from lowrank.config import build_config
     from lowrank.dpo import DPOConfig, train_dpo
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = train_dpo(config, on_step=on_step)
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one process reports
         return 0
-    metrics = json.loads((out_dir / "lowrank.json").read_text()).get("metrics", {})
+    metrics = runrecord.read(out_dir).metrics
     if "initial_eval_accuracy" in metrics:
         print(f"held-out pairwise accuracy {metrics['initial_eval_accuracy']:.3f} -> {metrics['eval_accuracy']:.3f}, "
               f"margin {metrics['initial_eval_margin']:.4f} -> {metrics['eval_margin']:.4f}")

@@ -10,11 +10,11 @@ Three ways to use adapters (``--adapter DIR``, repeatable):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
 
+from lowrank import runrecord
 from lowrank.config import add_dataclass_arguments, build_config
 from lowrank.errors import UserError
 
@@ -28,29 +28,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, ExportConfig)
 
 
-def recorded_template(model_dir: Path) -> str | None:
-    """The chat template recorded in a merged dir's or an adapter's lowrank.json (the one training used), if any."""
-    record = model_dir / "lowrank.json"
-    if not record.is_file():
-        return None
-    try:
-        template = json.loads(record.read_text()).get("chat_template")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{record}: not a valid lowrank.json ({e})") from None
-    return template.get("jinja") if isinstance(template, dict) else template or None
-
-
 def resolve_chat_template(value: str | None, model_dir: Path) -> str | None:
     from lowrank.templates import BUILTIN_TEMPLATES
 
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
-    return value or recorded_template(model_dir)
-
-
-def _record(model_dir: Path) -> dict:
-    path = model_dir / "lowrank.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if value:
+        return value
+    record = runrecord.read_optional(model_dir)
+    return record.chat_template.jinja if record and record.chat_template else None
 
 
 def _tokenizer(model_dir: Path):
@@ -122,7 +108,8 @@ def export_and_report(config, model_dir: Path, reports: list | None = None, *, l
         extra = {}
         if base_paths and len(lora_paths) == 1:
             # Merged into dequantized nf4/int8 weights: base + adapter differs by the quantization error.
-            exact = (_record(model_dir).get("into") or "original") == "original"
+            record = runrecord.read_optional(model_dir)
+            exact = ((record.extra.get("into") if record else None) or "original") == "original"
             extra = {"lora_gguf": lora_paths[0], "base_gguf": base_paths[i], "lora_exact": exact}
         report = verify_gguf(p, model_dir, chat_template=template,
                              reference_gguf=reference if p != reference else None, hf_model=hf_model, **extra)

@@ -24,7 +24,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help=f"a named shape ({', '.join(SHAPES)}, tiny), a model dir or a hub id (config only)")
     parser.add_argument("--stage", default="sft", choices=["sft", "reward", "ppo", "grpo", "dpo"],
                         help="training stage")
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "int8", "none"], help="base weights")
+    parser.add_argument("--quant", default="auto", choices=["auto", "nf4", "int8", "none"],
+                        help="base weights (auto: nf4, what the training stages take on CUDA)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--target-modules", default="all-linear",
                         help="modules that get LoRA: all-linear or names such as q_proj,v_proj")

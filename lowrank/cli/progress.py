@@ -54,9 +54,8 @@ def train_with_loss_bar(name: str, train):
 
 def print_held_out_loss(out_dir) -> None:
     """"held-out loss A -> B" from a finished run's lowrank.json, when it measured both."""
-    import json
-    from pathlib import Path
+    from lowrank import runrecord
 
-    metrics = json.loads((Path(out_dir) / "lowrank.json").read_text()).get("metrics", {})
+    metrics = runrecord.read(out_dir).metrics
     if metrics.get("initial_eval_loss") is not None and metrics.get("eval_loss") is not None:
         print(f"held-out loss {metrics['initial_eval_loss']:.4f} -> {metrics['eval_loss']:.4f}")

@@ -13,6 +13,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lowrank import runrecord
     from lowrank.cli.progress import StepBar
     from lowrank.config import build_config
     from lowrank.reward import RewardConfig, train_reward
@@ -27,5 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     with bar:
         out_dir = train_reward(config, on_step=on_step)
+    metrics = runrecord.read(out_dir).metrics
+    if "eval_accuracy" in metrics:  # none without held-out pairs (--eval-fraction 0)
+        print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.4f}")
     print(f"reward adapter written to {out_dir}")
     return 0

@@ -1,4 +1,9 @@
-"""`lowrank score`: print the reward of prompt/response pairs under a trained reward adapter."""
+"""`lowrank score`: print the reward of prompt/response pairs under a trained reward adapter.
+
+One line per pair, in the order given: ``score 1.234567  "the prompt" -> "the response"``, the word
+``score``, the reward, then the pair cut to a few words so that a reader can tell the lines apart
+(``awk '{print $2}'`` takes the numbers alone).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,16 @@ def _read_pairs(path: Path) -> list[tuple]:
     return pairs
 
 
+def _excerpt(turn, width: int = 40) -> str:
+    """A prompt (text or messages: the last one's) or a response as one quoted line of at most ``width`` characters."""
+    import json
+
+    if isinstance(turn, list):
+        turn = turn[-1].get("content", "") if turn and isinstance(turn[-1], dict) else ""
+    line = " ".join(str(turn).split())
+    return json.dumps(line if len(line) <= width else line[:width - 3] + "...", ensure_ascii=False)
+
+
 def run(args: argparse.Namespace) -> int:
     from lowrank.errors import UserError
     from lowrank.reward import score_texts
@@ -56,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
         pairs.extend(_read_pairs(args.pairs))
     if not pairs:
         raise UserError("nothing to score: give --prompt and --response, or --pairs FILE.jsonl")
-    for score in score_texts(args.reward, args.model, pairs, quant=args.quant):
-        print(f"{score:.6f}")
+    for (prompt, response), score in zip(pairs, score_texts(args.reward, args.model, pairs, quant=args.quant)):
+        print(f"score {score:.6f}  {_excerpt(prompt)} -> {_excerpt(response)}")
     return 0

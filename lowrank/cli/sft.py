@@ -1,4 +1,4 @@
-"""`lowrank sft`: supervised fine-tuning of a LoRA adapter (QLoRA on nf4 by default)."""
+"""`lowrank sft`: supervised fine-tuning of a LoRA adapter (by default QLoRA on nf4 with CUDA, unquantized on a CPU)."""
 
 from __future__ import annotations
 
