@@ -58,10 +58,6 @@ FORWARD_INTERMEDIATE_TENSORS = 4
 # Chunked loss: per logit of a chunk, bf16 logits (2) + fp32 copy (4) + log-softmax (4) in the
 # forward pass; + its gradient (4) in backward, minus the fp32 copy, plus a bf16 gradient (2): 14.
 LOSS_LOGIT_BYTES = 14
-DEFAULT_LOSS_CHUNK_TOKENS = 1024  # when lowrank.train has no LOSS_CHUNK_LOGITS
-# lowrank's PPO forward passes run with the model's use_cache, which load_base_model turns on when
-# gradient checkpointing is off: the no-gradient scoring passes then build a KV cache they never read.
-PPO_SCORING_BUILDS_CACHE = False
 
 # Named shapes: config.json fields of well-known models, so that planning needs no download.
 SHAPES: dict[str, dict] = {
@@ -490,8 +486,7 @@ def _estimate_ppo(arch, static, outside, targets, settings, *, r, checkpointed, 
     generation = {**static, **grads, "KV cache": kv + kv // layers, "sampling logits": 2 * batch * vocab * 4}
     tokens = batch * seq
     logits = batch * (new + 1) * vocab * (2 + 4 + 4)  # bf16 logits, their fp32 copy, the fp32 log-softmax
-    scoring = {**static, **grads, "KV cache (unused)": kv if (PPO_SCORING_BUILDS_CACHE and not checkpointed) else 0,
-               "hidden states": tokens * h * stream,
+    scoring = {**static, **grads, "hidden states": tokens * h * stream,
                "rollout logits": max(logits, tokens * FORWARD_INTERMEDIATE_TENSORS * inter * stream)}
     mb_tokens = minibatch * seq
     saved = _layer_saved_per_token(arch, targets, stream=stream, dropout=False, checkpointed=checkpointed,
@@ -601,10 +596,8 @@ def _nonzero(terms: dict[str, int]) -> dict[str, int]:
 
 def _loss_chunk_tokens(vocab: int) -> int:
     """Tokens per chunk of lowrank's loss: lowrank.train.LOSS_CHUNK_LOGITS logits (at least 16 tokens)."""
-    try:
-        from lowrank.train import LOSS_CHUNK_LOGITS
-    except ImportError:
-        return DEFAULT_LOSS_CHUNK_TOKENS
+    from lowrank.train import LOSS_CHUNK_LOGITS
+
     return max(16, int(LOSS_CHUNK_LOGITS) // vocab)
 
 

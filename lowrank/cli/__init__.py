@@ -42,13 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _load(name: str):
-    module_name, _ = COMMANDS[name]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return None  # command not built yet
-        raise
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -60,8 +54,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text, add_help=False)
             continue
         module = _load(name)
-        if module is None:
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.register(p)
         p.set_defaults(_run=module.run)
