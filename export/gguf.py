@@ -58,9 +58,12 @@ TYPES: dict[str, GGUFType] = {
     # the file sizes of LLaMA 3 8B, 8.03e9 weights, in llama.cpp's examples/perplexity/README.md).
     "q6_k": GGUFType("q6_k", None, "MOSTLY_Q6_K", 6.56),
     "q5_k_m": GGUFType("q5_k_m", None, "MOSTLY_Q5_K_M", 5.69),
+    "q5_k_s": GGUFType("q5_k_s", None, "MOSTLY_Q5_K_S", 5.57),
     "q4_k_m": GGUFType("q4_k_m", None, "MOSTLY_Q4_K_M", 4.89),
     "q4_k_s": GGUFType("q4_k_s", None, "MOSTLY_Q4_K_S", 4.67),
+    "iq4_nl": GGUFType("iq4_nl", None, "MOSTLY_IQ4_NL", 4.50),  # quantize's nominal figure: no 8B size published
     "iq4_xs": GGUFType("iq4_xs", None, "MOSTLY_IQ4_XS", 4.43),
+    "q3_k_l": GGUFType("q3_k_l", None, "MOSTLY_Q3_K_L", 4.31),
     "q3_k_m": GGUFType("q3_k_m", None, "MOSTLY_Q3_K_M", 4.00),
     "q3_k_s": GGUFType("q3_k_s", None, "MOSTLY_Q3_K_S", 3.66),
     "q2_k": GGUFType("q2_k", None, "MOSTLY_Q2_K", 3.17),

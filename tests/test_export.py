@@ -103,18 +103,21 @@ def test_cli_export_prints_fit_and_writes_modelfile(tiny_bpe, tmp_path, capsys):
 # Max |logit - F32 logit| / max |F32 logit| and KL (nats) against the F32 file on held-out text, measured on
 # the model below: f16 8.2e-4 / 2e-8, bf16 5.1e-3 / 1.2e-6, q8_0 1.8e-2 / 1.2e-5, q6_k 4.6e-2 / 9e-5,
 # q5_k_m 7.1e-2 / 2.3e-4, q5_0 0.12 / 4.8e-4, q4_k_m 0.14 / 8.4e-4, q4_0 0.24 / 2e-3, q4_k_s 0.15 / 1e-3,
-# iq4_xs 0.16 / 1.2e-3, q3_k_m 0.31 / 3.3e-3, q3_k_s 0.34 / 5.1e-3, q2_k 0.62 / 1.1e-2. Bounds are ~3x that
+# iq4_xs 0.16 / 1.2e-3, q3_k_m 0.31 / 3.3e-3, q3_k_s 0.34 / 5.1e-3, q2_k 0.62 / 1.1e-2, q5_k_s 7.6e-2 / 2.7e-4,
+# iq4_nl 0.16 / 1.2e-3, q3_k_l 0.27 / 3e-3. Bounds are ~3x that
 # (the 3- and 2-bit types' logit bound less, as 3x would pass anything); a tensor in the wrong layout gives > 1.
 TYPE_BOUNDS = {"f32": (1e-6, 1e-9), "f16": (3e-3, 1e-6), "bf16": (2e-2, 1e-5), "q8_0": (6e-2, 1e-4),
                "q6_k": (0.15, 5e-4), "q5_k_m": (0.25, 1e-3), "q5_0": (0.35, 2e-3), "q4_k_m": (0.45, 4e-3),
                "q4_0": (0.7, 1e-2), "q4_k_s": (0.45, 3e-3), "iq4_xs": (0.5, 4e-3), "q3_k_m": (0.8, 1e-2),
-               "q3_k_s": (0.85, 1.5e-2), "q2_k": (0.95, 3.5e-2)}
+               "q3_k_s": (0.85, 1.5e-2), "q2_k": (0.95, 3.5e-2), "q5_k_s": (0.25, 1e-3), "iq4_nl": (0.5, 4e-3),
+               "q3_k_l": (0.8, 1e-2)}
 # What 2-D tensors are stored as: one ggml type for direct types; llama.cpp's mixes keep some in Q6_K.
 # Q4_0 and Q5_0 keep the output projection at Q8_0, as llama.cpp keeps it above the file type.
 TENSOR_TYPES = {"f32": {"F32"}, "f16": {"F16"}, "bf16": {"BF16"}, "q8_0": {"Q8_0"}, "q5_0": {"Q5_0", "Q8_0"},
                 "q4_0": {"Q4_0", "Q8_0"}, "q6_k": {"Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q4_k_m": {"Q4_K", "Q6_K"},
                 "q4_k_s": {"Q4_K", "Q5_K", "Q6_K"}, "iq4_xs": {"IQ4_XS", "Q6_K"}, "q3_k_m": {"Q3_K", "Q4_K", "Q5_K", "Q6_K"},
-                "q3_k_s": {"Q3_K", "Q6_K"}, "q2_k": {"Q2_K", "Q3_K", "Q6_K"}}
+                "q3_k_s": {"Q3_K", "Q6_K"}, "q2_k": {"Q2_K", "Q3_K", "Q6_K"}, "q5_k_s": {"Q5_K", "Q6_K"},
+                "iq4_nl": {"IQ4_NL", "Q6_K"}, "q3_k_l": {"Q3_K", "Q5_K", "Q6_K"}}
 
 
 @pytest.fixture(scope="module")
