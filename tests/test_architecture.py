@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"lowrank": "lowrank", "quantize": "lowrank.quantize", "export": "lowrank.export", "apps": "lowrank.apps"}
-TOP = ("lowrank.cli", "lowrank.pipeline", "lowrank.report")  # orchestration: may import anything
+TOP = ("lowrank.cli", "lowrank.pipeline", "lowrank.report", "lowrank.exporting")  # orchestration: may import anything
 LAYERS = ("core", "quantize", "export", "apps", "top")
 
 

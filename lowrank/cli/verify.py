@@ -25,7 +25,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowrank.cli.export import resolve_chat_template
+    from lowrank.exporting import resolve_chat_template
     from lowrank.export.verify import format_report, verify_gguf
     from lowrank.tiny import resolve_model_name
 
