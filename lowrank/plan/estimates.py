@@ -1,4 +1,4 @@
-"""Peak GPU memory of a training run, predicted before it starts (`lowrank plan`).
+"""The memory model: a training stage's peak GPU memory, phase by phase (`estimate`).
 
 The model of memory, term by term, with where each number comes from, is docs/plan.md. In short:
 static terms (base weights in their quantized layout, LoRA adapters, optimizer state, cuBLAS
@@ -19,15 +19,12 @@ allocator and are added for the question whether a card holds the run. Everythin
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import math
 from dataclasses import dataclass, field
 
 from lowrank.errors import UserError
-
-log = logging.getLogger(__name__)
+from lowrank.plan.structure import (Architecture, as_architecture, lora_targets, lora_tensors, optimizer_bytes,
+                                    weight_bytes)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -43,11 +40,6 @@ CUDA_CONTEXT_BYTES = 700 * MiB
 # Inside the allocator: one cuBLAS workspace per stream that runs matmuls (the main thread and the
 # autograd thread), 32 MiB each on Hopper.
 CUBLAS_WORKSPACE_BYTES = 64 * MiB
-# bitsandbytes' paged optimizers keep the state of tensors with at least this many elements in
-# CUDA managed memory (outside torch's allocator); smaller ones get ordinary tensors.
-PAGED_MIN_NUMEL = 100_000
-# bitsandbytes' 8-bit optimizers keep 32-bit state for tensors smaller than this (min_8bit_size).
-OPTIM_8BIT_MIN_NUMEL = 4096
 # Backward through one decoder layer holds, beyond the tensors its forward pass saved, the gradients
 # in flight: per token, bytes per hidden unit and per intermediate unit, fitted on H200 runs
 # (bf16 stream: llama2-7b; fp32 stream: llama2-7b, llama3-8b and tinyllama-1b, where they come to
@@ -58,205 +50,6 @@ FORWARD_INTERMEDIATE_TENSORS = 4
 # Chunked loss: per logit of a chunk, bf16 logits (2) + fp32 copy (4) + log-softmax (4) in the
 # forward pass; + its gradient (4) in backward, minus the fp32 copy, plus a bf16 gradient (2): 14.
 LOSS_LOGIT_BYTES = 14
-
-# Named shapes: config.json fields of well-known models, so that planning needs no download.
-SHAPES: dict[str, dict] = {
-    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096, tie_word_embeddings=False),
-    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-                       max_position_embeddings=4096, tie_word_embeddings=False),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      max_position_embeddings=8192, tie_word_embeddings=False),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                       max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False),
-    # LLaMA 3.1: LLaMA 3's shape with its rope scaling and a 128k context (no extra parameters).
-    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                        max_position_embeddings=131072, rope_theta=500000.0,
-                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                        tie_word_embeddings=False),
-    # Qwen2.5: biases on q/k/v (counted by transformers' Qwen2 model).
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                       max_position_embeddings=131072, tie_word_embeddings=False),
-    # Qwen3: q/k RMSNorms and a head_dim (128) of its own, not hidden / heads.
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     max_position_embeddings=40960, tie_word_embeddings=False),
-    "tinyllama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                         max_position_embeddings=2048, tie_word_embeddings=False),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# The model's structure, counted on the meta device
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Architecture:
-    """What memory depends on: shape, and every linear layer of the decoder (name, in, out)."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    linears: tuple[tuple[str, int, int], ...]  # each nn.Linear inside the decoder layers
-    embed_params: int
-    head_params: int  # lm_head; 0 when tied to the embeddings
-    vector_params: int  # 1-D parameters: norm weights (and biases)
-    params: int
-
-
-def _config_dict(model: str) -> tuple[str, dict]:
-    if model in SHAPES:
-        return model, dict(SHAPES[model])
-    from pathlib import Path
-
-    from lowrank.models import read_model_config
-    from lowrank.tiny import NAMED_MODELS, resolve_model_name
-
-    # A bare name that is no dir is a shape name: hub ids are org/name.
-    if model not in NAMED_MODELS and not Path(model).expanduser().exists() and "/" not in model:
-        raise UserError(f"unknown shape '{model}'; named shapes: {', '.join([*SHAPES, *NAMED_MODELS])} "
-                        f"(or give a model dir, or a hub id as org/name)")
-    return model, read_model_config(resolve_model_name(model))
-
-
-@functools.lru_cache(maxsize=32)
-def _architecture(name: str, config_json: str) -> Architecture:
-    import torch
-    from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lowrank.models import SUPPORTED_ARCHITECTURES
-
-    config = json.loads(config_json)
-    model_type = config.pop("model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"{name}: unsupported architecture '{model_type or 'none'}'; "
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    for key in ("quantization_config", "architectures", "auto_map", "torch_dtype", "dtype"):
-        config.pop(key, None)
-    try:
-        hf_config = AutoConfig.for_model(model_type, **config)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
-    except Exception as e:  # noqa: BLE001 - a config.json transformers cannot build a model from
-        raise UserError(f"{name}: cannot build the model from its config ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    text = hf_config.get_text_config()
-    linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and ".layers." in n)
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    heads = text.num_attention_heads
-    return Architecture(
-        name=name, hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
-        heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=embed.shape[0],
-        linears=linears, embed_params=embed.numel(), head_params=0 if head is embed else head.numel(),
-        vector_params=sum(p.numel() for p in model.parameters() if p.ndim == 1),
-        params=sum(p.numel() for p in model.parameters()))
-
-
-def architecture(model: str) -> Architecture:
-    """The structure of ``model``: a named shape, 'tiny', a local model dir or a hub id (config only)."""
-    name, config = _config_dict(model)
-    return _architecture(name, json.dumps(config, sort_keys=True))
-
-
-# --------------------------------------------------------------------------------------------
-# Weights in their quantized layouts
-# --------------------------------------------------------------------------------------------
-
-def nf4_bytes(numel: int, blocksize: int = 64) -> int:
-    """Bytes of one weight in bitsandbytes NF4 with double quantization (Linear4bit, quant_storage uint8).
-
-    Packed weight: 2 values per byte. QuantState: absmax of each block of 64, quantized to uint8;
-    its offset (one fp32); the nested state: an fp32 absmax per 256 blocks and the 256-entry fp32
-    code it was quantized with; and the 16-entry fp32 NF4 code (bitsandbytes.functional.quantize_4bit).
-    """
-    blocks = math.ceil(numel / blocksize)
-    return math.ceil(numel / 2) + blocks + 4 + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
-
-
-def int8_bytes(in_features: int, out_features: int) -> int:
-    """Bytes of one weight in LLM.int8 (Linear8bitLt): int8 values and an fp32 scale per output row."""
-    return in_features * out_features + 4 * out_features
-
-
-def weight_bytes(arch: Architecture, quant: str, *, compute_bytes: int = 2, fp32_norms: bool = False
-                 ) -> dict[str, int]:
-    """Bytes of the base weights: decoder linears (quantized unless ``quant`` is none); embeddings, LM
-    head and 1-D parameters (norms) in the compute dtype, as lowrank.models loads them (norms in fp32
-    with ``fp32_norms``, as peft's prepare_model_for_kbit_training would cast them)."""
-    if quant == "nf4":
-        linears = sum(nf4_bytes(i * o) for _, i, o in arch.linears)
-    elif quant == "int8":
-        linears = sum(int8_bytes(i, o) for _, i, o in arch.linears)
-    elif quant == "none":
-        linears = sum(i * o for _, i, o in arch.linears) * compute_bytes
-    else:
-        raise UserError(f"--quant: unknown value '{quant}'; choose nf4, int8 or none")
-    return {f"decoder weights ({quant if quant != 'none' else 'bf16'})": linears,
-            "embeddings, LM head, norms": (arch.embed_params + arch.head_params) * compute_bytes
-            + arch.vector_params * (4 if fp32_norms else compute_bytes)}
-
-
-# --------------------------------------------------------------------------------------------
-# LoRA adapters and optimizer state
-# --------------------------------------------------------------------------------------------
-
-def lora_targets(arch: Architecture, target_modules) -> list[tuple[str, int, int]]:
-    """(name, in, out) of the layers a LoRA adapts: peft's "all-linear" (every decoder linear, not
-    lm_head) or module names, matched as peft does (the name or a dotted suffix of it)."""
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    targets = [t.strip() for part in targets for t in str(part).split(",") if t.strip()]
-    if targets == ["all-linear"] or not targets:
-        return list(arch.linears)
-    found = [(n, i, o) for n, i, o in arch.linears if any(n == t or n.endswith("." + t) for t in targets)]
-    if "lm_head" in targets:
-        found.append(("lm_head", arch.hidden, arch.vocab))
-    if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _, _ in arch.linears})
-        raise UserError(f"--target-modules: none of {', '.join(targets)} is a linear layer of {arch.name}; "
-                        f"its layers: {', '.join(names)}")
-    return found
-
-
-def lora_tensors(targets, r: int) -> list[int]:
-    """Element counts of the LoRA weight tensors: A (r x in) and B (out x r) per adapted layer."""
-    return [n for _, i, o in targets for n in (r * i, o * r)]
-
-
-def optimizer_bytes(tensors: list[int], *, bits: int, paged: bool) -> tuple[int, int]:
-    """(bytes in torch's allocator, bytes in CUDA managed memory) of AdamW state for these tensors.
-
-    32-bit: two fp32 moments (8 bytes per parameter). bitsandbytes 8-bit: two uint8 moments and an
-    fp32 absmax per block of 256 for each (tensors under 4096 elements keep 32-bit state). A paged
-    bitsandbytes optimizer puts the state of tensors of 100,000+ elements in managed memory.
-    """
-    inside = outside = 0
-    for n in tensors:
-        if bits == 8 and n >= OPTIM_8BIT_MIN_NUMEL:
-            size = 2 * n + 2 * 4 * math.ceil(n / 256)
-        else:
-            size = 8 * n
-        if paged and n >= PAGED_MIN_NUMEL:
-            outside += size
-        else:
-            inside += size
-    return inside, outside
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +193,7 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
         raise UserError(f"--lora-r must be at least 1, got {lora_r}")
     if optim_bits not in (8, 32):
         raise UserError(f"--optim-bits must be 8 or 32, got {optim_bits}")
-    arch = _as_architecture(model)
+    arch = as_architecture(model)
     defaults = STAGE_DEFAULTS[stage]
     checkpointed = defaults["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing
     dropout = (defaults["lora_dropout"] if lora_dropout is None else lora_dropout) > 0
@@ -596,15 +389,6 @@ def _estimate_grpo(arch, static, outside, targets, settings, *, r, checkpointed,
     return _pick_peak(str(arch.name), "grpo", phases, outside, settings)
 
 
-def _as_architecture(model) -> Architecture:
-    if isinstance(model, Architecture):
-        return model
-    if isinstance(model, dict):  # config.json fields
-        config = {"model_type": "llama", **model}
-        return _architecture(str(config.get("_name_or_path") or "custom shape"), json.dumps(config, sort_keys=True))
-    return architecture(str(model))
-
-
 def _nonzero(terms: dict[str, int]) -> dict[str, int]:
     return {k: int(v) for k, v in terms.items() if v}
 
@@ -614,188 +398,3 @@ def _loss_chunk_tokens(vocab: int) -> int:
     from lowrank.train import LOSS_CHUNK_LOGITS
 
     return max(16, int(LOSS_CHUNK_LOGITS) // vocab)
-
-
-def largest_tokens_per_step(model, card_bytes: int = DEFAULT_CARD_BYTES, **settings) -> int:
-    """The most tokens per micro-batch that fit ``card_bytes``: whole rows of ``max_length`` (DPO: whole
-    pairs of rows; PPO: whole rollouts per minibatch, at most the rollout batch; GRPO: whole
-    completions per micro-batch, a divisor of the minibatch); 0 when not even one fits.
-
-    Rule: memory depends on the micro-batch only, so with gradient accumulation a step of any size
-    runs at this micro-batch; without accumulation it is also the largest step.
-    """
-    arch = _as_architecture(model)
-    stage = settings.get("stage", "sft")
-    if stage in ("ppo", "grpo"):
-        unit = settings.get("ppo_prompt_len", 256) + settings.get("ppo_new_tokens", 256)
-        if stage == "ppo":
-            batch = settings.get("ppo_rollout_batch", 8)
-            return unit * _largest(lambda n: estimate(arch, **{**settings, "ppo_minibatch": n}).fits(card_bytes),
-                                   batch)
-        # GRPO: micro-batches must divide the minibatch (grpo.check_config); generation does not depend on them.
-        minibatch = estimate(arch, **settings).settings["minibatch"]
-        fitting = (n for n in range(minibatch, 0, -1) if minibatch % n == 0
-                   and estimate(arch, **{**settings, "grpo_micro_batch": n}).fits(card_bytes))
-        return unit * next(fitting, 0)
-    max_length = settings.get("max_length", 1024)
-    rest = {k: v for k, v in settings.items() if k not in ("tokens_per_step", "tokens_per_micro_batch")}
-    row = 2 if stage == "dpo" else 1  # a DPO pair's chosen and rejected rows go into one micro-batch
-    return row * max_length * _largest(
-        lambda n: estimate(arch, **rest, tokens_per_micro_batch=n * row * max_length).fits(card_bytes), 1 << 20)
-
-
-def _largest(fits, limit: int) -> int:
-    """The largest n in [1, limit] with fits(n), for a monotone fits; 0 when fits(1) is false."""
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
-
-def format_plan(plan: Plan, card_bytes: int = DEFAULT_CARD_BYTES) -> str:
-    """The breakdown as a small table in GiB, the totals, and whether it fits the card."""
-    s = plan.settings
-    if plan.stage == "ppo":
-        what = (f"{s['rollout_batch']} rollouts of {s['prompt_len']} prompt + {s['new_tokens']} new tokens, "
-                f"minibatch {s['minibatch']}")
-    elif plan.stage == "grpo":
-        plural = "s" if s["prompts_per_step"] > 1 else ""
-        what = (f"{s['prompts_per_step']} prompt{plural} x {s['group_size']} completions of {s['prompt_len']} "
-                f"prompt + {s['new_tokens']} new tokens, micro-batch {s['micro_batch']} of minibatch {s['minibatch']}"
-                f"{', reward adapter' if s['reward_adapter'] else ''}")
-    else:
-        what = f"{s['tokens_per_micro_batch']} tokens per micro-batch ({s['rows']} x {s['max_length']})"
-        if plan.stage == "dpo":
-            what = f"{s['pairs']} pairs per micro-batch ({s['rows']} rows of {s['max_length']}: chosen, rejected)"
-        if s["accumulation"] > 1:
-            what += f", {s['accumulation']} per step"
-    lines = [f"{plan.model}, {plan.stage}, {s['quant']}, LoRA r {s['lora_r']}, {what}, gradient checkpointing "
-             f"{'on' if s['gradient_checkpointing'] else 'off'}; peak in: {plan.phase}"]
-    width = max(len(k) for k in [*plan.breakdown, *plan.outside, "peak allocated (max_memory_allocated)"]) + 2
-
-    def row(name, value):
-        lines.append(f"  {name:<{width}}{value / GiB:7.2f} GiB")
-    for name, value in plan.breakdown.items():
-        row(name, value)
-    row("peak allocated (max_memory_allocated)", plan.total)
-    for name, value in plan.outside.items():
-        row(f"+ {name}", value)
-    row("needed on the card", plan.needed)
-    row("card", card_bytes)
-    if len(plan.phases) > 1:  # each phase's peak allocated, so the next largest is in view
-        lines.append("peak allocated by phase: " + ", ".join(f"{name} {total / GiB:.2f} GiB"
-                                                              for name, total in plan.phases.items()))
-    lines.append(f"fits: {'yes' if plan.fits(card_bytes) else 'no'}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Hooks for the training stages on CUDA
-# --------------------------------------------------------------------------------------------
-
-def _adapter_shape(adapter_dir: str) -> dict:
-    """lora_r and target_modules of a saved PEFT adapter (its adapter_config.json); {} when unreadable."""
-    from pathlib import Path
-
-    try:
-        config = json.loads((Path(adapter_dir).expanduser() / "adapter_config.json").read_text())
-        return {"lora_r": int(config["r"]), "target_modules": config["target_modules"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -> dict:
-    """estimate() keyword arguments for a stage's config dataclass (SFTConfig, RewardConfig, PPOConfig,
-    GRPOConfig, DPOConfig). Stages that start from an SFT adapter take its rank and target modules."""
-    get = functools.partial(getattr, config)
-    settings = {"stage": stage, "quant": get("quant", "auto"), "lora_r": get("lora_r", 16),
-                "gradient_checkpointing": get("gradient_checkpointing", None)}
-    sft_adapter = get("sft_adapter", "") if stage in ("ppo", "grpo", "dpo") else ""
-    if sft_adapter:
-        settings.update(_adapter_shape(sft_adapter))
-    if stage == "ppo":
-        settings.update(ppo_rollout_batch=get("rollout_batch_size", 8) * get("samples_per_prompt", 1),
-                        ppo_minibatch=get("minibatch_size", 4),
-                        ppo_new_tokens=get("max_new_tokens", 256), ppo_prompt_len=prompt_len or 256,
-                        ppo_reference_adapter=bool(sft_adapter))
-        return settings
-    if stage == "grpo":
-        completions = get("group_size", 8) * get("prompts_per_step", 4)
-        minibatch = get("minibatch_size", 0) or completions  # GRPOConfig.minibatch and .micro_batch
-        settings.update(grpo_group_size=get("group_size", 8), grpo_prompts_per_step=get("prompts_per_step", 4),
-                        grpo_minibatch=minibatch, grpo_micro_batch=get("micro_batch_size", 0) or minibatch,
-                        grpo_reward_adapter=bool(get("reward_adapter", "")), reference_adapter=bool(sft_adapter),
-                        ppo_new_tokens=get("max_new_tokens", 128), ppo_prompt_len=prompt_len or 256)
-        return settings
-    if stage == "dpo":  # rows: the chosen and the rejected sequence of each pair; batch_size is pairs per step
-        max_length = get("max_length", 512)
-        micro = 2 * get("micro_batch_size", 2) * max_length
-        settings.update(max_length=max_length, tokens_per_micro_batch=micro, reference_adapter=bool(sft_adapter),
-                        tokens_per_step=max(micro, 2 * get("batch_size", 8) * max_length))
-        return settings
-    max_length = get("max_length", 1024)
-    rows = get("batch_size", 4) * (2 if stage == "reward" else 1)  # reward: chosen and rejected rows
-    micro = get("tokens_per_micro_batch", 0) or rows * max_length
-    settings.update(target_modules=get("target_modules", ["all-linear"]), lora_dropout=get("lora_dropout", None),
-                    max_length=max_length, tokens_per_micro_batch=micro, optim_bits=get("optim_bits", 32),
-                    tokens_per_step=get("tokens_per_step", 0) or micro * get("gradient_accumulation_steps", 1))
-    return settings
-
-
-def plan_for_training(model_path: str, stage: str, config, device, *, prompt_len: int | None = None) -> Plan | None:
-    """The plan of a run about to start on ``device``; None off CUDA or when it cannot be made.
-
-    Never raises: a plan is advice, and a run must not fail because its plan could not be made.
-    """
-    if not str(device).startswith("cuda"):
-        return None
-    try:
-        return estimate(model_path, **settings_from_config(stage, config, prompt_len=prompt_len))
-    except Exception as e:  # noqa: BLE001 - see the docstring
-        log.warning("memory plan: could not estimate (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return None
-
-
-def report_start(plan: Plan | None, device=None) -> None:
-    """Log the plan, warn when it exceeds the free GPU memory, and reset the peak counter. Call before loading."""
-    if plan is None:
-        return
-    import torch
-
-    free, card = torch.cuda.mem_get_info(device)
-    # Memory this process already holds in torch's cache can be reused; the CUDA context is already made.
-    available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    needed = plan.needed - plan.outside.get("CUDA context", 0)  # this process's context exists already
-    log.info("memory plan:\n%s", format_plan(plan, card))
-    if needed > available:
-        log.warning("memory plan: this run needs about %.1f GiB of GPU memory and %.1f GiB are free: expect an "
-                    "out-of-memory error; lower the tokens per micro-batch (batch size or max length) and "
-                    "raise gradient accumulation instead (`lowrank plan` shows what fits)",
-                    needed / GiB, available / GiB)
-    torch.cuda.reset_peak_memory_stats(device)
-
-
-def report_end(plan: Plan | None, device=None) -> int | None:
-    """Log the measured peak (torch.cuda.max_memory_allocated) beside the plan's; return the measured bytes."""
-    if plan is None:
-        return None
-    import torch
-
-    measured = torch.cuda.max_memory_allocated(device)
-    log.info("memory plan: peak allocated %.2f GiB measured, %.2f GiB planned (%+.1f%%)",
-             measured / GiB, plan.total / GiB, 100 * (plan.total / max(1, measured) - 1))
-    return measured
-
-
-def peak_metrics(plan: Plan | None, device=None) -> dict:
-    """{"peak_gpu_gib", "planned_gpu_gib"} for a stage's lowrank.json metrics (logged too); {} off CUDA."""
-    measured = report_end(plan, device)
-    if measured is None:
-        return {}
-    return {"peak_gpu_gib": round(measured / GiB, 3), "planned_gpu_gib": round(plan.total / GiB, 3)}
