@@ -68,7 +68,8 @@ def build_adapters(base_dir: Path, out: Path) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
     from lowrank.models import lora_config
-    from lowrank.reward import add_score_head, reward_lora_config
+    from lowrank.reward import reward_lora_config
+    from lowrank.scoring import add_score_head
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     get_peft_model(base, lora_config(r=16, alpha=32, dropout=0.0)).save_pretrained(out / "sft")
@@ -129,7 +130,7 @@ def child(mode: str, base_dir: Path, sft_dir: Path, reward_dir: Path, steps: int
             rollout = ppo.collect_rollout(model, prompts, config, [2], 0, device)
             ppo.ppo_step(model, optimizer, params, rollout, controller, config, torch.Generator().manual_seed(0))
     elif mode == "four":
-        from lowrank.reward import load_reward_adapter
+        from lowrank.scoring import load_reward_adapter
         four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, load_reward_adapter)
     elif mode == "grpo":
         grpo_steps(load(), base_dir, sft_dir, reward_dir, prompts, steps, new_tokens)
@@ -199,7 +200,7 @@ def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, lo
     from peft import PeftModel
 
     from lowrank import ppo, rl
-    from lowrank.reward import score_sequences
+    from lowrank.scoring import score_sequences
 
     policy = PeftModel.from_pretrained(load(), str(sft_dir), is_trainable=True)
     reference = PeftModel.from_pretrained(load(), str(sft_dir)).eval()

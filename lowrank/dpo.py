@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, rl, runrecord, train
+from lowrank import checkpoints, locks, rl, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.metrics import MetricsLog, TrackerFields
@@ -184,7 +184,7 @@ def collate_pairs(examples: list[dict], pad_id: int, reference: tuple[torch.Tens
     ``input_ids``, ``attention_mask``, ``response_mask`` are (2 * pairs, width); ``reference_chosen``
     and ``reference_rejected`` (pairs,) are the precomputed reference log-probs (zeros without them).
     """
-    from lowrank.reward import pad_batch
+    from lowrank.scoring import pad_batch
 
     rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
     input_ids, attention_mask = pad_batch([r["input_ids"] for r in rows], pad_id)
@@ -345,9 +345,8 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
     """
 
     from lowrank.models import load_base_model, lora_config
-    from lowrank.reward import _split
     from lowrank.roles import build_roles, trainable_parameters
-    from lowrank.sft import BatchStream
+    from lowrank.loop import BatchStream, split_held_out
 
     model_path, tokenizer, (template_name, template), examples, _ = _load_inputs(config)
     accelerator = train.make_accelerator()
@@ -356,9 +355,9 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
                         f"{config.micro_batch_size} x {accelerator.num_processes} processes")
     accumulation = micro_per_step // accelerator.num_processes
-    train_examples, eval_examples = _split(examples, config.eval_fraction, config.seed)
+    train_examples, eval_examples = split_held_out(examples, config.eval_fraction, config.seed)
     out_dir = Path(config.output_dir).expanduser()
-    resume_from = train.resume_checkpoint(out_dir) if config.resume else None
+    resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
     if accelerator.is_main_process:
         train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
     accelerator.wait_for_everyone()
@@ -386,7 +385,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     start_step = 0
     if resume_from is not None:
-        start_step, extra = train.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        start_step, extra = checkpoints.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
         recorded, current = extra.get("config", {}), config_to_dict(config)
         changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
         if changed:
@@ -427,7 +426,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         metrics_log.log(record)
         last.update(record)
         if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
-            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
                                   extra={"consumed": stream.consumed, "config": config_to_dict(config)})
         if on_step is not None and accelerator.is_main_process:
             on_step(record)
@@ -459,7 +458,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
             },
         )
         train.write_adapter(peft_model, out_dir, meta, adapter_name=POLICY)
-        shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+        shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
     accelerator.wait_for_everyone()
     locks.release(out_dir)  # the output is complete
     return out_dir

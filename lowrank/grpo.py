@@ -40,10 +40,10 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, rl, runrecord
+from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
 from lowrank.metrics import MetricsLog, TrackerFields
-from lowrank.roles import POLICY, REFERENCE, REWARD, use_role
+from lowrank.roles import POLICY, REFERENCE, use_role
 from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
                              response_logprobs, sample, seeded_prompt_order, tokenize_prompts)
 
@@ -372,7 +372,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
 
     model_path, tokenizer, (template_name, template), prompts, (functions, weights), sft_meta = \
         _load_inputs(config)
-    checkpoint = train.resume_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = checkpoints.resume_checkpoint(config.output_dir) if config.resume else None
     accelerator = train.make_accelerator()
     if accelerator.is_main_process:
         out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
@@ -398,7 +398,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
                              stage="grpo", config=config_to_dict(config))
     start = 0
     if checkpoint is not None:
-        start, _ = train.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+        start, _ = checkpoints.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
         metrics_log.truncate_after(start)
     pad_id = tokenizer.pad_token_id
     stop_ids = stop_token_ids(tokenizer, template)
@@ -429,7 +429,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         last_alarm = alarm
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
-            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler)
+            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler)
         if on_step is not None and accelerator.is_main_process:
             on_step(record)
 
@@ -455,7 +455,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
             },
         )
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta, adapter_name=POLICY)
-        shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
+        shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()
     locks.release(out_dir)  # the output is complete
     return out_dir

@@ -73,7 +73,7 @@ WIRED = {
     "task": set(),
     "pretrain": {"model", "output_dir", "seed", "overwrite"},
     "sft": {"model", "output_dir", "quant", "seed", "overwrite", "resume"},
-    "reward": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite"},
+    "reward": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite", "resume"},
     "ppo": {"model", "output_dir", "sft_adapter", "reward_adapter", "quant", "seed", "overwrite", "resume"},
     "dpo": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite", "resume"},
     "grpo": {"model", "output_dir", "sft_adapter", "reward_adapter", "quant", "seed", "overwrite", "resume"},
@@ -434,7 +434,7 @@ def _changed(stage: Stage, record: dict | None) -> str:
 
 def may_resume(stage: Stage, state: dict) -> bool:
     """An interrupted training run with today's settings continues from its newest checkpoint."""
-    from lowrank.train import list_checkpoints
+    from lowrank.checkpoints import list_checkpoints
 
     record = state["stages"].get(stage.name) or {}
     return (hasattr(stage.config, "resume") and record.get("settings") == settings(stage)

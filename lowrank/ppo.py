@@ -19,7 +19,6 @@ The roles are adapters on one base (lowrank/roles.py); the math is in lowrank/rl
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import locks, rl, runrecord
+from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
 from lowrank.metrics import MetricsLog, TrackerFields
 from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
@@ -109,19 +108,16 @@ class PPOConfig(TrackerFields):
 
 def response_values(model, input_ids, attention_mask, response_len: int) -> torch.Tensor:
     """Values (batch, response_len): the value head on the state *before* each response token."""
-    base = model.get_base_model()
-    decoder = getattr(base, base.base_model_prefix)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    hidden = hidden[:, -response_len - 1:-1]  # (batch, response_len, hidden)
-    head_dtype = next(base.score.parameters()).dtype
-    return base.score(hidden.to(head_dtype)).squeeze(-1).float()
+    from lowrank.scoring import apply_score_head, decoder_states
+
+    hidden = decoder_states(model, input_ids, attention_mask)
+    return apply_score_head(model, hidden[:, -response_len - 1:-1])  # (batch, response_len)
 
 
 def score_responses(model, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
     """Reward-model scores (batch,) of query + response, read at the last response token (reward role)."""
-    from lowrank.reward import score_sequences
+    from lowrank.scoring import score_sequences
 
     with torch.no_grad(), use_role(model, REWARD):
         return score_sequences(model, torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1))
@@ -306,7 +302,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     from lowrank.templates import stop_token_ids
 
     model_path, tokenizer, (template_name, template), prompt_ids, sft_meta = _load_inputs(config)
-    checkpoint = train.resume_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = checkpoints.resume_checkpoint(config.output_dir) if config.resume else None
     out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
     train.seed_everything(config.seed)
     accelerator = Accelerator()
@@ -329,7 +325,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
                              config=config_to_dict(config))
     start = 0
     if checkpoint is not None:
-        start, extra = train.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+        start, extra = checkpoints.load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
         kl_controller.load_state_dict(extra["kl_controller"])
         metrics_log.truncate_after(start)
     device = base.get_output_embeddings().weight.device
@@ -358,7 +354,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         last_alarm = alarm
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
-            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
                                   extra={"kl_controller": kl_controller.state_dict()})
         if on_step is not None:
             on_step(record)
@@ -380,7 +376,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         },
     )
     train.write_adapter(model, out_dir, meta, adapter_name=POLICY)
-    shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+    shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
     locks.release(out_dir)  # the output is complete
     return out_dir
 

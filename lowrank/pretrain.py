@@ -141,7 +141,7 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
 
     from lowrank.data import collate, pack_examples
     from lowrank.models import check_architecture, load_base_model, load_tokenizer
-    from lowrank.sft import BatchStream, evaluate, split_held_out
+    from lowrank.loop import BatchStream, held_out_loss, split_held_out
     from lowrank.tiny import resolve_model_name
 
     _validate(config)
@@ -176,7 +176,7 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
 
     if eval_rows:
         metrics_log.log({"step": 0, "max_steps": max_steps,
-                         "eval_loss": evaluate(accelerator, model, eval_rows, config.batch_size, pad_id)})
+                         "eval_loss": held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)})
     last: dict = {}
     train_seconds, train_tokens = 0.0, 0
     for step in range(1, max_steps + 1):
@@ -193,7 +193,7 @@ def train_base(config: PretrainConfig, on_step: Callable[[dict], None] | None = 
                   "loss": loss_sum / max(1, loss_tokens), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens": tokens, "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if eval_rows and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
-            record["eval_loss"] = evaluate(accelerator, model, eval_rows, config.batch_size, pad_id)
+            record["eval_loss"] = held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)
         metrics_log.log(record)
         last.update(record)
         if on_step is not None:

@@ -1,18 +1,5 @@
-"""Reward model: a LoRA adapter plus a scalar score head on the shared base (InstructGPT step 2).
-
-Structure (one base, many adapters; see docs of PPO in lowrank/ppo.py):
-- The base stays a *causal LM* (the same object the policy uses in PPO). We attach one extra
-  module to it, ``base.score = nn.Linear(hidden, 1)``, and list ``"score"`` in the LoRA config's
-  ``modules_to_save``. peft then wraps it in a ``ModulesToSaveWrapper`` that keeps one trainable
-  copy per adapter, switched by ``set_adapter`` together with that adapter's LoRA weights, and
-  saves the head in ``adapter_model.safetensors`` as ``base_model.model.score.{weight,bias}``.
-  The output is therefore a standard PEFT dir: ``PeftModel.from_pretrained`` loads it, provided
-  the base has a ``score`` module of the right shape first (``add_score_head``).
-- We did not use AutoModelForSequenceClassification: PPO needs the LM head of the same base for the
-  policy, and one object must serve both.
-- The score is the head applied to the final hidden state of the last non-padding token
-  (InstructGPT reads the reward at the end of the response; with a chat template that token is
-  the end-of-turn marker).
+"""Reward model training: a LoRA adapter plus a scalar score head (lowrank.scoring) on the shared base
+(InstructGPT step 2).
 
 Training (``train_reward``) is the pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)
 over preference pairs, with held-out pairwise accuracy and mean margin as the metrics.
@@ -20,28 +7,26 @@ over preference pairs, with held-out pairwise accuracy and mean margin as the me
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from lowrank import locks, runrecord
+from lowrank import checkpoints, locks, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.loop import BatchStream, split_held_out
 from lowrank.metrics import MetricsLog, TrackerFields
-from lowrank.files import check_weights_dir
+from lowrank.scoring import SCORE_HEAD, add_score_head, pad_batch, score_sequences
 from lowrank.train import causal_lm
 
 log = logging.getLogger(__name__)
 
-SCORE_HEAD = "score"  # attribute name of the head on the base model, and its modules_to_save entry
 # Module names that must never get a LoRA: the LM head (tied to embeddings in some models) and our head.
 _NOT_LORA_TARGETS = ("lm_head", SCORE_HEAD)
 
@@ -49,30 +34,6 @@ _NOT_LORA_TARGETS = ("lm_head", SCORE_HEAD)
 # --------------------------------------------------------------------------------------------
 # Model structure
 # --------------------------------------------------------------------------------------------
-
-def add_score_head(model, *, seed: int = 0) -> nn.Module:
-    """Attach ``score = nn.Linear(hidden, 1)`` (fp32) to the causal-LM base; return the head.
-
-    Idempotent: an existing head (plain or already wrapped by peft) is returned as is. Must be
-    called before a reward adapter is created or loaded, so that peft finds the module named in
-    ``modules_to_save``. The head is initialised from its own seeded generator (normal, std
-    1/sqrt(hidden + 1)) so the initial rewards do not depend on the global RNG state.
-    """
-    base = causal_lm(model)
-    if hasattr(base, SCORE_HEAD):
-        return getattr(base, SCORE_HEAD)
-    hidden = base.config.get_text_config().hidden_size
-    head = nn.Linear(hidden, 1, bias=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator)
-        head.bias.zero_()
-    # The last hidden state lives where the LM head lives (matters for device_map="auto").
-    device = base.get_output_embeddings().weight.device
-    # fp32 even on a bf16/4-bit base: a scalar head is tiny and rewards need the precision.
-    setattr(base, SCORE_HEAD, head.to(device=device, dtype=torch.float32))
-    return getattr(base, SCORE_HEAD)
-
 
 def linear_target_modules(model) -> list[str]:
     """Names (leaf) of the linear layers a LoRA should adapt: all of them but the LM head and score.
@@ -147,141 +108,6 @@ def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter
     return config
 
 
-@contextlib.contextmanager
-def using_adapter(model, adapter_name: str | None) -> Iterator[None]:
-    """Make ``adapter_name`` the active adapter inside the block, then restore the previous one.
-
-    peft's ``set_adapter`` also changes ``requires_grad`` (the named adapter becomes trainable,
-    the others frozen); we put every flag back right after each switch so that scoring with a
-    frozen adapter never makes it trainable, and a trainable one (PPO's value) keeps its grads.
-    """
-    if adapter_name is None or not hasattr(model, "peft_config") or model.active_adapter == adapter_name:
-        yield
-        return
-    if adapter_name not in model.peft_config:
-        raise KeyError(f"adapter {adapter_name!r} is not loaded (loaded: {', '.join(model.peft_config)})")
-    previous = model.active_adapter
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-
-    def switch(name: str) -> None:
-        model.set_adapter(name)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-    switch(adapter_name)
-    try:
-        yield
-    finally:
-        switch(previous)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last non-padding token of each row, for right *and* left padding.
-
-    With right padding ([1 1 1 0 0]) the last position is padding, so reading position -1 would
-    score a pad token; with left padding ([0 0 1 1 1]) it is the last position. Finding the last 1
-    in the mask handles both: (seq - 1) - argmax over the reversed mask.
-    """
-    seq_len = attention_mask.shape[-1]
-    reversed_mask = attention_mask.flip(-1).to(torch.int64)
-    return (seq_len - 1) - reversed_mask.argmax(-1)  # (batch,)
-
-
-def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    adapter_name: str | None = None) -> torch.Tensor:
-    """Scalar rewards, shape (batch,), fp32, of token sequences under reward adapter ``adapter_name``.
-
-    Runs only the decoder stack (``base.model``), not the LM head: the (batch, seq, vocab) logits
-    are not needed and would dominate memory on a 32k-128k vocabulary. LoRA layers are injected
-    in place, so the decoder runs with the active adapter. Gradients flow (PPO trains the value
-    copy through this function); wrap in ``torch.no_grad()`` to score a frozen adapter.
-    """
-    base = causal_lm(model)
-    head = getattr(base, SCORE_HEAD, None)
-    if head is None:
-        raise ValueError("model has no score head: load a reward adapter with load_reward_adapter first")
-    decoder = getattr(base, base.base_model_prefix)
-    # Positions count real tokens only, so a left-padded row gets the same positions (and the same
-    # score) as the unpadded sequence; transformers would otherwise number the pads too.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    with using_adapter(model, adapter_name):
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=False).last_hidden_state  # (batch, seq, hidden)
-        last = last_token_index(attention_mask).to(hidden.device)
-        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (batch, hidden)
-        head_dtype = next(head.parameters()).dtype
-        return head(final.to(head_dtype)).squeeze(-1).float()  # (batch,)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a trained reward adapter
-# --------------------------------------------------------------------------------------------
-
-def load_reward_adapter(model, reward_dir: str | Path, adapter_name: str = "reward", *,
-                        trainable: bool = False, base: str | None = None):
-    """Load a reward adapter (LoRA + score head) as the named adapter ``adapter_name``; return the PeftModel.
-
-    ``model`` is a PeftModel that already holds other adapters (PPO: policy, reference) or a bare
-    transformers base; the score head is attached to the base first if missing. Loading the same
-    dir a second time under another name with ``trainable=True`` gives PPO's value model, with its
-    own copy of the head. When ``base`` (the model name or path) is given, the adapter's recorded
-    base digest is checked against it. The active adapter is left unchanged when one existed.
-    """
-    from peft import PeftModel
-
-    runrecord.read_adapter(reward_dir, stage="reward", what="reward adapter", base=base)
-    add_score_head(model)
-    if isinstance(model, PeftModel):
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        check_weights_dir(reward_dir)
-        model.load_adapter(str(reward_dir), adapter_name=adapter_name, is_trainable=trainable)
-        for p, flag in flags:  # load_adapter may touch other adapters' flags; keep them
-            p.requires_grad_(flag)
-        return model
-    check_weights_dir(reward_dir)
-    return PeftModel.from_pretrained(model, str(reward_dir), adapter_name=adapter_name, is_trainable=trainable)
-
-
-def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str | list[dict], str]], *,
-                quant: str | None = None, batch_size: int = 8) -> list[float]:
-    """Scores of (prompt, response) pairs under a saved reward adapter; what `lowrank score` prints.
-
-    ``prompt`` is a user message or a list of messages; the conversation is rendered with the
-    template recorded in the adapter's lowrank.json, as in training. ``base`` defaults to the
-    recorded base, ``quant`` to the quantization it was trained with.
-    """
-    from lowrank.data import tokenize_conversation
-    from lowrank.models import load_base_model, load_tokenizer
-    from lowrank.tiny import resolve_model_name
-
-    meta = runrecord.read_adapter(reward_dir, stage="reward", what="reward adapter")
-    base = base or meta.base.id
-    if not base:
-        raise UserError(f"{reward_dir}/{runrecord.RECORD_FILE} names no base model; give --model")
-    runrecord.check_base(meta, reward_dir, base=base)
-    model_path = resolve_model_name(base)
-    tokenizer = load_tokenizer(model_path)
-    if meta.chat_template is None:
-        raise UserError(f"{reward_dir}/{runrecord.RECORD_FILE} records no chat template; retrain it with `lowrank reward`")
-    template = meta.chat_template.jinja
-    max_length = int(meta.config.get("max_length", 4096))
-    sequences = []
-    for prompt, response in pairs:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages.append({"role": "assistant", "content": response})
-        sequences.append(tokenize_conversation(tokenizer, template, messages, max_length)["input_ids"])
-    quant = quant or meta.quant
-    model = load_reward_adapter(load_base_model(model_path, quant, gradient_checkpointing=False), reward_dir)
-    model.eval()
-    device = model.get_base_model().get_output_embeddings().weight.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            input_ids, attention_mask = pad_batch(sequences[start: start + batch_size], pad_id, device)
-            scores.extend(score_sequences(model, input_ids, attention_mask).tolist())
-    return scores
-
 
 # --------------------------------------------------------------------------------------------
 # Training
@@ -318,7 +144,16 @@ class RewardConfig(TrackerFields):
     eval_every: int = field(default=20, metadata={"help": "evaluate every N optimizer steps (and at the end)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
     seed: int = field(default=0, metadata={"help": "seed of the split, head init, LoRA init and shuffling"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps for --resume (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
+
+
+# Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
+_RESUME_KEYS = ("model", "data", "sft_adapter", "quant", "template", "lora_r", "lora_alpha", "lora_dropout",
+                "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "center_rewards", "optim_bits",
+                "batch_size", "gradient_accumulation_steps", "tokens_per_step", "epochs", "max_steps", "max_length",
+                "eval_fraction", "seed")
 
 
 def _as_messages(turn) -> list[dict]:
@@ -361,23 +196,23 @@ def tokenize_pairs(tokenizer, template: str, pairs: list[dict], max_length: int)
     return examples
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask), each (batch, longest)."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One micro-batch of pairs: the chosen sequences, then the rejected ones, right-padded together."""
+    input_ids, attention_mask = pad_batch([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def batch_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_rewards, rejected_rewards), each (pairs,), of a :func:`collate_pairs` batch: one forward pass."""
+    rewards = score_sequences(model, batch["input_ids"], batch["attention_mask"])
+    pairs = rewards.shape[0] // 2
+    return rewards[:pairs], rewards[pairs:]
 
 
 def pair_rewards(model, examples: list[dict], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen_rewards, rejected_rewards), each (batch,): both halves in one forward pass."""
-    input_ids, attention_mask = pad_batch([e["chosen"] for e in examples] + [e["rejected"] for e in examples],
-                                          pad_id, device)
-    rewards = score_sequences(model, input_ids, attention_mask)
-    return rewards[: len(examples)], rewards[len(examples):]
+    batch = {k: v.to(device) for k, v in collate_pairs(examples, pad_id).items()}
+    return batch_rewards(model, batch)
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -424,15 +259,6 @@ def evaluate_pairs(model, examples: list[dict], pad_id: int, batch_size: int, de
             "loss": (-torch.nn.functional.logsigmoid(margin)).mean().item(),
             "cross_prompt_accuracy": cross_prompt_accuracy(chosen, rejected),
             "score_mean": torch.cat([chosen, rejected]).mean().item()}
-
-
-def _split(examples: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded shuffle, then the last ``eval_fraction`` of pairs held out (at least one when there are >= 2)."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(eval_fraction * len(examples)))) if eval_fraction > 0 else 0
-    shuffled = [examples[i] for i in order]
-    return shuffled[: len(shuffled) - n_eval], shuffled[len(shuffled) - n_eval:]
 
 
 def _module_of_weight(key: str) -> str:
@@ -514,76 +340,91 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         template_name, template = resolve_template(tokenizer, config.template)
     pairs = load_preference_pairs(config.data)
     examples = tokenize_pairs(tokenizer, template, pairs, config.max_length)
-    train_examples, eval_examples = _split(examples, config.eval_fraction, config.seed)
-    train.check_output_dir(config.output_dir, config.overwrite)
+    train_examples, eval_examples = split_held_out(examples, config.eval_fraction, config.seed)
+    out_dir = train.check_output_dir(config.output_dir, config.overwrite, resume=config.resume)
+    resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
 
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)  # LoRA init and dropout; the head and the split have their own seeds
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    memory_plan = plan.plan_for_training(model_path, "reward", config, device)
-    plan.report_start(memory_plan, device)
-    base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing)
+    accelerator = train.make_accelerator()
+    train.seed_everything(config.seed)  # LoRA init and dropout; the head and the split have their own seeds
+    memory_plan = plan.plan_for_training(model_path, "reward", config, accelerator.device)
+    plan.report_start(memory_plan, accelerator.device)
+    base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
+                           device=accelerator.device)
     add_score_head(base, seed=config.seed)
     lora = reward_lora_config(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               sft_adapter=config.sft_adapter)
-    model = get_peft_model(base, lora)
+    peft_model = get_peft_model(base, lora)
     if config.sft_adapter:
-        _load_sft_lora(model, Path(config.sft_adapter), "default")
+        _load_sft_lora(peft_model, Path(config.sft_adapter), "default")
     # Every input has been checked (an SFT adapter that does not fit refuses above): now the output dir.
-    out_dir = train.prepare_output_dir(config.output_dir, config.overwrite)
-    model.train()
-    device = base.get_output_embeddings().weight.device
+    if accelerator.is_main_process:
+        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
+    accelerator.wait_for_everyone()
+    peft_model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     accumulation = config.gradient_accumulation_steps
     if config.tokens_per_step:
         accumulation = train.accumulation_for_tokens(
-            config.tokens_per_step, [len(e["chosen"]) + len(e["rejected"]) for e in train_examples], config.batch_size)
-    pairs_per_step = config.batch_size * accumulation
-    steps_per_epoch = max(1, math.ceil(len(train_examples) / pairs_per_step))
-    max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
+            config.tokens_per_step, [len(e["chosen"]) + len(e["rejected"]) for e in train_examples], config.batch_size,
+            accelerator.num_processes)
+    stream = BatchStream(len(train_examples), config.batch_size, config.seed)
+    micro_per_step = accumulation * accelerator.num_processes
+    max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = train.build_optimizer(params, config.learning_rate, weight_decay=config.weight_decay,
                                       paged=config.quant != "none", optim_bits=config.optim_bits)
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind="constant")
-    metrics_log = MetricsLog(out_dir, report_to=config.report_to, stage="reward",
-                             config=config_to_dict(config))
-    order_rng = random.Random(config.seed)
-    order: list[int] = []
+    model = accelerator.prepare(peft_model)  # DDP under `accelerate launch`; unchanged on one process
+    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
+                             stage="reward", config=config_to_dict(config))
+    start_step = 0
+    if resume_from is not None:
+        start_step, extra = checkpoints.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        recorded, current = extra.get("config", {}), config_to_dict(config)
+        changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
+        if changed:
+            raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
+                            "use the same settings or start without --resume")
+        stream.consumed = extra["consumed"]
+        if accelerator.is_main_process:
+            metrics_log.truncate_after(start_step)
+        log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
+
+    correct: list[torch.Tensor] = []
+
+    def loss_sum(model, batch: dict) -> torch.Tensor:
+        chosen, rejected = batch_rewards(model, batch)
+        correct.append((chosen > rejected).float().sum().detach().cpu())
+        return bradley_terry_loss(chosen, rejected, config.center_rewards).sum()
+
     final: dict = {}
-    for step in range(1, max_steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, step_correct, step_pairs = 0.0, 0, 0
-        for _ in range(accumulation):
-            if len(order) < config.batch_size:  # a new epoch: reshuffle
-                fresh = list(range(len(train_examples)))
-                order_rng.shuffle(fresh)
-                order.extend(fresh)
-            batch = [train_examples[i] for i in order[: config.batch_size]]
-            del order[: config.batch_size]
-            chosen, rejected = pair_rewards(model, batch, pad_id, device)
-            losses = bradley_terry_loss(chosen, rejected, config.center_rewards)
-            # Normalise by the pairs of the whole optimizer step, not per micro-batch.
-            (losses.sum() / pairs_per_step).backward()
-            step_loss += losses.sum().item()
-            step_correct += int((chosen > rejected).sum().item())
-            step_pairs += len(batch)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "max_steps": max_steps, "pairs": step_pairs, "micro_batches": accumulation,
-                  "loss": step_loss / step_pairs,
-                  "train_accuracy": step_correct / step_pairs, "lr": scheduler.get_last_lr()[0]}
+    for step in range(start_step + 1, max_steps + 1):
+        indices = stream.take(accumulation, accelerator.num_processes, accelerator.process_index)
+        micro_batches = [collate_pairs([train_examples[i] for i in batch], pad_id) for batch in indices]
+        correct.clear()
+        loss_total, pairs = train.accumulate_gradients(accelerator, model, micro_batches, loss_sum_fn=loss_sum,
+                                                       count_fn=lambda b: b["input_ids"].shape[0] // 2)
+        grad_norm = train.optimizer_step(accelerator, params, optimizer, scheduler, config.max_grad_norm)
+        loss_total, pairs, right = train.reduce_sum(accelerator, loss_total, pairs, float(sum(correct)))
+        record = {"step": step, "max_steps": max_steps, "epoch": round(stream.epoch(), 4), "pairs": int(pairs),
+                  "micro_batches": accumulation, "loss": loss_total / pairs, "train_accuracy": right / pairs,
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
         if eval_examples and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
-            scores = evaluate_pairs(model, eval_examples, pad_id, config.batch_size, device)
+            scores = evaluate_pairs(peft_model, eval_examples, pad_id, config.batch_size, accelerator.device)
             record.update({f"eval_{k}": v for k, v in scores.items()})
         metrics_log.log(record)
         final = {**final, **record}
-        if on_step is not None:
+        if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
+            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+                                        extra={"consumed": stream.consumed, "config": config_to_dict(config)})
+        if on_step is not None and accelerator.is_main_process:
             on_step(record)
 
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return out_dir
     metrics_log.plot(out_dir / "reward_metrics.png", ["loss", "eval_accuracy", "eval_margin"])
     meta = runrecord.RunRecord(
         stage="reward", base=runrecord.BaseRef.of(config.model, model_path),
@@ -592,12 +433,12 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
               "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
         config=config_to_dict(config),
         seed=config.seed,
-        metrics={**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr")},
-                 **plan.peak_metrics(memory_plan, device)},
-        extra={
-            "sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
-        },
+        metrics={**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr", "grad_norm")},
+                 **plan.peak_metrics(memory_plan, accelerator.device)},
+        extra={"sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
+               "processes": accelerator.num_processes},
     )
-    train.write_adapter(model, out_dir, meta)
+    train.write_adapter(peft_model, out_dir, meta)
+    shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished
     locks.release(out_dir)  # the output is complete
     return out_dir

@@ -128,7 +128,7 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path | None = None, sf
     """
     from peft import PeftModel, get_peft_model
 
-    from lowrank.reward import load_reward_adapter
+    from lowrank.scoring import load_reward_adapter
 
     from lowrank.files import check_weights_dir
 

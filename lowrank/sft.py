@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from lowrank import locks, runrecord, train
+from lowrank import checkpoints, locks, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.loop import BatchStream, held_out_loss, split_held_out
 from lowrank.metrics import MetricsLog, TrackerFields
 
 log = logging.getLogger(__name__)
@@ -98,70 +96,10 @@ def default_data() -> str:
     return str(SAMPLE_FILES["alpaca"])
 
 
-def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random split: (train, held out). At least one of each when there are two or more."""
-    if fraction <= 0 or len(examples) < 2:
-        return list(examples), []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
-
-
-class BatchStream:
-    """An endless, seeded stream of micro-batches (lists of row indices); epoch e is a fresh permutation.
-
-    The stream's position (``consumed``) is the whole data-order state a checkpoint needs.
-    Under DDP, process r of P takes micro-batches consumed + m*P + r, so all processes walk the
-    same stream.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int, consumed: int = 0):
-        self.num_rows, self.batch_size, self.seed, self.consumed = num_rows, batch_size, seed, consumed
-        self.batches_per_epoch = max(1, math.ceil(num_rows / batch_size))
-        self._epoch, self._perm = -1, []
-
-    def batch(self, index: int) -> list[int]:
-        epoch, j = divmod(index, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._perm = list(range(self.num_rows))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm)
-            self._epoch = epoch
-        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
-
-    def take(self, micro_batches: int, num_processes: int, process_index: int) -> list[list[int]]:
-        """This process's micro-batches of the next optimizer step; advances the stream for all processes."""
-        out = [self.batch(self.consumed + m * num_processes + process_index) for m in range(micro_batches)]
-        self.consumed += micro_batches * num_processes
-        return out
-
-    def epoch(self) -> float:
-        return self.consumed / self.batches_per_epoch
-
-
 def _to_rows(examples: list[dict], config: SFTConfig) -> list[dict]:
     from lowrank.data import pack_examples
 
     return pack_examples(examples, config.max_length) if config.pack else examples
-
-
-def evaluate(accelerator, model, rows: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss per loss token over ``rows`` (sharded over processes, summed, divided)."""
-    from lowrank.data import collate
-
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        starts = range(accelerator.process_index * batch_size, len(rows), batch_size * accelerator.num_processes)
-        for start in starts:
-            batch = collate(rows[start:start + batch_size], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss_sum += float(train.causal_lm_loss_sum(model, batch))
-            tokens += train.count_loss_tokens(batch)
-    model.train()
-    loss_sum, tokens = train.reduce_sum(accelerator, loss_sum, tokens)
-    return loss_sum / max(1.0, tokens)
 
 
 def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -199,7 +137,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
                        target_modules=list(config.target_modules))
 
     out_dir = Path(config.output_dir).expanduser()
-    resume_from = train.resume_checkpoint(out_dir) if config.resume else None
+    resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
     if accelerator.is_main_process:
         train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
     accelerator.wait_for_everyone()
@@ -233,7 +171,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     start_step = 0
     if resume_from is not None:
-        start_step, extra = train.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        start_step, extra = checkpoints.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
         recorded, current = extra.get("config", {}), config_to_dict(config)
         changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
         if changed:
@@ -245,7 +183,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
         log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
     elif eval_rows:
         initial = {"step": 0, "max_steps": max_steps,
-                   "eval_loss": evaluate(accelerator, model, eval_rows, config.batch_size, pad_id)}
+                   "eval_loss": held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)}
         metrics_log.log(initial)
 
     train_seconds, train_tokens = 0.0, 0
@@ -267,11 +205,11 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
                   "grad_norm": grad_norm, "tokens": int(real_tokens), "loss_tokens": int(loss_tokens),
                   "tokens_per_second": real_tokens / max(elapsed, 1e-9)}
         if eval_rows and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
-            record["eval_loss"] = evaluate(accelerator, model, eval_rows, config.batch_size, pad_id)
+            record["eval_loss"] = held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)
         metrics_log.log(record)
         last.update(record)
         if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
-            train.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
+            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
                                   extra={"consumed": stream.consumed, "config": config_to_dict(config)})
         if on_step is not None and accelerator.is_main_process:
             on_step(record)
@@ -299,7 +237,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
             extra={"processes": accelerator.num_processes},
         )
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta)
-        shutil.rmtree(out_dir / train.CHECKPOINTS, ignore_errors=True)  # the run is finished
+        shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()
     locks.release(out_dir)  # the output is complete
     return out_dir

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lowrank import checkpoints
 from lowrank.cli import main
 
 from adapter_support import make_adapter
@@ -72,7 +73,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one(tiny_spm, 
     line = _one_error_line(capsys)
     assert code == 2 and line.endswith("state.pt: the disk is full; free some space and run again (an interrupted "
                                        "training run keeps its last complete checkpoint: add --resume)")
-    assert train.list_checkpoints(out) == [1]
+    assert checkpoints.list_checkpoints(out) == [1]
     assert not list((out / "checkpoints").glob(".step-*"))  # the half-written one is gone
     monkeypatch.undo()
     assert main([*_sft_args(tiny_spm, straight["data"], out), "--resume"]) == 0  # from step 1
@@ -148,7 +149,7 @@ def test_sft_killed_in_the_middle_of_a_checkpoint_resumes_to_the_same_adapter(ti
     run_killed(KILL_IN_CHECKPOINT.format(n=2), _sft_args(tiny_spm, straight["data"], out))
     from lowrank import train
 
-    assert train.list_checkpoints(out) == [1]  # the torn step-2 checkpoint does not count
+    assert checkpoints.list_checkpoints(out) == [1]  # the torn step-2 checkpoint does not count
     assert main([*_sft_args(tiny_spm, straight["data"], out), "--resume"]) == 0
     _same_adapter(out, straight)
 

@@ -258,10 +258,11 @@ def test_interrupted_training_resumes_only_with_the_settings_it_started_with(tmp
         (stage.dir / "checkpoints" / "step-2").mkdir(parents=True)
         (stage.dir / "checkpoints" / "step-2" / "state.pt").write_bytes(b"")
     state = {"stages": {s.name: {"settings": settings(s), "status": "started"} for s in (sft, reward)}}
-    assert may_resume(sft, state)
-    assert not may_resume(reward, state)  # the reward stage keeps no checkpoints to resume from: it starts over
+    assert may_resume(sft, state) and may_resume(reward, state)  # reward training resumes too (issue 15)
     state["stages"]["sft"]["settings"]["learning_rate"] = 1.0
     assert not may_resume(sft, state)
+    del state["stages"]["reward"]  # a stage the state never saw start has nothing of its own to resume
+    assert not may_resume(reward, state)
 
 
 def test_chat_loads_the_ppo_adapter_on_the_pretrained_base(runs):

@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 
+from lowrank import checkpoints
 from lowrank.cli import main
 from lowrank.templates import stop_token_ids
 
@@ -239,7 +240,7 @@ def test_ppo_killed_in_the_middle_of_a_checkpoint_resumes_to_the_same_policy(tas
 
     out = tmp_path / "killed"
     run_killed(KILL_IN_CHECKPOINT.format(n=2), _resume_args(task, out))
-    assert train.list_checkpoints(out) == [1]  # the torn step-2 checkpoint does not count
+    assert checkpoints.list_checkpoints(out) == [1]  # the torn step-2 checkpoint does not count
     assert not (out / "lowrank.json").exists()
     assert main([*_resume_args(task, out), "--resume"]) == 0
     _same_policy(straight_small, out)

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from lowrank import roles
-from lowrank.reward import add_score_head, load_reward_adapter, score_sequences
+from lowrank.scoring import add_score_head, load_reward_adapter, score_sequences
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

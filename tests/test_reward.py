@@ -8,24 +8,19 @@ import io
 import json
 import logging
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from lowrank import checkpoints
 from lowrank.cli import main
-from lowrank.reward import (
-    SCORE_HEAD,
-    add_score_head,
-    bradley_terry_loss,
-    evaluate_pairs,
-    load_reward_adapter,
-    pad_batch,
-    score_sequences,
-    tokenize_pairs,
-    using_adapter,
-    _split,
-)
+from lowrank.config import build_config
+from lowrank.reward import bradley_terry_loss, evaluate_pairs, tokenize_pairs
+from lowrank.scoring import SCORE_HEAD, add_score_head, load_reward_adapter, pad_batch, score_sequences, using_adapter
 
 # The synthetic task is the shipped preference sample (lowrank/assets/preferences_sample.jsonl, what
 # `lowrank reward` trains on in the README): every chosen response contains "please" and its rejected
@@ -170,7 +165,9 @@ def test_saved_adapter_reproduces_training_time_scores(trained, tiny_spm, pairs_
     tokenizer = load_tokenizer(str(tiny_spm))
     examples = tokenize_pairs(tokenizer, meta["chat_template"]["jinja"], load_preference_pairs(pairs_file), MAX_LENGTH)
     assert max(len(e[k]) for e in examples for k in ("chosen", "rejected")) < MAX_LENGTH  # no pair was cut
-    _, eval_examples = _split(examples, 0.2, 0)
+    from lowrank.loop import split_held_out
+
+    _, eval_examples = split_held_out(examples, 0.2, 0)
     model = load_scoring_model(tiny_spm, trained)
     scores = evaluate_pairs(model, eval_examples, tokenizer.pad_token_id or 0, 8)
     assert scores["margin"] == pytest.approx(meta["metrics"]["eval_margin"], abs=1e-4)
@@ -417,7 +414,8 @@ def test_nf4_reward_trains_and_scores_on_the_cpu(tiny_spm, small_pairs_file, tmp
     `lowrank score`."""
     from safetensors.torch import load_file
 
-    from lowrank.reward import RewardConfig, score_texts, train_reward
+    from lowrank.reward import RewardConfig, train_reward
+    from lowrank.scoring import score_texts
 
     out = train_reward(RewardConfig(model=str(tiny_spm), data=small_pairs_file, output_dir=str(tmp_path / "nf4"),
                                     quant="nf4", max_steps=2, batch_size=4, learning_rate=1e-2, eval_fraction=0.25,
@@ -430,3 +428,92 @@ def test_nf4_reward_trains_and_scores_on_the_cpu(tiny_spm, small_pairs_file, tmp
     pair = make_pairs(1, seed=5)[0]
     scores = score_texts(out, None, [(pair["prompt"], pair["chosen"]), (pair["prompt"], pair["rejected"])])
     assert len(scores) == 2 and all(math.isfinite(x) for x in scores) and scores[0] != scores[1]
+
+
+# ------------------------------------------------------------------------------------------
+# The shared loop: --resume and `accelerate launch`
+# ------------------------------------------------------------------------------------------
+
+RESUME_FLAGS = ["--quant", "none", "--learning-rate", "1e-3", "--max-steps", "4", "--batch-size", "4",
+                "--eval-fraction", "0.25", "--eval-every", "0", "--max-length", "96", "--save-every", "1",
+                "--no-gradient-checkpointing"]
+
+
+def test_reward_resume_continues_exactly_where_the_run_stopped(tiny_spm, small_pairs_file, tmp_path):
+    from peft import load_peft_weights
+
+    from lowrank import reward
+
+    args = ["reward", "--model", str(tiny_spm), "--data", small_pairs_file, *RESUME_FLAGS]
+    assert main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
+
+    def stop_after_two(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    config = build_config(reward.RewardConfig, None, **_flags_to_fields(args[1:]), output_dir=str(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        reward.train_reward(config, on_step=stop_after_two)
+    assert not (tmp_path / "resumed" / "lowrank.json").exists()  # an interrupted run never looks finished
+    assert checkpoints.list_checkpoints(tmp_path / "resumed") == [1, 2]
+    assert main([*args, "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    a, b = load_peft_weights(str(tmp_path / "straight")), load_peft_weights(str(tmp_path / "resumed"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    straight = json.loads((tmp_path / "straight" / "lowrank.json").read_text())["metrics"]
+    resumed = json.loads((tmp_path / "resumed" / "lowrank.json").read_text())["metrics"]
+    assert resumed["eval_margin"] == pytest.approx(straight["eval_margin"], abs=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # a finished run keeps no resume data
+
+
+def _flags_to_fields(flags: list[str]) -> dict:
+    """{"model": ..., "learning_rate": "1e-3", ...} from --flag value pairs (booleans as --no-x)."""
+    fields, i = {}, 0
+    while i < len(flags):
+        name = flags[i].removeprefix("--").replace("-", "_")
+        if name.startswith("no_"):
+            fields[name[3:]] = False
+            i += 1
+        else:
+            fields[name] = flags[i + 1]
+            i += 2
+    return fields
+
+
+def test_reward_resume_with_changed_settings_is_refused(tiny_spm, small_pairs_file, tmp_path, capsys, monkeypatch):
+    from lowrank import reward
+
+    args = ["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(tmp_path / "run"),
+            *RESUME_FLAGS]
+
+    def stop(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reward.train_reward(build_config(reward.RewardConfig, None, **_flags_to_fields(args[1:])), on_step=stop)
+    capsys.readouterr()
+    assert main([*args[:-1], "--no-gradient-checkpointing", "--resume", "--learning-rate", "5e-4"]) == 2
+    assert "was written with different learning_rate" in capsys.readouterr().err
+
+
+def test_reward_trains_under_a_two_process_accelerate_launch(tiny_spm, small_pairs_file, tmp_path):
+    """Two CPU processes (DDP over gloo): each takes its share of every step's pairs."""
+    script = tmp_path / "lowrank_main.py"
+    script.write_text("import sys\nfrom lowrank.cli import main\nsys.exit(main())\n")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script),
+           "reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(out), "--quant", "none",
+           "--learning-rate", "1e-3", "--max-steps", "3", "--batch-size", "2", "--eval-fraction", "0.25",
+           "--max-length", "96", "--no-gradient-checkpointing"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "lowrank.json").read_text())
+    assert meta["processes"] == 2 and meta["stage"] == "reward"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # one process logs, once per step
+    assert all(r["pairs"] == 4 for r in records)  # 2 pairs from each process
+    assert (out / "adapter_model.safetensors").exists()

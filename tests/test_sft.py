@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowrank import checkpoints
+
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
     from lowrank.cli import main
@@ -293,9 +295,9 @@ def test_resume_checkpoint_expands_home_and_takes_the_newest(tmp_path, monkeypat
 
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(UserError, match="--resume: no checkpoint in"):
-        train.resume_checkpoint("~/run")
+        checkpoints.resume_checkpoint("~/run")
     for step in (2, 10, 3):
-        (tmp_path / "run" / train.CHECKPOINTS / f"step-{step}").mkdir(parents=True)
-        (tmp_path / "run" / train.CHECKPOINTS / f"step-{step}" / "state.pt").write_bytes(b"")
-    (tmp_path / "run" / train.CHECKPOINTS / "step-11").mkdir()  # no state.pt: an incomplete checkpoint
-    assert train.resume_checkpoint("~/run") == tmp_path / "run" / train.CHECKPOINTS / "step-10"
+        (tmp_path / "run" / checkpoints.CHECKPOINTS / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "run" / checkpoints.CHECKPOINTS / f"step-{step}" / "state.pt").write_bytes(b"")
+    (tmp_path / "run" / checkpoints.CHECKPOINTS / "step-11").mkdir()  # no state.pt: an incomplete checkpoint
+    assert checkpoints.resume_checkpoint("~/run") == tmp_path / "run" / checkpoints.CHECKPOINTS / "step-10"

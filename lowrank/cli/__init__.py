@@ -167,7 +167,7 @@ def _how_to_continue(args) -> str:
     out_dir = getattr(args, "output_dir", None)
     if out_dir is None:  # given in a --config file
         return "add --resume to the same command to continue from its newest checkpoint (--save-every writes them)"
-    from lowrank.train import list_checkpoints
+    from lowrank.checkpoints import list_checkpoints
 
     steps = list_checkpoints(out_dir)
     if not steps:

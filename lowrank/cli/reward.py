@@ -13,6 +13,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from lowrank import runrecord
     from lowrank.cli.progress import StepBar
     from lowrank.config import build_config
@@ -28,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     with bar:
         out_dir = train_reward(config, on_step=on_step)
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one process reports
+        return 0
     metrics = runrecord.read(out_dir).metrics
     if "eval_accuracy" in metrics:  # none without held-out pairs (--eval-fraction 0)
         print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.4f}")

@@ -60,7 +60,7 @@ def _excerpt(turn, width: int = 40) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from lowrank.errors import UserError
-    from lowrank.reward import score_texts
+    from lowrank.scoring import score_texts
 
     pairs = []
     if (args.prompt is None) != (args.response is None):

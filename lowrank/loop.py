@@ -1,0 +1,73 @@
+"""What the stages' training loops share above one optimizer step: the held-out split, the seeded
+stream of micro-batches whose position is the data state a checkpoint needs, and the held-out loss
+of a causal LM. (One optimizer step, the optimizer and the output dir are in lowrank.train.)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from lowrank.train import causal_lm_loss_sum, count_loss_tokens, reduce_sum
+
+
+def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random split: (train, held out). At least one of each when there are two or more."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+class BatchStream:
+    """An endless, seeded stream of micro-batches (lists of row indices); epoch e is a fresh permutation.
+
+    The stream's position (``consumed``) is the whole data-order state a checkpoint needs.
+    Under DDP, process r of P takes micro-batches consumed + m*P + r, so all processes walk the
+    same stream.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, consumed: int = 0):
+        self.num_rows, self.batch_size, self.seed, self.consumed = num_rows, batch_size, seed, consumed
+        self.batches_per_epoch = max(1, math.ceil(num_rows / batch_size))
+        self._epoch, self._perm = -1, []
+
+    def batch(self, index: int) -> list[int]:
+        epoch, j = divmod(index, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._perm = list(range(self.num_rows))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def take(self, micro_batches: int, num_processes: int, process_index: int) -> list[list[int]]:
+        """This process's micro-batches of the next optimizer step; advances the stream for all processes."""
+        out = [self.batch(self.consumed + m * num_processes + process_index) for m in range(micro_batches)]
+        self.consumed += micro_batches * num_processes
+        return out
+
+    def epoch(self) -> float:
+        return self.consumed / self.batches_per_epoch
+
+
+def held_out_loss(accelerator, model, rows: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean next-token loss per loss token over ``rows`` (sharded over processes, summed, divided)."""
+    from lowrank.data import collate
+
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        starts = range(accelerator.process_index * batch_size, len(rows), batch_size * accelerator.num_processes)
+        for start in starts:
+            batch = collate(rows[start:start + batch_size], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss_sum += float(causal_lm_loss_sum(model, batch))
+            tokens += count_loss_tokens(batch)
+    model.train()
+    loss_sum, tokens = reduce_sum(accelerator, loss_sum, tokens)
+    return loss_sum / max(1.0, tokens)
