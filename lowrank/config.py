@@ -9,6 +9,7 @@ the flag's help. A field of type bool gets ``--name/--no-name``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import types
@@ -124,22 +125,12 @@ def _typed(value: Any, tp: Any, where: str) -> Any:
     elif isinstance(value, bool):
         if tp is bool:
             return value
-    elif tp is int:
-        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-            return int(value)
+    elif tp in (int, float):
         if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                return tp(value)  # int("2.5") fails too: no silent truncation
+        elif isinstance(value, (int, float)) and (tp is float or float(value).is_integer()):
+            return tp(value)
     elif tp is str:
         if isinstance(value, (str, Path)):
             return str(value)

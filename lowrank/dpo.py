@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import checkpoints, locks, rl, runrecord, train
+from lowrank import checkpoints, locks, loop, rl, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.metrics import MetricsLog, TrackerFields
@@ -385,16 +385,8 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     start_step = 0
     if resume_from is not None:
-        start_step, extra = checkpoints.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        recorded, current = extra.get("config", {}), config_to_dict(config)
-        changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
-        if changed:
-            raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
-                            "use the same settings or start without --resume")
-        stream.consumed = extra["consumed"]
-        if accelerator.is_main_process:
-            metrics_log.truncate_after(start_step)
-        log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
+        start_step = loop.resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
+                                 keys=_RESUME_KEYS, stream=stream, metrics_log=metrics_log, max_steps=max_steps)
     elif eval_examples:
         metrics_log.log({"step": 0, "max_steps": max_steps,
                          **evaluate(accelerator, peft_model, config, eval_examples, pad_id, reference)})

@@ -5,12 +5,15 @@ of a causal LM. (One optimizer step, the optimizer and the output dir are in low
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
 import torch
 
 from lowrank.train import causal_lm_loss_sum, count_loss_tokens, reduce_sum
+
+log = logging.getLogger(__name__)
 
 
 def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -71,3 +74,25 @@ def held_out_loss(accelerator, model, rows: list[dict], batch_size: int, pad_id:
     model.train()
     loss_sum, tokens = reduce_sum(accelerator, loss_sum, tokens)
     return loss_sum / max(1.0, tokens)
+
+
+def resume(accelerator, checkpoint, model, optimizer, scheduler, *, config, keys: tuple[str, ...],
+           stream: BatchStream, metrics_log, max_steps: int) -> int:
+    """Restore ``checkpoint`` for ``--resume`` and return its step: weights, optimizer, schedule, RNG,
+    the stream's position, and metrics.jsonl cut back to that step. Refused when any of ``keys``
+    (the settings that shape the trajectory) differs from the interrupted run's."""
+    from lowrank.checkpoints import load_checkpoint
+    from lowrank.config import config_to_dict
+    from lowrank.errors import UserError
+
+    step, extra = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+    recorded, current = extra.get("config", {}), config_to_dict(config)
+    changed = [k for k in keys if recorded.get(k) != current.get(k)]
+    if changed:
+        raise UserError(f"--resume: {checkpoint} was written with different {', '.join(changed)}; "
+                        "use the same settings or start without --resume")
+    stream.consumed = extra["consumed"]
+    if accelerator.is_main_process:
+        metrics_log.truncate_after(step)
+    log.info("resuming from %s (step %d of %d)", checkpoint, step, max_steps)
+    return step

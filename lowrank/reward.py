@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lowrank import checkpoints, locks, runrecord
+from lowrank import checkpoints, locks, loop, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.loop import BatchStream, split_held_out
@@ -381,16 +381,8 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
                              stage="reward", config=config_to_dict(config))
     start_step = 0
     if resume_from is not None:
-        start_step, extra = checkpoints.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        recorded, current = extra.get("config", {}), config_to_dict(config)
-        changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
-        if changed:
-            raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
-                            "use the same settings or start without --resume")
-        stream.consumed = extra["consumed"]
-        if accelerator.is_main_process:
-            metrics_log.truncate_after(start_step)
-        log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
+        start_step = loop.resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
+                                 keys=_RESUME_KEYS, stream=stream, metrics_log=metrics_log, max_steps=max_steps)
 
     correct: list[torch.Tensor] = []
 

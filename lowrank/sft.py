@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lowrank import checkpoints, locks, runrecord, train
+from lowrank import checkpoints, locks, loop, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.loop import BatchStream, held_out_loss, split_held_out
@@ -171,16 +171,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     start_step = 0
     if resume_from is not None:
-        start_step, extra = checkpoints.load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        recorded, current = extra.get("config", {}), config_to_dict(config)
-        changed = [k for k in _RESUME_KEYS if recorded.get(k) != current.get(k)]
-        if changed:
-            raise UserError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
-                            f"use the same settings or start without --resume")
-        stream.consumed = extra["consumed"]
-        if accelerator.is_main_process:
-            metrics_log.truncate_after(start_step)
-        log.info("resuming from %s (step %d of %d)", resume_from, start_step, max_steps)
+        start_step = loop.resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
+                                 keys=_RESUME_KEYS, stream=stream, metrics_log=metrics_log, max_steps=max_steps)
     elif eval_rows:
         initial = {"step": 0, "max_steps": max_steps,
                    "eval_loss": held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)}

@@ -32,3 +32,18 @@ KILL_IN_CHECKPOINT = ("import torch\nfrom lowrank import train\nreal = torch.sav
                       "def save(obj, path, *a, **k):\n    if Path(path).name == 'state.pt':\n        count[0] += 1\n"
                       "        if count[0] == {n}:\n            die()\n    return real(obj, path, *a, **k)\n"
                       "train.torch.save = save\n")
+
+
+def launch_two_processes(work_dir, argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """``lowrank argv`` under ``accelerate launch`` with 2 CPU processes (DDP over gloo); asserts it exited 0."""
+    import os
+
+    script = work_dir / "lowrank_main.py"
+    script.write_text("import sys\nfrom lowrank.cli import main\nsys.exit(main())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script),
+           *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

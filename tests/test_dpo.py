@@ -9,14 +9,13 @@ import io
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lowrank.cli import main
+
+from cli_support import launch_two_processes
 
 # The learning test trains on the shipped preference sample (lowrank/assets/preferences_sample.jsonl): every
 # chosen response is its rejected twin with "please" added, so the preference is one clear feature. 200 pairs,
@@ -252,17 +251,12 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_spm, sft, sort_pair
 
 def test_two_process_accelerate_launch_trains(tiny_spm, sft, sort_pairs, tmp_path):
     """Two CPU processes (DDP over gloo): each takes its share of every step's pairs and of the reference pass."""
-    script = tmp_path / "lowrank_main.py"
-    script.write_text("import sys\nfrom lowrank.cli import main\nsys.exit(main())\n")
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script),
-           "dpo", "--model", str(tiny_spm), "--sft-adapter", str(sft), "--pairs", sort_pairs, "--output-dir", str(out),
-           "--quant", "none", "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--max-steps", "3",
-           "--batch-size", "4", "--micro-batch-size", "2", "--eval-fraction", "0.25", "--max-length", "128"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(tmp_path, ["dpo", "--model", str(tiny_spm), "--sft-adapter", str(sft), "--pairs",
+                                    sort_pairs, "--output-dir", str(out), "--quant", "none",
+                                    "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--max-steps", "3",
+                                    "--batch-size", "4", "--micro-batch-size", "2", "--eval-fraction", "0.25",
+                                    "--max-length", "128"])
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "dpo"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -9,14 +9,13 @@ user's function in a file, 1 when the completion contains "blue": GRPO must rais
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lowrank.cli import main
+
+from cli_support import launch_two_processes
 from rl_support import PROMPTS, TARGET, train_sft_adapter
 
 REWARD_FILE = f'''
@@ -131,17 +130,12 @@ def test_reference_adapter_never_changes_and_beta_zero_trains(task):
 
 
 def test_two_process_accelerate_launch_trains(task, tmp_path):
-    script = tmp_path / "lowrank_main.py"
-    script.write_text("import sys\nfrom lowrank.cli import main\nsys.exit(main())\n")
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script),
-           "grpo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--prompts", str(task["prompts"]),
-           "--rewards", task["reward"], "--output-dir", str(out), "--quant", "none", "--steps", "2",
-           "--group-size", "4", "--prompts-per-step", "1", "--max-new-tokens", "6", "--learning-rate", "1e-3"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(tmp_path, ["grpo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]),
+                                    "--prompts", str(task["prompts"]), "--rewards", task["reward"], "--output-dir",
+                                    str(out), "--quant", "none", "--steps", "2", "--group-size", "4",
+                                    "--prompts-per-step", "1", "--max-new-tokens", "6", "--learning-rate", "1e-3"],
+                         timeout=300)
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "grpo"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,10 +8,7 @@ import io
 import json
 import logging
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,8 @@ from lowrank.cli import main
 from lowrank.config import build_config
 from lowrank.reward import bradley_terry_loss, evaluate_pairs, tokenize_pairs
 from lowrank.scoring import SCORE_HEAD, add_score_head, load_reward_adapter, pad_batch, score_sequences, using_adapter
+
+from cli_support import launch_two_processes
 
 # The synthetic task is the shipped preference sample (lowrank/assets/preferences_sample.jsonl, what
 # `lowrank reward` trains on in the README): every chosen response contains "please" and its rejected
@@ -500,17 +499,11 @@ def test_reward_resume_with_changed_settings_is_refused(tiny_spm, small_pairs_fi
 
 def test_reward_trains_under_a_two_process_accelerate_launch(tiny_spm, small_pairs_file, tmp_path):
     """Two CPU processes (DDP over gloo): each takes its share of every step's pairs."""
-    script = tmp_path / "lowrank_main.py"
-    script.write_text("import sys\nfrom lowrank.cli import main\nsys.exit(main())\n")
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script),
-           "reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(out), "--quant", "none",
-           "--learning-rate", "1e-3", "--max-steps", "3", "--batch-size", "2", "--eval-fraction", "0.25",
-           "--max-length", "96", "--no-gradient-checkpointing"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(tmp_path, ["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir",
+                                    str(out), "--quant", "none", "--learning-rate", "1e-3", "--max-steps", "3",
+                                    "--batch-size", "2", "--eval-fraction", "0.25", "--max-length", "96",
+                                    "--no-gradient-checkpointing"])
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "reward"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -7,15 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lowrank import checkpoints
+
+from cli_support import launch_two_processes
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -178,17 +177,11 @@ def test_two_process_accelerate_launch_trains(tiny_spm, tmp_path):
     """
     from lowrank.sft import default_data
 
-    script = tmp_path / "lowrank_main.py"
-    script.write_text("import sys\nfrom lowrank.cli import main\nsys.exit(main())\n")
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script), "sft",
-           "--model", str(tiny_spm), "--data", default_data(), "--output-dir", str(out), "--quant", "none",
-           "--max-steps", "3", "--batch-size", "2", "--max-length", "96", "--learning-rate", "0.01",
-           "--lora-r", "4", "--eval-every", "0", "--eval-fraction", "0.05"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(tmp_path, ["sft", "--model", str(tiny_spm), "--data", default_data(), "--output-dir",
+                                    str(out), "--quant", "none", "--max-steps", "3", "--batch-size", "2",
+                                    "--max-length", "96", "--learning-rate", "0.01", "--lora-r", "4",
+                                    "--eval-every", "0", "--eval-fraction", "0.05"])
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2
     assert meta["metrics"]["eval_loss"] < meta["metrics"]["initial_eval_loss"]
