@@ -69,6 +69,21 @@ GO_TEMPLATES: dict[str, tuple[str, list[str]]] = {
                + _CLOSE_TURN + "<|eot_id|>{{ end }}"
                + _OPEN_ASSISTANT + "<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}{{ end }}",
                ["<|start_header_id|>"]),
+    # mistral and gemma have no system role: the system prompt opens the first user turn, as in Jinja.
+    "mistral": ("{{ $first := true }}" + _RANGE
+                + '{{ if eq $m.Role "user" }}[INST] {{ if and $first $.System }}{{ $.System }}\n\n{{ end }}'
+                "{{ $m.Content }} [/INST]"
+                '{{ else if eq $m.Role "assistant" }}{{ $m.Content }}{{ if not $last }}{EOS}{{ end }}{{ end }}'
+                '{{ if ne $m.Role "system" }}{{ $first = false }}{{ end }}{{ end }}', ["[INST]"]),
+    "gemma": ("{{ $first := true }}" + _RANGE
+              + '{{ if eq $m.Role "user" }}<start_of_turn>user\n{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}'
+              "{{ $m.Content }}<end_of_turn>\n{{ if $last }}<start_of_turn>model\n{{ end }}"
+              '{{ else if eq $m.Role "assistant" }}<start_of_turn>model\n{{ $m.Content }}'
+              "{{ if not $last }}<end_of_turn>\n{{ end }}{{ end }}"
+              '{{ if ne $m.Role "system" }}{{ $first = false }}{{ end }}{{ end }}', ["<start_of_turn>"]),
+    "phi3": (_RANGE + "<|{{ $m.Role }}|>\n{{ $m.Content }}"
+             + _CLOSE_TURN + "<|end|>\n{{ end }}"
+             + _OPEN_ASSISTANT + "<|assistant|>\n{{ end }}{{ end }}", ["<|user|>"]),
     "chatml": (_RANGE + "<|im_start|>{{ $m.Role }}\n{{ $m.Content }}"
                + _CLOSE_TURN + "<|im_end|>\n{{ end }}"
                + _OPEN_ASSISTANT + "<|im_start|>assistant\n{{ end }}{{ end }}", ["<|im_start|>"]),

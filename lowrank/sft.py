@@ -38,7 +38,7 @@ class SFTConfig(TrackerFields):
     output_dir: str = field(default="", metadata={"help": "where the adapter, metrics.jsonl, loss.png and checkpoints go"})
     eval_data: str = field(default="", metadata={"help": "held-out data; empty: hold out --eval-fraction of --data"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of examples held out for eval loss when no --eval-data"})
-    template: str = field(default="auto", metadata={"help": "chat template: auto (the tokenizer's, else vicuna), tokenizer, alpaca, vicuna, llama2, llama3, chatml"})
+    template: str = field(default="auto", metadata={"help": "chat template: auto (the tokenizer's, else vicuna), tokenizer, alpaca, vicuna, llama2, llama3, mistral, gemma, phi3, chatml"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are cut) and per packed row"})
     pack: bool = field(default=True, metadata={"help": "pack several examples into one row, padding-free"})
     quant: str = field(default="auto", metadata={"help": "base weights: nf4 (QLoRA), int8, none, or auto (nf4 on CUDA, none on a CPU, where bitsandbytes' 4-bit is ~20x slower)"})

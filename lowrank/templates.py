@@ -8,7 +8,8 @@ Conventions shared by every built-in:
 - the rendering starts with ``bos_token`` (when the tokenizer has one), so the
   rendered text is tokenized with ``add_special_tokens=False``;
 - an assistant turn is followed by the family's end-of-turn marker (``eos_token``,
-  ``<|eot_id|>`` or ``<|im_end|>``), which carries loss so the model learns to stop;
+  ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>`` or ``<|end|>``), which carries loss so the model
+  learns to stop;
 - rendering ``messages[:k]`` with ``add_generation_prompt=True`` is a prefix of the
   rendering of ``messages[:k+1]`` when message k is the assistant's. The SFT loss
   mask relies on this to find assistant spans without `{% generation %}` tags,
@@ -69,6 +70,42 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
+    # Mistral instruct ([INST] format of Mistral-7B-Instruct v0.1-v0.3): one BOS, no system role (a
+    # system message opens the first user turn), every answer closed by EOS.
+    "mistral": (
+        _BOS
+        + "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] + '\\n\\n' %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + (system_message if loop.first else '') + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+        "{% endif %}{% endfor %}"
+    ),
+    # Gemma 2 / 3: <start_of_turn>user|model ... <end_of_turn>; no system role (a system message
+    # opens the first user turn, as Gemma's own template does).
+    "gemma": (
+        _BOS
+        + "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] + '\\n\\n' %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '<start_of_turn>user\\n' + (system_message if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ '<start_of_turn>model\\n' + message['content'] + '<end_of_turn>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    # Phi-3 / Phi-4-mini: <|role|> headers, every turn closed by <|end|>.
+    "phi3": (
+        _BOS
+        + "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
     # ChatML (Qwen, many community fine-tunes).
     "chatml": (
         _BOS
@@ -84,11 +121,13 @@ DEFAULT_TEMPLATE = "vicuna"
 
 def end_of_turn(name: str, tokenizer) -> str:
     """The text that closes an assistant turn in a built-in family (a stop string for generation)."""
-    return {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}.get(name, tokenizer.eos_token)
+    return {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "gemma": "<end_of_turn>",
+            "phi3": "<|end|>"}.get(name, tokenizer.eos_token)
 
 
 # Tokens that close a turn in the templates lowrank knows (built-in and the common tokenizer ones).
-END_OF_TURN_MARKERS = ("</s>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
+END_OF_TURN_MARKERS = ("</s>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
+                       "<|end|>")
 
 
 def stop_token_ids(tokenizer, template: str) -> list[int]:

@@ -25,6 +25,9 @@ ROLE_MARKERS = {
     "llama2": ["[INST] ", " [/INST]", "<<SYS>>", "<</SYS>>"],
     "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "chatml": ["<|im_start|>", "<|im_end|>"],
+    "mistral": ["[INST] ", " [/INST]"],
+    "gemma": ["<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>"],
+    "phi3": ["<|end|>", "<|assistant|>"],
 }
 
 

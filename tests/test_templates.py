@@ -36,6 +36,19 @@ EXPECTED = {
                "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n",
                "<s><|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
                "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"),
+    # Mistral instruct (its tokenizer's template): one BOS, the system text opens the first [INST], EOS after answers.
+    "mistral": ("<s>[INST] SYS\n\nQ1 [/INST]A1</s>[INST] Q2 [/INST]A2</s>",
+                "<s>[INST] SYS\n\nQ1 [/INST]A1</s>[INST] Q2 [/INST]"),
+    # Gemma 2/3: user and model turns, the system text at the start of the first user turn.
+    "gemma": ("<s><start_of_turn>user\nSYS\n\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
+              "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>\n",
+              "<s><start_of_turn>user\nSYS\n\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
+              "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\n"),
+    # Phi-3 / Phi-4-mini: <|role|> headers, <|end|> after every turn.
+    "phi3": ("<s><|system|>\nSYS<|end|>\n<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n"
+             "<|assistant|>\nA2<|end|>\n",
+             "<s><|system|>\nSYS<|end|>\n<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n"
+             "<|assistant|>\n"),
 }
 
 
@@ -46,7 +59,7 @@ def bpe_tokenizer(tiny_bpe):
     return AutoTokenizer.from_pretrained(str(tiny_bpe))
 
 
-def test_the_five_builtins_are_there():
+def test_every_builtin_has_its_family_format_here():
     assert sorted(BUILTIN_TEMPLATES) == sorted(EXPECTED)
 
 

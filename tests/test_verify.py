@@ -197,3 +197,12 @@ def test_greedy_real_divergence_fails(monkeypatch):
     report = _greedy_report(monkeypatch, hf, gguf)
     assert len(report.problems) == 1 and "diverges at token 1 of 3" in report.problems[0]
     assert report.greedy_near_ties == 0
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma", "phi3"])
+def test_the_mistral_gemma_and_phi3_templates_render_the_same_in_llama_cpp(tiny_bpe, tmp_path, name):
+    """The template written into the GGUF renders to the same text and token ids in llama.cpp as in training."""
+    path = export_gguf(tiny_bpe, tmp_path, ["f32"], name="m", chat_template=BUILTIN_TEMPLATES[name])[0]
+    report = verify_gguf(path, tiny_bpe, chat_template=BUILTIN_TEMPLATES[name], greedy_tokens=4)
+    assert report.chat_tokens_checked == 2 and report.chat_template_problem is None
+    assert report.passed, report.problems
