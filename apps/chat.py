@@ -9,8 +9,11 @@ its speed and the model's load time.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from lowrank.apps.backends import ChatBackend, SamplingConfig
@@ -25,6 +28,25 @@ def stats_line(backend: ChatBackend, reply) -> str:
     first = f", first token after {reply.first_token_seconds:.2f} s" if reply.first_token_seconds is not None else ""
     return (f"[{reply.tokens} tokens in {reply.seconds:.2f} s, {reply.tokens_per_second:.1f} tokens/s{first}; "
             f"load {backend.load_seconds:.2f} s]")
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(reply) -> Iterator[None]:
+    """Inside the block, Ctrl-C asks ``reply`` to stop instead of raising KeyboardInterrupt.
+
+    A KeyboardInterrupt raised wherever the signal happens to land (inside llama-cpp-python's
+    generation loop, say) can be swallowed there and leave the reply running; setting the reply's
+    stop event from the handler is safe at any point, and the stream checks it after every token.
+    Only the main thread can install a handler; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: reply.stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def chat_loop(backend: ChatBackend, sampling: SamplingConfig, *, system: str | None = None,
@@ -73,9 +95,10 @@ def chat_loop(backend: ChatBackend, sampling: SamplingConfig, *, system: str | N
                 f"{reply.dropped_turns} oldest turn(s)]")
         say(MODEL_PROMPT, end="")
         try:
-            for piece in reply:
-                say(piece, end="")
-        except KeyboardInterrupt:
+            with ctrl_c_stops(reply):
+                for piece in reply:
+                    say(piece, end="")
+        except KeyboardInterrupt:  # a Ctrl-C before the handler was in place
             reply.stop()
         say()
         if reply.stopped:

@@ -245,3 +245,40 @@ def test_a_template_with_a_syntax_error_is_a_user_error():
     with pytest.raises(UserError, match=r"the model.s chat template is not valid Jinja: Unexpected end of template"):
         render_chat("{% for m in messages %}{{ m.content }}", [{"role": "user", "content": "hi"}],
                     bos_token="<s>", eos_token="</s>")
+
+
+def test_ctrl_c_stops_a_reply_even_where_the_backend_swallows_keyboard_interrupt():
+    """llama-cpp-python's generation loop can catch a KeyboardInterrupt that lands inside it; Ctrl-C must
+    still stop the reply, through the reply's stop event, and the chat must go on."""
+    import os
+    import signal
+    import threading
+
+    from lowrank.apps.backends import ChatBackend
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    class Swallowing(ChatBackend):
+        path, kind, n_ctx, load_seconds = "fake.gguf", "gguf", 4096, 0.0
+        template, bos_token, eos_token = BUILTIN_TEMPLATES["chatml"], "", ""
+
+        def count_tokens(self, text):
+            return len(text.split())
+
+        def _stream(self, prompt, sampling, max_new_tokens, stop_event):
+            for i in range(20000):  # ~20 s if nothing stops it
+                if stop_event.is_set():
+                    return
+                try:  # the backend's own loop, where the user's Ctrl-C lands (mid-reply, at token 50)
+                    if i == 50:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    threading.Event().wait(0.001)
+                except BaseException:  # noqa: BLE001 - what a careless generation loop does
+                    pass
+                yield "w "
+
+    lines = iter(["tell me a story", "/exit"])
+    out = io.StringIO()
+    assert chat_loop(Swallowing(), SamplingConfig(max_tokens=20000), read_line=lambda _: next(lines), out=out) == 0
+    text = out.getvalue()
+    assert "[stopped]" in text
+    assert text.count("w ") < 1000  # stopped within a few tokens of the Ctrl-C, not at the end
