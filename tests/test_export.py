@@ -307,3 +307,37 @@ def test_lora_only_adapter_for_another_base_is_one_line_error(wider, adapter, tm
 def test_lora_without_adapter_is_one_line_error(tiny_spm, tmp_path, capsys):
     err = _cli_error(capsys, ["export", str(tiny_spm), "--lora", "--out", str(tmp_path)])
     assert err == "lowrank export: error: --lora: give the adapter(s) with --adapter DIR"
+
+
+def _estimate(name: str, file_mib: float, ram_mib: float):
+    from lowrank.export.fit import MiB, FitEstimate
+
+    return FitEstimate(f"/x/{name}", int(file_mib * MiB), int((ram_mib - file_mib) * MiB), 0, 2048)
+
+
+def test_fit_recommends_the_largest_file_each_machine_takes():
+    from lowrank.export.fit import format_fit
+
+    estimates = [_estimate("m-q8_0.gguf", 7000, 7500), _estimate("m-q4_k_m.gguf", 4000, 4500),
+                 _estimate("m-q2_k.gguf", 2500, 3000)]
+    lines = format_fit(estimates).splitlines()
+    assert "  recommended for Raspberry Pi 4 (4 GB): m-q2_k.gguf" in lines  # 3 GiB left: only q2_k
+    assert "  recommended for Raspberry Pi 4 (8 GB): m-q4_k_m.gguf" in lines  # 7 GiB: q8_0 needs 7500 MiB
+    assert "  recommended for 8 GB laptop: m-q4_k_m.gguf" in lines  # 5 GiB left beside a desktop
+
+
+def test_fit_says_when_a_machine_takes_none():
+    from lowrank.export.fit import format_fit
+
+    lines = format_fit([_estimate("m-q8_0.gguf", 7000, 7500)]).splitlines()
+    assert "  recommended for Raspberry Pi 4 (4 GB): none fits; the smallest needs 4428 MiB more" in lines
+
+
+def test_cli_fit_budget_too_small_for_every_file_names_the_closest(tiny_bpe, tmp_path, capsys):
+    rc = main(["export", str(tiny_bpe), "--type", "q8_0,q4_0", "--out", str(tmp_path), "--fit", "100MiB",
+               "--no-verify", "--name", "m"])
+    from cli_support import command_lines
+
+    (line,) = command_lines(capsys.readouterr().err, "export")  # log lines aside, one line and no traceback
+    assert rc == 2 and line.startswith("lowrank export: error: --fit: no file fits 0.0977 GiB at n_ctx=")
+    assert ": the closest, m-q4_0.gguf, needs " in line and "MiB more" in line

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lowrank.config import add_dataclass_arguments, build_config
+from lowrank.errors import UserError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def export_and_report(config, model_dir: Path, adapters: Sequence[str] = (), *, 
 
     0 when every check passes, else 1.
     """
-    from lowrank.export.fit import format_fit
+    from lowrank.export.fit import closest_miss, format_fit
     from lowrank.export.verify import format_report
     from lowrank.exporting import export_model
 
@@ -69,6 +70,9 @@ def export_and_report(config, model_dir: Path, adapters: Sequence[str] = (), *, 
     if result.lora_check_skipped:
         print("LoRA check skipped: llama-cpp-python applies one adapter per model; verify each with "
               "`lowrank verify MERGED.gguf MERGED_DIR --lora ADAPTER.gguf --base-gguf BASE.gguf`")
+    miss = closest_miss(result.fits, result.budget) if result.budget is not None and not config.lora_only else None
+    if miss:
+        raise UserError(f"--fit: {miss}")
     return 0 if result.passed else 1
 
 
