@@ -346,7 +346,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     from lowrank.models import load_base_model, lora_config
     from lowrank.roles import build_roles, trainable_parameters
-    from lowrank.loop import BatchStream, split_held_out
+    from lowrank.loop import BatchStream, split_pairs
 
     model_path, tokenizer, (template_name, template), examples, _ = _load_inputs(config)
     accelerator = train.make_accelerator()
@@ -355,7 +355,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
                         f"{config.micro_batch_size} x {accelerator.num_processes} processes")
     accumulation = micro_per_step // accelerator.num_processes
-    train_examples, eval_examples = split_held_out(examples, config.eval_fraction, config.seed)
+    train_examples, eval_examples = split_pairs(examples, config.eval_fraction, config.seed)
     out_dir = Path(config.output_dir).expanduser()
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
     if accelerator.is_main_process:

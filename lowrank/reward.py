@@ -20,7 +20,7 @@ from torch import nn
 from lowrank import checkpoints, locks, loop, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
-from lowrank.loop import BatchStream, split_held_out
+from lowrank.loop import PairStream, split_pairs
 from lowrank.metrics import MetricsLog, TrackerFields
 from lowrank.scoring import SCORE_HEAD, add_score_head, pad_batch, score_sequences
 from lowrank.train import causal_lm
@@ -340,7 +340,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         template_name, template = resolve_template(tokenizer, config.template)
     pairs = load_preference_pairs(config.data)
     examples = tokenize_pairs(tokenizer, template, pairs, config.max_length)
-    train_examples, eval_examples = split_held_out(examples, config.eval_fraction, config.seed)
+    train_examples, eval_examples = split_pairs(examples, config.eval_fraction, config.seed)
     out_dir = train.check_output_dir(config.output_dir, config.overwrite, resume=config.resume)
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
 
@@ -368,7 +368,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         accumulation = train.accumulation_for_tokens(
             config.tokens_per_step, [len(e["chosen"]) + len(e["rejected"]) for e in train_examples], config.batch_size,
             accelerator.num_processes)
-    stream = BatchStream(len(train_examples), config.batch_size, config.seed)
+    stream = PairStream(len(train_examples), config.batch_size, config.seed)
     micro_per_step = accumulation * accelerator.num_processes
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
     params = [p for p in peft_model.parameters() if p.requires_grad]

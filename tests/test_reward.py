@@ -164,9 +164,9 @@ def test_saved_adapter_reproduces_training_time_scores(trained, tiny_spm, pairs_
     tokenizer = load_tokenizer(str(tiny_spm))
     examples = tokenize_pairs(tokenizer, meta["chat_template"]["jinja"], load_preference_pairs(pairs_file), MAX_LENGTH)
     assert max(len(e[k]) for e in examples for k in ("chosen", "rejected")) < MAX_LENGTH  # no pair was cut
-    from lowrank.loop import split_held_out
+    from lowrank.loop import split_pairs
 
-    _, eval_examples = split_held_out(examples, 0.2, 0)
+    _, eval_examples = split_pairs(examples, 0.2, 0)
     model = load_scoring_model(tiny_spm, trained)
     scores = evaluate_pairs(model, eval_examples, tokenizer.pad_token_id or 0, 8)
     assert scores["margin"] == pytest.approx(meta["metrics"]["eval_margin"], abs=1e-4)
