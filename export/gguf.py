@@ -232,7 +232,8 @@ def write_hparams(writer, config: dict, file_type: int) -> None:
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
-    writer.add_rope_dimension_count(head_dim(config))
+    # Phi-4-mini turns only part of each head (partial_rotary_factor); llama.cpp reads the rotated width.
+    writer.add_rope_dimension_count(int(head_dim(config) * float(rope_scaling(config).get("partial_rotary_factor", 1.0))))
     if head_dim(config) != config["hidden_size"] // n_head:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))

@@ -40,10 +40,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     # Qwen3: Qwen2 without the q/k/v biases, with an RMSNorm over each head's q and k (q_norm, k_norm) before
     # rope, and a head_dim of its own (written as key/value_length when it is not hidden / heads).
     "qwen3": ArchitectureSpec("qwen3", permute_qk=False, has_qkv_bias=False),
+    # Phi-3 / Phi-4-mini: q, k and v in one qkv_proj and gate and up in one gate_up_proj, written fused as
+    # llama.cpp's phi3 reads them (it splits q|k|v and gate|up itself); NEOX rope, so nothing is permuted;
+    # the rope may turn only part of each head (partial_rotary_factor, 0.75 in Phi-4-mini).
+    "phi3": ArchitectureSpec("phi3", permute_qk=False, has_qkv_bias=False),
 }
 
-# (HF name pattern, GGUF name). Shared by llama, mistral, qwen2 and qwen3 (they use the same HF
-# module names); tensors an architecture lacks (biases for llama, q/k norms but in qwen3) never occur.
+# (HF name pattern, GGUF name). Shared by llama, mistral, qwen2, qwen3 and phi3 (they use the same HF
+# module names, phi3 fusing two pairs); tensors an architecture lacks (biases for llama, q/k norms but in
+# qwen3, fused layers but in phi3) never occur.
 TENSOR_NAME_TABLE: list[tuple[str, str]] = [
     (r"model\.embed_tokens\.weight", "token_embd.weight"),
     (r"model\.norm\.weight", "output_norm.weight"),
@@ -58,6 +63,8 @@ TENSOR_NAME_TABLE: list[tuple[str, str]] = [
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{bid}.ffn_norm.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{bid}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{bid}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blk.{bid}.attn_qkv.weight"),  # phi3
+    (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{bid}.ffn_up.weight"),  # phi3: gate rows first
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{bid}.ffn_down.weight"),
 ]
 

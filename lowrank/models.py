@@ -25,7 +25,7 @@ from lowrank.files import check_weights_dir
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 QUANT_CHOICES = ("nf4", "int8", "none")
 
 

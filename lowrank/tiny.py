@@ -157,7 +157,7 @@ def _bpe_tokenizer(vocab_size: int, qwen: bool = False):
 
 
 def _config(arch: str, vocab_size: int, tokenizer, **shape):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -186,7 +186,11 @@ def _config(arch: str, vocab_size: int, tokenizer, **shape):
     if arch == "qwen3":  # a head_dim of its own, as Qwen3 has (128 for 40 heads of a 5120-wide model)
         return Qwen3Config(**common, head_dim=2 * shape["hidden_size"] // shape["num_heads"], rope_theta=1000000.0,
                            use_sliding_window=False, attention_bias=False)
-    raise ValueError(f"tiny models come in llama, mistral, qwen2 and qwen3, not {arch!r}")
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**common, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": shape.get("partial_rotary", 1.0)},
+            sliding_window=None, pad_token_id=tokenizer.pad_token_id)
+    raise ValueError(f"tiny models come in llama, mistral, qwen2, qwen3 and phi3, not {arch!r}")
 
 
 def build_tiny_model(
@@ -205,13 +209,15 @@ def build_tiny_model(
     seed: int = 0,
     random_norms: bool = False,
     rope_llama3: bool = False,
+    partial_rotary: float = 1.0,
 ) -> Path:
     """Write a tiny Hugging Face model dir (config, fp32 safetensors, tokenizer) and return its path.
 
     ``random_norms``: norm weights drawn around 1 (1 + 0.3 N(0, 1)) instead of transformers' ones, so that a
     norm written under the wrong name or axis changes the logits (export tests of q/k norms).
     ``rope_llama3`` (llama only): LLaMA 3.1's rope scaling, with an original window of 32 positions so that
-    it changes the logits of short texts.
+    it changes the logits of short texts. ``partial_rotary`` (phi3 only): the share of each head the rope
+    turns, 0.75 in Phi-4-mini.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -236,7 +242,7 @@ def build_tiny_model(
         intermediate_size=intermediate_size or 4 * ((8 * hidden_size // 3 + 3) // 4),
         num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        rope_llama3=rope_llama3,
+        rope_llama3=rope_llama3, partial_rotary=partial_rotary,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -37,6 +37,10 @@ CASES = {
     # Qwen3: no biases, an RMSNorm over each head's q and k (random here, so a mis-wired one shows), and a
     # head_dim twice hidden / heads (key_length / value_length in the GGUF).
     "qwen3-bpe-qknorm": Case(dict(tokenizer="bpe", arch="qwen3", random_norms=True), ["f32", "q8_0"], None),
+    # Phi-3: q|k|v in one qkv_proj and gate|up in one gate_up_proj, written fused; Phi-4-mini's partial rope.
+    "phi3-spm-fused": Case(dict(tokenizer="spm", arch="phi3", random_norms=True), ["f32", "q8_0"], "phi3"),
+    "phi4mini-bpe-partial-rope": Case(dict(tokenizer="bpe", arch="phi3", partial_rotary=0.75,
+                                           tie_word_embeddings=True), ["f16", "q4_k_m"], "phi3"),
 }
 
 

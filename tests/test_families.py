@@ -18,6 +18,10 @@ FAMILIES = {
     "mistral": dict(tokenizer="spm", arch="mistral", num_kv_heads=4),
     "qwen2": dict(tokenizer="bpe", arch="qwen2", tie_word_embeddings=True),
     "qwen3": dict(tokenizer="bpe", arch="qwen3", random_norms=True),
+    # Fused qkv_proj and gate_up_proj (LoRA on the fused layers, merged, written fused), SentencePiece as Phi-3's.
+    "phi3": dict(tokenizer="spm", arch="phi3", random_norms=True),
+    # Phi-4-mini: a partial rope (3/4 of each head turns), tied embeddings, byte-level BPE.
+    "phi4-mini": dict(tokenizer="bpe", arch="phi3", partial_rotary=0.75, tie_word_embeddings=True),
 }
 
 

@@ -34,7 +34,8 @@ def write_f32_gguf(model_dir: Path, out: Path) -> Path:
     dict(tokenizer="spm", arch="mistral", num_kv_heads=4),  # no GQA
     dict(tokenizer="bpe", arch="qwen2"),  # NEOX rope in llama.cpp: no q/k permutation
     dict(tokenizer="bpe", arch="qwen3", random_norms=True),  # q/k norms between the LoRA'd projections and rope
-], ids=["llama-gqa", "mistral-mha", "qwen2", "qwen3"])
+    dict(tokenizer="spm", arch="phi3"),  # LoRA on the fused qkv_proj and gate_up_proj
+], ids=["llama-gqa", "mistral-mha", "qwen2", "qwen3", "phi3"])
 def test_lora_gguf_on_base_gguf_equals_merged_gguf(tiny_model_factory, tmp_path, shape):
     base = tiny_model_factory(**shape)
     # Per-module rank and alpha and rsLoRA: llama.cpp knows one alpha per file, so scaling is folded into B.

@@ -32,7 +32,8 @@ def small_llama(tiny_model_factory):
 @pytest.mark.parametrize("shape, params", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
                                            ("llama3-8b", 8_030_261_248), ("mistral-7b", 7_241_732_096),
                                            ("tinyllama-1b", 1_100_048_384), ("llama3.1-8b", 8_030_261_248),
-                                           ("qwen2.5-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360)])
+                                           ("qwen2.5-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360),
+                                           ("phi3-mini", 3_821_079_552), ("phi4-mini", 3_836_021_760)])
 def test_named_shapes_count_the_published_parameters_without_a_download(shape, params):
     # conftest sets HF_HUB_OFFLINE: a download would fail, so these come from the meta device alone.
     assert P.architecture(shape).params == params

@@ -51,6 +51,14 @@ SHAPES: dict[str, dict] = {
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      max_position_embeddings=40960, tie_word_embeddings=False),
+    # Phi-3-mini (4k): fused qkv_proj and gate_up_proj, counted like the separate layers.
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                      max_position_embeddings=4096, tie_word_embeddings=False),
+    # Phi-4-mini: GQA 24/8, a 200k vocabulary, tied embeddings, a rope over 3/4 of each head.
+    "phi4-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+                      max_position_embeddings=131072, partial_rotary_factor=0.75, tie_word_embeddings=True),
     "tinyllama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                          max_position_embeddings=2048, tie_word_embeddings=False),
