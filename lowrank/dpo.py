@@ -31,7 +31,7 @@ import torch
 from lowrank import checkpoints, locks, loop, rl, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, TrackerFields
+from lowrank.metrics import MetricsLog, StageFields
 from lowrank.roles import POLICY, REFERENCE, use_role
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 @dataclass
-class DPOConfig(TrackerFields):
+class DPOConfig(StageFields):
     """Settings of `lowrank dpo`; defaults follow TRL's DPOTrainer where they fit a LoRA run."""
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
@@ -346,7 +346,6 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     from lowrank.models import load_base_model, lora_config
     from lowrank.roles import build_roles, trainable_parameters
-    from lowrank.loop import BatchStream, split_pairs
 
     model_path, tokenizer, (template_name, template), examples, _ = _load_inputs(config)
     accelerator = train.make_accelerator()
@@ -355,7 +354,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
                         f"{config.micro_batch_size} x {accelerator.num_processes} processes")
     accumulation = micro_per_step // accelerator.num_processes
-    train_examples, eval_examples = split_pairs(examples, config.eval_fraction, config.seed)
+    train_examples, eval_examples = loop.split_pairs(examples, config.eval_fraction, config.seed)
     out_dir = Path(config.output_dir).expanduser()
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
     if accelerator.is_main_process:
@@ -373,7 +372,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
         reference = reference_logprobs(accelerator, model, examples, config.micro_batch_size, pad_id)
     model.train()
     params = trainable_parameters(model)[POLICY]  # the only parameters with optimizer state
-    stream = BatchStream(len(train_examples), config.micro_batch_size, config.seed)
+    stream = loop.BatchStream(len(train_examples), config.micro_batch_size, config.seed)
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
     optimizer = train.build_optimizer(params, config.learning_rate, paged=config.quant != "none")
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,

@@ -42,7 +42,7 @@ import torch
 
 from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, TrackerFields
+from lowrank.metrics import MetricsLog, StageFields
 from lowrank.roles import POLICY, REFERENCE, use_role
 from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
                              response_logprobs, sample, seeded_prompt_order, tokenize_prompts)
@@ -53,7 +53,7 @@ LOSS_NORMALIZATIONS = ("token", "sequence", "constant")
 
 
 @dataclass
-class GRPOConfig(TrackerFields):
+class GRPOConfig(StageFields):
     """Every knob of `lowrank grpo`; defaults follow DeepSeekMath and TRL's GRPOTrainer where they fit LoRA."""
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})

@@ -37,36 +37,6 @@ def split_pairs(examples: list, fraction: float, seed: int) -> tuple[list, list]
     return shuffled[:len(shuffled) - n_eval], shuffled[len(shuffled) - n_eval:]
 
 
-class PairStream:
-    """The reward stage's micro-batch order: one seeded generator shuffles the rows again whenever fewer
-    than a batch remain, and batches run on across those reshuffles (no short last batch). The
-    stream's position (``consumed``, in micro-batches) is the data state a checkpoint needs; under DDP,
-    process r of P takes micro-batches consumed + m*P + r, as in :class:`BatchStream`.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int, consumed: int = 0):
-        self.num_rows, self.batch_size, self.consumed = num_rows, batch_size, consumed
-        self.batches_per_epoch = max(1, math.ceil(num_rows / batch_size))
-        self._rng, self._order = random.Random(seed), []
-
-    def batch(self, index: int) -> list[int]:
-        end = (index + 1) * self.batch_size
-        while len(self._order) < end:  # deterministic: the same reshuffles whatever is asked first
-            fresh = list(range(self.num_rows))
-            self._rng.shuffle(fresh)
-            self._order.extend(fresh)
-        return self._order[index * self.batch_size:end]
-
-    def take(self, micro_batches: int, num_processes: int, process_index: int) -> list[list[int]]:
-        """This process's micro-batches of the next optimizer step; advances the stream for all processes."""
-        out = [self.batch(self.consumed + m * num_processes + process_index) for m in range(micro_batches)]
-        self.consumed += micro_batches * num_processes
-        return out
-
-    def epoch(self) -> float:
-        return self.consumed * self.batch_size / max(1, self.num_rows)
-
-
 class BatchStream:
     """An endless, seeded stream of micro-batches (lists of row indices); epoch e is a fresh permutation.
 
@@ -96,6 +66,28 @@ class BatchStream:
 
     def epoch(self) -> float:
         return self.consumed / self.batches_per_epoch
+
+
+class PairStream(BatchStream):
+    """The reward stage's micro-batch order: one seeded generator shuffles the rows again whenever fewer
+    than a batch remain, and batches run on across those reshuffles (no short last batch). Position
+    and DDP sharing as in :class:`BatchStream`.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, consumed: int = 0):
+        super().__init__(num_rows, batch_size, seed, consumed)
+        self._rng, self._order = random.Random(seed), []
+
+    def batch(self, index: int) -> list[int]:
+        end = (index + 1) * self.batch_size
+        while len(self._order) < end:  # deterministic: the same reshuffles whatever is asked first
+            fresh = list(range(self.num_rows))
+            self._rng.shuffle(fresh)
+            self._order.extend(fresh)
+        return self._order[index * self.batch_size:end]
+
+    def epoch(self) -> float:
+        return self.consumed * self.batch_size / max(1, self.num_rows)
 
 
 def held_out_loss(accelerator, model, rows: list[dict], batch_size: int, pad_id: int) -> float:

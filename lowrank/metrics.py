@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowrank.config import check_fields
 from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -158,15 +159,13 @@ class MetricsLog:
 
 
 @dataclass
-class TrackerFields:
-    """The tracker field every training stage's config has. Building a config checks it and the
-    fields the stages share (config.check_fields), so bad values stop before any model loads."""
+class StageFields:
+    """The base of every training stage's config: the tracker field, and on building the config the
+    checks of the fields the stages share (config.check_fields), so bad values stop before any model loads."""
     report_to: str = field(default="none", metadata={
         "help": "also log metrics to tensorboard, wandb (offline unless WANDB_MODE says otherwise) or mlflow; "
                 "none: metrics.jsonl and PNGs only"})
 
     def __post_init__(self):
-        from lowrank.config import check_fields
-
         check_report_to(self.report_to)
         check_fields(self)

@@ -28,7 +28,7 @@ import torch
 
 from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, TrackerFields
+from lowrank.metrics import MetricsLog, StageFields
 from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
 from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
                              length_alarm, load_policy_inputs, response_mask, sample,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig(TrackerFields):
+class PPOConfig(StageFields):
     """Every knob of `lowrank ppo`; defaults follow TRL's PPO and the InstructGPT paper where they fit a small run."""
 
     model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT/reward)"})

@@ -27,7 +27,7 @@ from typing import Callable
 from lowrank import locks, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, TrackerFields
+from lowrank.metrics import MetricsLog, StageFields
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _EXTRA_FILES = ("tokenizer.model", "generation_config.json")
 
 
 @dataclass
-class PretrainConfig(TrackerFields):
+class PretrainConfig(StageFields):
     """Settings of `lowrank pretrain` (flags: --model, --data, --output-dir, ...)."""
 
     model: str = field(default="tiny", metadata={"help": "model to train: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe' (random weights)"})

@@ -21,7 +21,7 @@ from lowrank import checkpoints, locks, loop, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.loop import PairStream, split_pairs
-from lowrank.metrics import MetricsLog, TrackerFields
+from lowrank.metrics import MetricsLog, StageFields
 from lowrank.scoring import SCORE_HEAD, add_score_head, pad_batch, score_sequences
 from lowrank.train import causal_lm
 
@@ -114,7 +114,7 @@ def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class RewardConfig(TrackerFields):
+class RewardConfig(StageFields):
     """Settings of `lowrank reward` (flags: --model, --data, --output-dir, ...)."""
 
     model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny'"})

@@ -24,13 +24,13 @@ from lowrank import checkpoints, locks, loop, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.loop import BatchStream, held_out_loss, split_held_out
-from lowrank.metrics import MetricsLog, TrackerFields
+from lowrank.metrics import MetricsLog, StageFields
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig(TrackerFields):
+class SFTConfig(StageFields):
     """Settings of `lowrank sft` (flags: --model, --data, --output-dir, ...)."""
 
     model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe'"})

@@ -21,6 +21,12 @@ from __future__ import annotations
 from lowrank.errors import UserError
 
 _BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
+# Families without a system role (mistral, gemma): the system text and a blank line open the first user turn.
+_SYSTEM_OPENS_FIRST_USER = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] + '\\n\\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+)
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     # Stanford Alpaca's prompt; a system message replaces the preamble.
@@ -74,10 +80,8 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     # system message opens the first user turn), every answer closed by EOS.
     "mistral": (
         _BOS
-        + "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] + '\\n\\n' %}"
-        "{% set loop_messages = messages[1:] %}"
-        "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
-        "{% for message in loop_messages %}"
+        + _SYSTEM_OPENS_FIRST_USER
+        + "{% for message in loop_messages %}"
         "{% if message['role'] == 'user' %}"
         "{{ '[INST] ' + (system_message if loop.first else '') + message['content'] + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
@@ -87,10 +91,8 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     # opens the first user turn, as Gemma's own template does).
     "gemma": (
         _BOS
-        + "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] + '\\n\\n' %}"
-        "{% set loop_messages = messages[1:] %}"
-        "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
-        "{% for message in loop_messages %}"
+        + _SYSTEM_OPENS_FIRST_USER
+        + "{% for message in loop_messages %}"
         "{% if message['role'] == 'user' %}"
         "{{ '<start_of_turn>user\\n' + (system_message if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}"
         "{% elif message['role'] == 'assistant' %}"
