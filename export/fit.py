@@ -54,7 +54,7 @@ def kv_cache_bytes(n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int, byte
 
 
 def estimate_fit(gguf_path: str | Path, config: dict, n_ctx: int) -> FitEstimate:
-    from lowrank.export.gguf import head_dim
+    from lowrank.export.hparams import head_dim
 
     n_head = int(config["num_attention_heads"])
     kv = kv_cache_bytes(int(config["num_hidden_layers"]), n_ctx, int(config.get("num_key_value_heads") or n_head),
