@@ -9,6 +9,10 @@ Nothing is downloaded. The tokenizer is trained here on lowrank/assets/corpus.tx
   ``<|begin_of_text|>`` added in front, ``<|eot_id|>`` ends a turn) with the built-in
   ``llama3`` chat template; for ``arch="qwen2"`` in the Qwen2 style (Qwen2 regex, NFC, no BOS,
   ChatML tokens and the ``chatml`` template), since transformers loads qwen2 tokenizers as such.
+- ``"spm"`` with ``arch="gemma2"`` or ``"gemma3"``: a SentencePiece BPE model in the Gemma style
+  (``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3, ``<mask>``, ``<start_of_turn>`` and
+  ``<end_of_turn>`` in the model itself, byte fallback, no dummy prefix) loaded as transformers'
+  GemmaTokenizer, with the built-in ``gemma`` chat template.
 Weights are random (normal, std 0.02) from a seed, so a given set of arguments always
 gives the same files. `--model tiny` and `--model tiny-bpe` resolve here.
 """
@@ -46,7 +50,15 @@ NAMED_MODELS = {
 }
 
 
-def _train_spm(out_dir: Path, vocab_size: int) -> Path:
+# Gemma's SentencePiece layout (its tokenizer.model): pad, eos, bos, unk first, then <mask> and the turn markers
+# as user-defined pieces; no dummy prefix ("Hello" is "Hello", not "▁Hello").
+GEMMA_SPM_IDS = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                     unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+                     add_dummy_prefix=False)
+LLAMA_SPM_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
+
+
+def _train_spm(out_dir: Path, vocab_size: int, gemma: bool = False) -> Path:
     import sentencepiece as spm
 
     prefix = out_dir / "tokenizer"
@@ -57,8 +69,7 @@ def _train_spm(out_dir: Path, vocab_size: int) -> Path:
         vocab_size=vocab_size,
         byte_fallback=True,
         split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        add_dummy_prefix=True,
+        **(GEMMA_SPM_IDS if gemma else LLAMA_SPM_IDS),
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         normalization_rule_name="identity",
@@ -104,6 +115,28 @@ def _spm_tokenizer(work: Path, vocab_size: int):
     # Saved as a plain fast tokenizer (tokenizer_class TokenizersBackend): LlamaTokenizer's
     # constructor would rebuild the Metaspace pre-tokenizer and drop this normalizer.
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tok, model_file
+
+
+def _gemma_tokenizer(work: Path, vocab_size: int):
+    """A Gemma-style SentencePiece tokenizer, as transformers loads Gemma's: GemmaTokenizer (normalizer " " -> "▁",
+    no dummy prefix, byte fallback), which splits text like sentencepiece and llama.cpp without any rewiring."""
+    from transformers import GemmaTokenizer
+
+    from lowrank.templates import BUILTIN_TEMPLATES
+
+    model_file = _train_spm(work, vocab_size, gemma=True)
+    (work / "src").mkdir()
+    shutil.copy(model_file, work / "src" / "tokenizer.model")
+    # BOS in front of every text, as Gemma's tokenizer_config.json asks (GemmaTokenizer's own default is off).
+    tok = GemmaTokenizer.from_pretrained(str(work / "src"), add_bos_token=True, add_eos_token=False)
+    tok.init_kwargs.pop("vocab_file", None)  # the temp dir's path; the model file is copied beside the tokenizer
+    if len(tok) < vocab_size:
+        raise RuntimeError(f"SentencePiece tokenizer has {len(tok)} tokens, expected {vocab_size}: is protobuf installed?")
+    # Gemma's tokenizer marks the turn markers special (the conversion leaves them plain user-defined tokens):
+    # skipped when decoding with skip_special_tokens, CONTROL tokens in llama.cpp.
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = BUILTIN_TEMPLATES["gemma"]
     return tok, model_file
 
 
@@ -156,8 +189,16 @@ def _bpe_tokenizer(vocab_size: int, qwen: bool = False):
     )
 
 
+# Gemma tiny models: a window shorter than verify's texts so that sliding-window layers differ from global ones.
+GEMMA_SLIDING_WINDOW = 16
+# Gemma 2's soft-caps (50 on attention scores, 30 on logits in the published models) scaled down to where a tiny
+# model's scores and logits lie (its q/k weights scaled up: below), so that a file without them gives other logits.
+GEMMA2_TINY_SOFTCAPS = dict(attn_logit_softcapping=1.0, final_logit_softcapping=0.5)
+GEMMA2_TINY_QK_SCALE = 10.0
+
+
 def _config(arch: str, vocab_size: int, tokenizer, **shape):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -190,7 +231,21 @@ def _config(arch: str, vocab_size: int, tokenizer, **shape):
         return Phi3Config(**common, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": shape.get("partial_rotary", 1.0)},
             sliding_window=None, pad_token_id=tokenizer.pad_token_id)
-    raise ValueError(f"tiny models come in llama, mistral, qwen2, qwen3 and phi3, not {arch!r}")
+    if arch in ("gemma2", "gemma3"):
+        # A head_dim of its own (256 for 16 heads of a 3584-wide Gemma 2 9B), attention scaled by
+        # query_pre_attn_scalar = head_dim (what llama.cpp assumes but for the 27B models), GELU (tanh), tied.
+        head = 2 * shape["hidden_size"] // shape["num_heads"]
+        gemma = dict(common, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, head_dim=head,
+                     query_pre_attn_scalar=head, sliding_window=GEMMA_SLIDING_WINDOW, rms_norm_eps=1e-6)
+        if arch == "gemma2":  # every other layer slides; soft-capped attention scores and logits
+            return Gemma2Config(**gemma, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                **GEMMA2_TINY_SOFTCAPS)
+        # Gemma 3: 5 sliding layers then a global one, q/k norms, no soft-caps; rope base 1e6 on global layers
+        # with the linear scaling (factor 8) of the 4B-27B models, 1e4 on sliding ones.
+        return Gemma3TextConfig(**gemma, rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    raise ValueError(f"tiny models come in llama, mistral, qwen2, qwen3, phi3, gemma2 and gemma3, not {arch!r}")
 
 
 def build_tiny_model(
@@ -214,7 +269,8 @@ def build_tiny_model(
     """Write a tiny Hugging Face model dir (config, fp32 safetensors, tokenizer) and return its path.
 
     ``random_norms``: norm weights drawn around 1 (1 + 0.3 N(0, 1)) instead of transformers' ones, so that a
-    norm written under the wrong name or axis changes the logits (export tests of q/k norms).
+    norm written under the wrong name or axis changes the logits (export tests of q/k norms). Gemma stores a
+    norm as its offset from 1 (it scales by 1 + w), so there the stored weights are 0.3 N(0, 1).
     ``rope_llama3`` (llama only): LLaMA 3.1's rope scaling, with an original window of 32 positions so that
     it changes the logits of short texts. ``partial_rotary`` (phi3 only): the share of each head the rope
     turns, 0.75 in Phi-4-mini.
@@ -225,7 +281,9 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        if tokenizer == "spm":
+        if tokenizer == "spm" and arch in ("gemma2", "gemma3"):
+            tok, model_file = _gemma_tokenizer(Path(work), vocab_size)
+        elif tokenizer == "spm":
             tok, model_file = _spm_tokenizer(Path(work), vocab_size)
         elif tokenizer == "bpe":
             tok, model_file = _bpe_tokenizer(vocab_size, qwen=arch in ("qwen2", "qwen3")), None
@@ -251,6 +309,13 @@ def build_tiny_model(
             for name, param in model.named_parameters():
                 if "norm" in name:
                     param.add_(0.3 * torch.randn_like(param))
+    if arch == "gemma2":
+        # Attention scores of std-0.02 weights are ~0.03, far below any soft-cap: q and k drawn 10x larger put
+        # them around the cap, so a file that drops or misreads attn_logit_softcapping gives other logits.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    param.mul_(GEMMA2_TINY_QK_SCALE)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

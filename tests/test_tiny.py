@@ -53,6 +53,29 @@ def test_other_architectures(tiny_model_factory, arch):
     assert cfg.model_type == arch and cfg.tie_word_embeddings
 
 
+@pytest.mark.parametrize("arch, model_type", [("gemma2", "gemma2"), ("gemma3", "gemma3_text")])
+def test_gemma_tiny_models_get_gemmas_sentencepiece_tokenizer(tiny_model_factory, arch, model_type):
+    import sentencepiece
+
+    path = tiny_model_factory(tokenizer="spm", arch=arch)
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == model_type and config.tie_word_embeddings
+    tok = AutoTokenizer.from_pretrained(path)
+    assert type(tok).__name__ == "GemmaTokenizer"
+    # Without protobuf transformers 5 silently builds GemmaTokenizer's 5-token default vocabulary.
+    assert len(tok) == config.vocab_size == 1000
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    start, end = tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
+    assert tok.added_tokens_decoder[start].special and tok.added_tokens_decoder[end].special
+    # BOS first; the turn markers are single tokens; no dummy-prefix space, after a special token either.
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    assert sp.id_to_piece(sp.encode("Hello")[0]).startswith("H")  # not "\u2581H...": no dummy prefix
+    expected = [2, start] + sp.encode("user\n  Hello world") + [end] + sp.encode("\n")
+    assert tok("<start_of_turn>user\n  Hello world<end_of_turn>\n").input_ids == expected
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+
+
 def test_named_models_resolve_to_built_dirs():
     path = resolve_model_name("tiny")
     assert AutoConfig.from_pretrained(path).hidden_size == 128
