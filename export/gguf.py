@@ -30,7 +30,8 @@ from lowrank import locks
 from lowrank.errors import UserError
 from lowrank.export import quants
 from lowrank.export import tensors as table
-from lowrank.export.hparams import head_dim, llama3_rope_factors, rope_scaling, write_hparams
+from lowrank.export.hparams import (GEMMA_SWA_PERIOD, check_gemma, head_dim, llama3_rope_factors, rope_scaling,
+                                    write_hparams)
 from lowrank.export.stream import TensorWriter
 from lowrank.export.vocab import GGUFVocab, load_gguf_vocab, write_vocab
 from lowrank.files import check_safetensors, remove_stale
@@ -163,6 +164,8 @@ def read_source(model_dir: str | Path) -> SourceModel:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     spec = table.architecture_spec(config.get("model_type", "<missing>"), str(model_dir / "config.json"))
+    if config["model_type"] in GEMMA_SWA_PERIOD:
+        check_gemma(config, str(model_dir / "config.json"))
     found: list[SourceTensor] = []
     for f in _safetensors_files(model_dir):
         check_safetensors(f)
@@ -170,7 +173,7 @@ def read_source(model_dir: str | Path) -> SourceModel:
             for hf_name in st.keys():
                 if table.is_skipped(hf_name):
                     continue
-                gguf_name = table.gguf_tensor_name(hf_name)
+                gguf_name = table.gguf_tensor_name(hf_name, config.get("model_type"))
                 if gguf_name is None:
                     raise UserError(f"{f}: tensor {hf_name} has no llama.cpp equivalent for {config['model_type']}")
                 sl = st.get_slice(hf_name)
@@ -230,7 +233,7 @@ def tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
 
 
 def load_tensor(source: SourceModel, tensor: SourceTensor, handles: dict) -> np.ndarray:
-    """One tensor as float32 numpy, q/k permuted for llama.cpp where the architecture needs it."""
+    """One tensor as float32 numpy, as llama.cpp keeps it (q/k permuted, norms offset: tensors.llama_cpp_values)."""
     import torch
     from safetensors import safe_open
 
@@ -240,7 +243,7 @@ def load_tensor(source: SourceModel, tensor: SourceTensor, handles: dict) -> np.
     # touched stays in our RSS until the handle closes, which for a one-file model is the whole model.
     handles.clear()
     handles[tensor.file] = safe_open(str(tensor.file), framework="pt")
-    data = table.llama_cpp_rows(handles[tensor.file].get_tensor(tensor.hf_name), tensor.hf_name, source.config)
+    data = table.llama_cpp_values(handles[tensor.file].get_tensor(tensor.hf_name), tensor.hf_name, source.config)
     if data.dtype == torch.bfloat16:
         data = data.to(torch.float32)
     array = data.numpy()

@@ -41,7 +41,7 @@ def lora_gguf_tensors(adapter: LoraAdapter, config: dict):
     if alpha == 0:
         raise UserError(f"{adapter.path}/adapter_config.json: lora_alpha is 0; the adapter would do nothing")
     for hf_name, module in adapter.modules.items():
-        name = tensors.gguf_tensor_name(hf_name)
+        name = tensors.gguf_tensor_name(hf_name, config.get("model_type"))
         if name is None:
             raise UserError(f"{adapter.path}: adapter targets {hf_name}, which has no llama.cpp tensor")
         a, b = module.lora_A.to(torch.float32), module.lora_B.to(torch.float32)

@@ -14,6 +14,10 @@ constants.py / tensor_mapping.py:
   q/k are written as they are, and it has q/k/v biases.
 - A model with tied embeddings has no lm_head.weight; llama.cpp then uses token_embd for
   the output projection, so nothing is written for "output".
+- Gemma 2 / 3 (Gemma2Model, Gemma3Model): every RMSNorm scales by (1 + w) in HF and by w in
+  llama.cpp, so the converter writes w + 1 for each tensor whose name ends in "norm.weight"
+  (the four norms of a layer, the final norm, Gemma 3's q/k norms); the embedding's
+  sqrt(hidden_size) scale is applied by llama.cpp's graph, not baked into token_embd.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from lowrank.errors import UserError
+from lowrank.models import REFUSED_ARCHITECTURES, unsupported_architecture
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class ArchitectureSpec:
     gguf_arch: str  # general.architecture (a gguf.MODEL_ARCH_NAMES value)
     permute_qk: bool  # llama.cpp runs this arch with its "normal" (adjacent pairs) rope
     has_qkv_bias: bool  # q/k/v projections carry biases
+    norm_offset: float = 0.0  # added to every norm weight: llama.cpp scales by w where HF scales by (offset + w)
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -44,12 +50,23 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     # llama.cpp's phi3 reads them (it splits q|k|v and gate|up itself); NEOX rope, so nothing is permuted;
     # the rope may turn only part of each head (partial_rotary_factor, 0.75 in Phi-4-mini).
     "phi3": ArchitectureSpec("phi3", permute_qk=False, has_qkv_bias=False),
+    # Gemma 2 / Gemma 3 (text; transformers' model_type gemma3_text, Gemma3ForCausalLM): NEOX rope, norms
+    # stored as their offset from 1, four norms per layer (rows below), tied embeddings; Gemma 3 adds q/k norms.
+    "gemma2": ArchitectureSpec("gemma2", permute_qk=False, has_qkv_bias=False, norm_offset=1.0),
+    "gemma3_text": ArchitectureSpec("gemma3", permute_qk=False, has_qkv_bias=False, norm_offset=1.0),
 }
+GEMMA = ("gemma2", "gemma3_text")
 
-# (HF name pattern, GGUF name). Shared by llama, mistral, qwen2, qwen3 and phi3 (they use the same HF
-# module names, phi3 fusing two pairs); tensors an architecture lacks (biases for llama, q/k norms but in
-# qwen3, fused layers but in phi3) never occur.
-TENSOR_NAME_TABLE: list[tuple[str, str]] = [
+# (HF name pattern, GGUF name[, the model_types the row is for]). Rows without model_types are shared by all
+# (they use the same HF module names, phi3 fusing two pairs); tensors an architecture lacks (biases for llama,
+# q/k norms but in qwen3 and gemma3, fused layers but in phi3) never occur. The first matching row wins.
+TENSOR_NAME_TABLE: list[tuple] = [
+    # Gemma: a norm after attention, one before and one after the MLP. Its post_attention_layernorm is the
+    # norm after attention (llama.cpp's post_attention_norm), where in LLaMA that HF name is the MLP's input
+    # norm; Gemma's pre_feedforward_layernorm is llama.cpp's ffn_norm.
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{bid}.post_attention_norm.weight", GEMMA),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{bid}.ffn_norm.weight", GEMMA),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{bid}.post_ffw_norm.weight", GEMMA),
     (r"model\.embed_tokens\.weight", "token_embd.weight"),
     (r"model\.norm\.weight", "output_norm.weight"),
     (r"lm_head\.weight", "output.weight"),
@@ -71,12 +88,14 @@ TENSOR_NAME_TABLE: list[tuple[str, str]] = [
 # HF tensors that carry no weights llama.cpp needs (recomputed at load time).
 SKIPPED_PATTERNS: list[str] = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
-_COMPILED = [(re.compile(pattern), gguf) for pattern, gguf in TENSOR_NAME_TABLE]
+_COMPILED = [(re.compile(row[0]), row[1], row[2] if len(row) > 2 else None) for row in TENSOR_NAME_TABLE]
 _SKIPPED = [re.compile(p) for p in SKIPPED_PATTERNS]
 
 
 def architecture_spec(model_type: str, where: str = "config.json") -> ArchitectureSpec:
     """The spec for an HF model_type; UserError naming the supported ones otherwise."""
+    if model_type in REFUSED_ARCHITECTURES:
+        raise unsupported_architecture(where, model_type)
     if model_type not in ARCHITECTURES:
         raise UserError(
             f"{where}: model_type {model_type!r} is not supported for GGUF export; supported: {', '.join(ARCHITECTURES)}"
@@ -89,13 +108,16 @@ def is_skipped(hf_name: str) -> bool:
     return any(p.fullmatch(hf_name) for p in _SKIPPED)
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """The llama.cpp name of an HF tensor (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``).
+def gguf_tensor_name(hf_name: str, model_type: str | None = None) -> str | None:
+    """The llama.cpp name of an HF tensor (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``)
+    in a model of ``model_type`` (rows for given model_types apply only to them).
 
     None when the name is not in the table. A leading ``base_model.model.`` (PEFT) is accepted.
     """
     name = hf_name.removeprefix("base_model.model.")
-    for pattern, gguf in _COMPILED:
+    for pattern, gguf, model_types in _COMPILED:
+        if model_types is not None and model_type not in model_types:
+            continue
         match = pattern.fullmatch(name)
         if match:
             groups = match.groups()
@@ -126,6 +148,19 @@ def llama_cpp_rows(rows, hf_name: str, config: dict):
     n_head = int(config["num_attention_heads"])
     heads = qk_heads(hf_name, n_head, int(config.get("num_key_value_heads") or n_head))
     return rows if heads is None else permute_qk_for_llama_cpp(rows, heads)
+
+
+def llama_cpp_values(data, hf_name: str, config: dict):
+    """The HF tensor ``hf_name`` (a torch tensor) as llama.cpp keeps it: rows as :func:`llama_cpp_rows` orders
+    them, norm weights shifted by the architecture's norm_offset (Gemma's 1 + w, added in float32: a bf16
+    checkpoint's w + 1 rounded to bf16 would lose the low bits of w)."""
+    import torch
+
+    data = llama_cpp_rows(data, hf_name, config)
+    offset = architecture_spec(config.get("model_type")).norm_offset
+    if offset and hf_name.endswith("norm.weight"):
+        data = data.to(torch.float32) + offset
+    return data
 
 
 def permute_qk_for_llama_cpp(weight, n_head: int, n_head_kv: int | None = None):

@@ -2,10 +2,12 @@
 
 Two kinds, as llama.cpp knows them (facts from llama.cpp's convert_hf_to_gguf.py
 ``_set_vocab_sentencepiece`` / ``_set_vocab_gpt2`` and src/llama-vocab.cpp):
-- SentencePiece (LLaMA-1/2, Mistral): tokenizer.ggml.model = "llama"; every piece with
+- SentencePiece (LLaMA-1/2, Mistral, Gemma): tokenizer.ggml.model = "llama"; every piece with
   its score and type read from tokenizer.model. Byte-fallback pieces ``<0x0A>`` are BYTE,
-  ``<s>``/``</s>`` CONTROL, ``<unk>`` UNKNOWN; tokens added on top in the HF tokenizer are
-  USER_DEFINED (CONTROL when special).
+  ``<s>``/``</s>`` CONTROL, ``<unk>`` UNKNOWN, user-defined pieces USER_DEFINED (CONTROL when
+  the HF tokenizer has them as special tokens, like Gemma's turn markers); tokens added on top in
+  the HF tokenizer are USER_DEFINED (CONTROL when special). add_space_prefix is the model's
+  add_dummy_prefix (false for Gemma, as llama.cpp's Gemma converters write it).
 - Byte-level BPE (LLaMA-3, Qwen2): tokenizer.ggml.model = "gpt2"; tokens in id order,
   merges as "left right" strings, added special tokens CONTROL. llama.cpp does not run the
   HF pre-tokenizer; it picks a built-in regex by tokenizer.ggml.pre. Its converter finds
@@ -89,8 +91,17 @@ def _sentencepiece_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVoc
             types.append(T.UNUSED)
         elif sp.is_byte(i):
             types.append(T.BYTE)
+        elif proto.pieces[i].type == proto.pieces[i].USER_DEFINED:
+            types.append(T.USER_DEFINED)
         else:
             types.append(T.NORMAL)
+    # Pieces of the model that the HF tokenizer treats as special (Gemma's <start_of_turn>, <end_of_turn>, <mask>:
+    # user-defined pieces in tokenizer.model) are CONTROL, as llama.cpp's converter (_set_vocab_sentencepiece)
+    # writes the special entries of added_tokens_decoder. As NORMAL pieces llama.cpp would spell them out letter
+    # by letter; as CONTROL it matches them in the text like HF (with special=True) and does not print them.
+    for tid, added in tokenizer.added_tokens_decoder.items():
+        if tid < len(types) and added.special and types[tid] in (T.NORMAL, T.USER_DEFINED):
+            types[tid] = T.CONTROL
     # Tokens the HF tokenizer adds on top of the SentencePiece model.
     for tid, added in sorted(tokenizer.added_tokens_decoder.items()):
         if tid < len(tokens):

@@ -25,8 +25,23 @@ from lowrank.files import check_weights_dir
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 QUANT_CHOICES = ("nf4", "int8", "none")
+# model_types refused with a reason of their own rather than the list of supported ones.
+REFUSED_ARCHITECTURES = {
+    # Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration (a vision tower beside the language model, whose
+    # tensors are named language_model.*); the text-only Gemma3ForCausalLM is model_type gemma3_text.
+    "gemma3": "is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); lowrank supports text-only Gemma 3, "
+              "Gemma3ForCausalLM (model_type gemma3_text)",
+}
+
+
+def unsupported_architecture(where: str, model_type: str | None) -> UserError:
+    """The one-line error for a model_type lowrank does not train, merge or export."""
+    if model_type in REFUSED_ARCHITECTURES:
+        return UserError(f"{where}: model_type '{model_type}' {REFUSED_ARCHITECTURES[model_type]}")
+    found = model_type or "none (config.json has no model_type)"
+    return UserError(f"{where}: unsupported architecture '{found}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def resolve_quant(quant: str, *, cuda: bool | None = None) -> str:
@@ -82,9 +97,7 @@ def check_architecture(model: str) -> str:
     config = read_model_config(model)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        found = model_type or "none (config.json has no model_type)"
-        raise UserError(f"{model}: unsupported architecture '{found}'; "
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise unsupported_architecture(model, model_type)
     return model_type
 
 

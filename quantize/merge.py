@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from lowrank import locks, runrecord
 from lowrank.errors import UserError
 from lowrank.files import check_safetensors, remove_stale
-from lowrank.models import SUPPORTED_ARCHITECTURES, model_digest
+from lowrank.models import REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES, model_digest, unsupported_architecture
 from lowrank.quantize.adapters import LoraAdapter, check_against_base, load_lora_adapter, read_json
 from lowrank.quantize.roundtrip import QUANT_KINDS, quantized_weight_names, roundtrip_weight
 
@@ -81,6 +81,8 @@ def resolve_base_dir(base: str) -> Path:
         raise UserError(f"{path}: not a model dir (no config.json)")
     config = read_json(path / "config.json")
     supported = SUPPORTED_ARCHITECTURES
+    if config.get("model_type") in REFUSED_ARCHITECTURES:
+        raise unsupported_architecture(f"{path}/config.json", config["model_type"])
     if config.get("model_type") not in supported:
         raise UserError(f"{path}/config.json: model_type {config.get('model_type')!r} is not supported; "
                         f"supported architectures: {', '.join(supported)}")

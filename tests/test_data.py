@@ -258,12 +258,16 @@ def _per_example_loss_sums(model, batch, segments) -> list[float]:
     return [float(token_loss[row, start:end - 1].sum()) for row, start, end in segments]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_batch_matches_unpacked_loss(tiny_spm, spm_tokenizer, attention):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "gemma2", "gemma3"])
+def test_packed_batch_matches_unpacked_loss(tiny_spm, spm_tokenizer, tiny_model_factory, attention):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_spm), attn_implementation=attention,
-                                                 dtype=torch.float32).eval()
+    if attention.startswith("gemma"):  # sliding-window layers (16 tokens, shorter than the examples) in a packed row
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(tokenizer="spm", arch=attention)),
+                                                     dtype=torch.float32).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_spm), attn_implementation=attention,
+                                                     dtype=torch.float32).eval()
     examples = _examples(spm_tokenizer, 6)
     with torch.no_grad():
         unpacked = collate(examples, spm_tokenizer.pad_token_id)

@@ -217,6 +217,17 @@ def test_cli_unsupported_architecture(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_multimodal_gemma3_is_refused_naming_the_text_only_form(tmp_path, capsys):
+    # Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration (model_type gemma3: a vision tower beside the text).
+    (tmp_path / "gemma3").mkdir()
+    (tmp_path / "gemma3" / "config.json").write_text(json.dumps(
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": {}}))
+    code, _, err = _cli(["--model", str(tmp_path / "gemma3"), "--output-dir", str(tmp_path / "out")], capsys)
+    _assert_one_line_error(code, err, "model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); "
+                                      "lowrank supports text-only Gemma 3, Gemma3ForCausalLM (model_type gemma3_text)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_missing_model_dir(tmp_path, capsys):
     code, _, err = _cli(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "out")], capsys)
     _assert_one_line_error(code, err, f"{tmp_path / 'no-model'}: model dir not found")

@@ -109,13 +109,12 @@ def _architecture(name: str, config_json: str) -> Architecture:
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowrank.models import SUPPORTED_ARCHITECTURES
+    from lowrank.models import SUPPORTED_ARCHITECTURES, unsupported_architecture
 
     config = json.loads(config_json)
     model_type = config.pop("model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"{name}: unsupported architecture '{model_type or 'none'}'; "
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise unsupported_architecture(name, model_type or "none")
     for key in ("quantization_config", "architectures", "auto_map", "torch_dtype", "dtype"):
         config.pop(key, None)
     try:
