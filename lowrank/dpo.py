@@ -199,8 +199,8 @@ def collate_pairs(examples: list[dict], pad_id: int, reference: tuple[torch.Tens
 # Sequence log-probs and the pair losses
 # --------------------------------------------------------------------------------------------
 
-def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return -torch.nn.functional.cross_entropy(train.head_logits(lm_head, hidden, softcap), targets, reduction="none")
 
 
 def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,15 +219,15 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if train._plain_lm_head(lm):
         hidden = train.final_hidden_states(model, inputs)[:, :-1][keep]  # (response tokens, hidden)
         lm_head = lm.get_output_embeddings()
-        chunk = max(16, train.LOSS_CHUNK_LOGITS // lm_head.weight.shape[0])
+        chunk, softcap = max(16, train.LOSS_CHUNK_LOGITS // lm_head.weight.shape[0]), train.logit_softcap(lm)
         pieces = []
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
             use_checkpoint = torch.is_grad_enabled() and h.requires_grad
-            pieces.append(checkpoint(_token_logprobs, lm_head, h, y, use_reentrant=False) if use_checkpoint
-                          else _token_logprobs(lm_head, h, y))
+            pieces.append(checkpoint(_token_logprobs, lm_head, h, y, softcap, use_reentrant=False) if use_checkpoint
+                          else _token_logprobs(lm_head, h, y, softcap))
         token_logprobs = torch.cat(pieces)
-    else:  # soft-capped or scaled logits: the plain path
+    else:  # scaled logits: the plain path
         logits = model(**inputs, use_cache=False).logits[:, :-1]  # (rows, seq - 1, vocab)
         token_logprobs = rl.logprobs_from_logits(logits[keep], targets)
     rows = keep.nonzero()[:, 0]

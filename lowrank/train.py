@@ -188,9 +188,23 @@ def causal_lm(model):
 
 
 def _plain_lm_head(lm) -> bool:
-    """True when logits = lm_head(final hidden state), nothing more (no soft-capping or scaling)."""
+    """True when logits = lm_head(final hidden state), soft-capped at most (which :func:`head_logits` repeats):
+    no scaling the chunked loss does not know."""
     config = lm.config
-    return not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return not any(getattr(config, name, None) for name in ("logit_scale", "logits_scaling"))
+
+
+def logit_softcap(lm) -> float | None:
+    """Gemma 2's final_logit_softcapping (logits = cap * tanh(logits / cap)); None for a model without one."""
+    return getattr(lm.config, "final_logit_softcapping", None) or None
+
+
+def head_logits(lm_head, hidden: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """(n, vocab) fp32 logits of (n, hidden) final hidden states, soft-capped as the model's forward does it."""
+    logits = lm_head(hidden).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def final_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -211,20 +225,20 @@ def final_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return captured[-1]
 
 
-def _chunk_cross_entropy_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+def _chunk_cross_entropy_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head_logits(lm_head, hidden, softcap), labels, reduction="sum")
 
 
 def linear_cross_entropy_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *,
-                             chunk_tokens: int | None = None) -> torch.Tensor:
+                             chunk_tokens: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """sum_i CE(lm_head(hidden[i]), labels[i]) for (n, hidden) states and (n,) labels, chunk by chunk.
 
     Each chunk runs under non-reentrant activation checkpointing: the forward keeps only the
     chunk's hidden states, and the backward recomputes the chunk's logits, so at most one chunk of
     (chunk_tokens, vocab) logits exists at a time instead of the (tokens, vocab) fp32 tensor (which
     is 2 GiB for 4,096 tokens of Llama-3's 128k vocabulary, before its gradient). ``lm_head`` is
-    called as a module, so a LoRA on it trains as usual.
+    called as a module, so a LoRA on it trains as usual. ``softcap``: the model's final logit soft-cap
+    (Gemma 2), applied to each chunk's logits.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -234,9 +248,9 @@ def linear_cross_entropy_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_cross_entropy_sum, lm_head, h, y, use_reentrant=False)
+            total = total + checkpoint(_chunk_cross_entropy_sum, lm_head, h, y, softcap, use_reentrant=False)
         else:
-            total = total + _chunk_cross_entropy_sum(lm_head, h, y)
+            total = total + _chunk_cross_entropy_sum(lm_head, h, y, softcap)
     return total
 
 
@@ -254,7 +268,7 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], *, chunked: bool =
         hidden = final_hidden_states(model, inputs)[:, :-1]  # position t predicts label t + 1
         labels = batch["labels"][:, 1:].to(hidden.device)
         keep = labels != IGNORE_INDEX
-        return linear_cross_entropy_sum(lm.get_output_embeddings(), hidden[keep], labels[keep])
+        return linear_cross_entropy_sum(lm.get_output_embeddings(), hidden[keep], labels[keep], softcap=logit_softcap(lm))
     # No KV cache: with one, transformers would not read packed position_ids as separate examples.
     logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
     shift_logits = logits[:, :-1, :].float()

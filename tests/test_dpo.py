@@ -146,14 +146,16 @@ def test_output_is_a_policy_adapter_that_merge_accepts(trained, sft, tiny_spm, t
     assert (merged / "chat_template.jinja").read_text() == meta["chat_template"]["jinja"]
 
 
-def test_sequence_logprobs_are_the_sum_over_response_tokens_of_the_full_logits(tiny_spm):
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: soft-capped logits, in the chunks too
+def test_sequence_logprobs_are_the_sum_over_response_tokens_of_the_full_logits(tiny_model_factory, arch):
     """The chunked LM head on response positions gives what log_softmax of the whole logits gives."""
     from peft import LoraConfig, get_peft_model
 
     from lowrank.dpo import sequence_logprobs
     from lowrank.models import load_base_model
 
-    model = get_peft_model(load_base_model(str(tiny_spm), "none", gradient_checkpointing=False),
+    base = tiny_model_factory(tokenizer="spm", arch=arch)
+    model = get_peft_model(load_base_model(str(base), "none", gradient_checkpointing=False),
                            LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
     input_ids = torch.tensor([[1, 50, 60, 70, 80, 90], [1, 55, 65, 75, 0, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
