@@ -33,7 +33,11 @@ def small_llama(tiny_model_factory):
                                            ("llama3-8b", 8_030_261_248), ("mistral-7b", 7_241_732_096),
                                            ("tinyllama-1b", 1_100_048_384), ("llama3.1-8b", 8_030_261_248),
                                            ("qwen2.5-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360),
-                                           ("phi3-mini", 3_821_079_552), ("phi4-mini", 3_836_021_760)])
+                                           ("phi3-mini", 3_821_079_552), ("phi4-mini", 3_836_021_760),
+                                           # Gemma 2 report: 917,504,000 embedding + 8,324,201,984 other parameters;
+                                           # Gemma 3 12B's language model: the report's 10,759M non-embedding + its
+                                           # 262,208 x 3,840 embedding (sources in lowrank/plan/structure.py).
+                                           ("gemma2-9b", 9_241_705_984), ("gemma3-12b", 11_766_034_176)])
 def test_named_shapes_count_the_published_parameters_without_a_download(shape, params):
     # conftest sets HF_HUB_OFFLINE: a download would fail, so these come from the meta device alone.
     assert P.architecture(shape).params == params

@@ -59,6 +59,23 @@ SHAPES: dict[str, dict] = {
     "phi4-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                       num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
                       max_position_embeddings=131072, partial_rotary_factor=0.75, tie_word_embeddings=True),
+    # Gemma 2 9B (google/gemma-2-9b config.json): head_dim 256 beside hidden 3584 / 16 heads, four norms per layer,
+    # tied embeddings. 9,241,705,984 parameters: the Gemma 2 report (arXiv:2408.00118, Table 2) gives 917,504,000
+    # embedding and 8,324,201,984 non-embedding parameters.
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                      max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
+                      final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    # Gemma 3 12B, its language model alone (text_config of google/gemma-3-12b-it's config.json, as
+    # Gemma3ForCausalLM): q/k norms, tied embeddings. 11,766,034,176 parameters: 10,759,155,456 in the decoder,
+    # the 10,759M non-embedding figure of the Gemma 3 report (arXiv:2503.19786, Table 1), plus 262,208 x 3840
+    # embeddings (the report's 1,012M embedding figure does not follow from this config; the vision encoder,
+    # 417M there, is not counted).
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262208,
+                       max_position_embeddings=131072, query_pre_attn_scalar=256, sliding_window=1024,
+                       rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       rope_scaling={"rope_type": "linear", "factor": 8.0}, tie_word_embeddings=True),
     "tinyllama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                          max_position_embeddings=2048, tie_word_embeddings=False),
