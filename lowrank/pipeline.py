@@ -10,6 +10,7 @@ with fields of that stage's config (SFTConfig, RewardConfig, ...)::
       - task: {name: sort}
       - pretrain: {max_steps: 300}
       - sft: {epochs: 2}
+      - pairs: {}           # optional: the SFT policy's own wrong answers as the rejected ones
       - reward: {}
       - ppo: {steps: 16}
       - merge: {}
@@ -23,6 +24,7 @@ Under output_dir::
     task/         lowrank.tasks' files: pretrain, sft, eval (held out), preferences, prompts
     pretrain/     the base every later stage trains on (a Hugging Face dir)
     sft/ reward/ ppo/ dpo/ grpo/   adapters (PEFT dir + lowrank.json, metrics.jsonl)
+    pairs/        pairs.jsonl (lowrank.pairs): what reward and dpo train on when the stage is listed
     merged/       the last adapter merged into the base
     gguf/         one GGUF per type (+ Modelfiles); verify.json: each file's check and a sample answer
     pipeline.json each stage's settings and state;  curves.png: the training curves
@@ -56,23 +58,24 @@ from typing import Any
 from lowrank import runrecord
 from lowrank.errors import UserError
 
-STAGES = ("task", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "merge", "export", "verify")
+STAGES = ("task", "pretrain", "sft", "pairs", "reward", "ppo", "dpo", "grpo", "merge", "export", "verify")
 POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")  # stages that make a policy adapter: merge takes the last listed
 RL_STAGES = ("ppo", "dpo", "grpo")  # each starts from the SFT adapter, which is also its reference
 DEFAULT_STAGES = ("sft", "reward", "ppo", "merge", "export", "verify")  # without a recipe: shipped data
-STAGE_DIRS = {"task": "task", "pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo",
+STAGE_DIRS = {"task": "task", "pretrain": "pretrain", "sft": "sft", "pairs": "pairs", "reward": "reward", "ppo": "ppo", "dpo": "dpo",
               "grpo": "grpo", "merge": "merged", "export": "gguf", "verify": "gguf"}
 STATE_FILE = "pipeline.json"
 TASK_EVAL = "task_eval.json"
 VERIFY_FILE = "verify.json"
 CURVES = "curves.png"
 DEFAULT_TYPES = ["f16", "q8_0", "q4_k_m"]
-COMMAND_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "merge", "export")  # stages whose fields are the flags of `lowrank <stage>`
+COMMAND_STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo", "grpo", "merge", "export")  # stages whose fields are the flags of `lowrank <stage>`
 # Fields the pipeline sets itself (they chain the stages), by stage.
 WIRED = {
     "task": set(),
     "pretrain": {"model", "output_dir", "seed", "overwrite"},
     "sft": {"model", "output_dir", "quant", "seed", "overwrite", "resume"},
+    "pairs": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite"},
     "reward": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite", "resume"},
     "ppo": {"model", "output_dir", "sft_adapter", "reward_adapter", "quant", "seed", "overwrite", "resume"},
     "dpo": {"model", "output_dir", "sft_adapter", "quant", "seed", "overwrite", "resume"},
@@ -82,7 +85,7 @@ WIRED = {
     "verify": set(),
 }
 # ... and, with a task stage, the data files it writes.
-WIRED_BY_TASK = {"pretrain": {"data"}, "sft": {"data", "eval_data"}, "reward": {"data"}, "ppo": {"prompts"},
+WIRED_BY_TASK = {"pretrain": {"data"}, "sft": {"data", "eval_data"}, "pairs": {"prompts"}, "reward": {"data"}, "ppo": {"prompts"},
                  "dpo": {"pairs"}, "grpo": {"prompts"}}
 
 # The embedded tiny models have random weights: without a recipe, the default stages run these short
@@ -105,6 +108,7 @@ QUICK_RECIPE = {
     "reward": {"max_steps": 2, "gradient_checkpointing": False},
     "ppo": {"steps": 1, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
             "log_samples": 0},
+    "pairs": {"max_new_tokens": 8},
     "dpo": {"max_steps": 2, "eval_every": 0, "save_every": 0, "gradient_checkpointing": False},
     "grpo": {"steps": 1, "group_size": 2, "prompts_per_step": 1, "minibatch_size": 0, "micro_batch_size": 0,
              "max_new_tokens": 8, "log_samples": 0},
@@ -161,13 +165,14 @@ def stage_classes() -> dict[str, type]:
     from lowrank.dpo import DPOConfig
     from lowrank.export.gguf import ExportConfig
     from lowrank.grpo import GRPOConfig
+    from lowrank.pairs import PairsConfig
     from lowrank.ppo import PPOConfig
     from lowrank.pretrain import PretrainConfig
     from lowrank.quantize.merge import MergeConfig
     from lowrank.reward import RewardConfig
     from lowrank.sft import SFTConfig
 
-    return {"task": TaskConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+    return {"task": TaskConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig,
             "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "merge": MergeConfig, "export": ExportConfig, "verify": VerifyConfig}
 
 
@@ -254,6 +259,13 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
     dirs = {name: out / STAGE_DIRS[name] for name in STAGES}
     task_files = {f: str(dirs["task"] / f"{f}.jsonl") for f in FILES}
     base = str(dirs["pretrain"]) if "pretrain" in names else config.model
+    preferences = task_files["preferences"] if has_task else config.preferences
+    if "pairs" in names:  # reward and dpo train on the pairs the SFT policy's answers made
+        from lowrank.pairs import PAIRS_FILE
+
+        pairs_file = str(dirs["pairs"] / PAIRS_FILE)
+    else:
+        pairs_file = preferences
     from lowrank.models import resolve_quant
 
     quant = resolve_quant(config.quant)
@@ -264,14 +276,15 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
                      **({"data": task_files["pretrain"]} if has_task else {})},
         "sft": {**common, "output_dir": str(dirs["sft"]),
                 **({"data": task_files["sft"], "eval_data": task_files["eval"]} if has_task else {"data": config.data})},
+        "pairs": {**common, "output_dir": str(dirs["pairs"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
+                  "prompts": preferences},
         "reward": {**common, "output_dir": str(dirs["reward"]),
-                   "sft_adapter": str(dirs["sft"]) if "sft" in names else None,
-                   "data": task_files["preferences"] if has_task else config.preferences},
+                   "sft_adapter": str(dirs["sft"]) if "sft" in names else None, "data": pairs_file},
         "ppo": {**common, "output_dir": str(dirs["ppo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
                 "reward_adapter": str(dirs["reward"]),
                 "prompts": task_files["prompts"] if has_task else config.prompts},
         "dpo": {**common, "output_dir": str(dirs["dpo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
-                "pairs": task_files["preferences"] if has_task else config.preferences},
+                "pairs": pairs_file},
         "grpo": {**common, "output_dir": str(dirs["grpo"]), "sft_adapter": str(dirs["sft"]) if "sft" in names else "",
                  "reward_adapter": str(dirs["reward"]) if "reward" in names else "",
                  "prompts": task_files["prompts"] if has_task else config.prompts},
@@ -280,7 +293,7 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
         "export": {"out": str(dirs["export"]), "verify": False, "type": config.type},
         "verify": {},
     }
-    shipped = {"reward": ("data", SAMPLE_FILES["preferences"]), "ppo": ("prompts", SAMPLE_FILES["prompts"]),
+    shipped = {"pairs": ("prompts", SAMPLE_FILES["preferences"]), "reward": ("data", SAMPLE_FILES["preferences"]), "ppo": ("prompts", SAMPLE_FILES["prompts"]),
                "dpo": ("pairs", SAMPLE_FILES["preferences"]), "grpo": ("prompts", SAMPLE_FILES["prompts"])}
     classes = stage_classes()
     stages = []
@@ -312,6 +325,8 @@ def plan_stages(config: PipelineConfig, listed: list[tuple[str, dict]] | None, s
                 values.pop("reward_adapter", None)
             if has_task and not values.get("rewards"):
                 values["rewards"] = ["exact"]  # the task's checker: each prompt record carries its answer
+        if name == "pairs" and has_task and not values.get("rewards"):
+            values["rewards"] = ["exact"]  # the task's checker: each preference record carries its answer
         if name == "export":
             values.setdefault("type", DEFAULT_TYPES)
             values.setdefault("name", out.name)  # runs/demo -> demo-q4_k_m.gguf

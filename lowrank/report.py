@@ -180,7 +180,7 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
 
     by_name = {s.name: s for s in stages}
     meta = {name: runrecord.read_optional(s.dir) for name, s in by_name.items()
-            if name in ("pretrain", "sft", "reward") + RL_STAGES}
+            if name in ("pretrain", "sft", "pairs", "reward") + RL_STAGES}
     meta = {name: record for name, record in meta.items() if record is not None}
     results: dict = {"stages": list(by_name),
                      "seconds": {name: (state["stages"].get(name) or {}).get("seconds") for name in by_name}}
@@ -194,6 +194,8 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
     results["accuracy"] = {label: read_json(s.eval_file) for label, s in
                            [("base", base)] + [(name, by_name.get(name)) for name in POLICY_STAGES]
                            if s is not None and s.eval_file is not None}
+    if "pairs" in meta:
+        results["pairs"] = dict(meta["pairs"].metrics)
     if "reward" in meta:
         metrics = meta["reward"].metrics
         results["reward"] = {"accuracy": metrics.get("eval_accuracy"), "margin": metrics.get("eval_margin"),

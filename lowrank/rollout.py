@@ -230,7 +230,8 @@ def load_policy_inputs(config, log):
             raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
                             "`lowrank sft` (or leave --sft-adapter out to start from the base)")
         sft_meta = runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
-    if config.reward_adapter:
+    reward_adapter = getattr(config, "reward_adapter", "")  # `lowrank pairs` has none
+    if reward_adapter:
         if not Path(config.reward_adapter).is_dir():
             raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
                             "of `lowrank reward`")

@@ -17,7 +17,8 @@ project's own loaders (lowrank.data, lowrank.pretrain):
   (for sort: the sorted letters), and no held-out answer occurs in any other file, so a model
   cannot score by remembering a training answer.
 - ``preferences.jsonl``: ``prompt``, ``chosen`` (the right answer), ``rejected`` (a plausible
-  wrong one, see :func:`_wrong_sequence`).
+  wrong one, see :func:`_wrong_sequence`) and ``answer`` (the right answer again, for a
+  programmatic reward: lowrank.pairs ranks the SFT policy's own answers to these prompts with it).
 - ``prompts.jsonl``: ``prompt`` and ``answer`` records for PPO and GRPO rollouts, training problems
   only. The answer is the problem's right answer, for a programmatic reward: lowrank.rewards'
   built-in ``exact`` is :func:`is_correct` on it.
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 FILES = ("pretrain", "sft", "eval", "preferences", "prompts")
 MARKER = "task.json"  # written last: names the task, seed and sizes, and the digest of each file
-VERSION = 4  # bump when the generated text changes, so an old task dir is not taken for a new one
+VERSION = 5  # bump when the generated text changes, so an old task dir is not taken for a new one
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int)
         "pretrain": [{"text": text} for text in documents],
         "sft": [alpaca(p) for p in train_problems(sizes["sft"])],
         "eval": [alpaca(p) for p in held_out.values()],
-        "preferences": [{"prompt": p.instruction, "chosen": p.answer, "rejected": make_wrong(p, rng)}
+        "preferences": [{"prompt": p.instruction, "chosen": p.answer, "rejected": make_wrong(p, rng), "answer": p.answer}
                         for p in train_problems(sizes["preferences"])],
         "prompts": [{"prompt": p.instruction, "answer": p.answer} for p in train_problems(sizes["prompts"])],
     }

@@ -315,7 +315,7 @@ def test_binary_recipe_file_is_a_one_line_error(tmp_path, capsys):
 def test_unknown_stage_is_refused(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - rewrd: {}\n")
     assert message == (f"{tmp_path / 'recipe.yaml'}: stage 2: unknown stage 'rewrd' (did you mean 'reward'?); "
-                       "stages are task, pretrain, sft, reward, ppo, dpo, grpo, merge, export, verify")
+                       "stages are task, pretrain, sft, pairs, reward, ppo, dpo, grpo, merge, export, verify")
 
 
 def test_unknown_field_of_a_stage_is_refused(tmp_path, capsys):
@@ -337,7 +337,7 @@ def test_unknown_top_level_field_is_refused(tmp_path, capsys):
 def test_stage_out_of_order_is_refused(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - reward: {}\n  - sft: {}\n")
     assert message == (f"{tmp_path / 'recipe.yaml'}: stage 'sft' comes after 'reward'; stages run in the order "
-                       "task -> pretrain -> sft -> reward -> ppo -> dpo -> grpo -> merge -> export -> verify")
+                       "task -> pretrain -> sft -> pairs -> reward -> ppo -> dpo -> grpo -> merge -> export -> verify")
 
 
 def test_stage_listed_twice_is_refused(tmp_path, capsys):
@@ -550,3 +550,36 @@ def test_grpo_without_any_reward_is_refused_before_training(tmp_path, capsys):
     assert main(["run", str(tmp_path / "recipe.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no reward" in err[0], err
+
+
+# --- the pairs stage ----------------------------------------------------------------------------------
+
+def test_a_pairs_stage_feeds_reward_and_dpo_with_the_policys_pairs(tmp_path):
+    recipe = ("stages:\n  - task: {name: sort}\n  - sft: {}\n  - pairs: {samples_per_prompt: 2}\n  - reward: {}\n"
+              "  - ppo: {}\n  - dpo: {}\n")
+    _, configs = _configs(tmp_path, recipe)
+    run = tmp_path / "run"
+    pairs = configs["pairs"]
+    assert (pairs.prompts, pairs.sft_adapter, pairs.rewards) == (str(run / "task" / "preferences.jsonl"),
+                                                                 str(run / "sft"), ["exact"])
+    assert configs["reward"].data == configs["dpo"].pairs == str(run / "pairs" / "pairs.jsonl")
+    _, configs = _configs(tmp_path, recipe.replace("  - pairs: {samples_per_prompt: 2}\n", ""))
+    assert configs["reward"].data == configs["dpo"].pairs == str(run / "task" / "preferences.jsonl")
+
+
+def test_a_pairs_stage_without_a_task_ranks_the_given_preferences(tmp_path):
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    _, configs = _configs(tmp_path, "stages:\n  - sft: {}\n  - pairs: {rewards: [numeric]}\n  - reward: {}\n",
+                          "--preferences", str(tmp_path / "prefs.jsonl"))
+    assert configs["pairs"].prompts == str(tmp_path / "prefs.jsonl") and configs["pairs"].rewards == ["numeric"]
+    assert configs["reward"].data == str(tmp_path / "run" / "pairs" / "pairs.jsonl")
+
+
+def test_a_recipe_may_not_set_the_prompts_of_a_pairs_stage_after_a_task(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - task: {}\n  - sft: {}\n  - pairs: {prompts: x.jsonl}\n")
+    assert "pairs.prompts is set by `lowrank run` itself from the task stage" in message
+
+
+def test_a_pairs_stage_without_a_reward_is_refused_before_training(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - pairs: {}\n  - reward: {}\n")
+    assert "stage 'pairs': no reward" in message

@@ -285,3 +285,14 @@ def test_bad_length_is_refused(tmp_path, length, message):
 def test_more_digits_than_the_add_task_allows_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"length \[1, 10\] must have 1 <= low <= high <= 9 \(digits per operand\)"):
         write_task(tmp_path, "add", length=[1, 10], **SMALL)
+
+
+def test_preference_records_carry_the_answer_a_checker_needs():
+    from lowrank.rewards import exact
+
+    files = generate("sort", seed=0, **SMALL)
+    pairs = files["preferences"]
+    assert all(p["answer"] == p["chosen"] != p["rejected"] for p in pairs)
+    scores = exact([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                   answer=[p["answer"] for p in pairs] * 2)
+    assert scores == [1.0] * len(pairs) + [0.0] * len(pairs)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("lowrank.cli.pretrain", "train every weight of a small base on plain text (no LoRA)"),
     "plan": ("lowrank.cli.plan", "predict a training run's peak GPU memory and the largest micro-batch that fits"),
     "sft": ("lowrank.cli.sft", "supervised fine-tuning of a LoRA adapter"),
+    "pairs": ("lowrank.cli.pairs", "preference pairs from the SFT policy's own answers, ranked by reward functions (a checker)"),
     "reward": ("lowrank.cli.reward", "train a reward model (LoRA + score head) on preference pairs"),
     "score": ("lowrank.cli.score", "print reward scores of prompt/response pairs"),
     "ppo": ("lowrank.cli.ppo", "optimise the SFT policy against the reward model with PPO"),

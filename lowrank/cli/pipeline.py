@@ -62,11 +62,12 @@ def check_inputs(config, stages) -> None:
         if stage.name == "export":
             parse_types(stage.config.type)
         try:
-            if stage.name == "grpo":
-                from lowrank.grpo import check_config
+            if stage.name in ("grpo", "pairs"):
+                from lowrank.grpo import check_config as check_grpo
+                from lowrank.pairs import check_config as check_pairs
                 from lowrank.rewards import load_reward_function
 
-                check_config(stage.config)
+                (check_grpo if stage.name == "grpo" else check_pairs)(stage.config)
                 for spec in stage.config.rewards:
                     load_reward_function(spec)
         except UserError as e:
@@ -102,6 +103,9 @@ def describe(stage) -> str:
         "pretrain": lambda: f"every weight of {c.model} on {c.data}",
         "sft": lambda: (f"LoRA on {c.model} ({BASE_WORDS.get(c.quant, c.quant)}) with "
                         f"{c.data or 'the shipped alpaca sample'}"),
+        "pairs": lambda: (f"{c.samples_per_prompt} answer{'s' if c.samples_per_prompt != 1 else ''} of the SFT "
+                          f"policy to each prompt of {c.prompts}, "
+                          f"ranked by {', '.join(c.rewards)}"),
         "reward": lambda: f"reward model on {c.data}" + (" from the SFT adapter" if c.sft_adapter else ""),
         "ppo": lambda: f"policy against the reward model, {c.steps} steps of {c.rollout_batch_size * c.samples_per_prompt} rollouts",
         "dpo": lambda: f"policy on the preference pairs ({c.loss} loss, beta {c.beta}), reference: the SFT adapter",
@@ -124,6 +128,11 @@ def run_stage(stage, stages: dict, resume: bool) -> None:
         from lowrank.tasks import write_task
 
         write_task(stage.dir, config.name, config.seed, config.length, **config.sizes)
+    elif stage.name == "pairs":
+        from lowrank.pairs import make_pairs
+
+        with StepBar("pairs", unit="batch") as bar:
+            make_pairs(config, on_batch=lambda record: bar(record, pairs=str(record["pairs"])))
     elif stage.name in SHOWN:
         from lowrank.dpo import train_dpo
         from lowrank.grpo import train_grpo
@@ -239,6 +248,10 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
         parts = [f"{labels[k]} {_num((v or {}).get('accuracy'), '.1%')}" for k, v in accuracy.items()]
         problems = next((v["problems"] for v in accuracy.values() if v), "?")
         row("task accuracy", ",  ".join(parts) + f"  (greedy exact match, {problems} held-out problems)")
+    if "pairs" in results:
+        p = results["pairs"]
+        row("pairs", f"{p.get('pairs')} from {p.get('prompts')} prompts; {p.get('rejected_from_policy')} rejected "
+                     f"answers are the SFT policy's own (its samples' mean reward {_num(p.get('mean_sample_reward'))})")
     if "reward" in results:
         r = results["reward"]
         row("reward model", f"pairwise accuracy {_num(r['accuracy'], '.1%')} on {r['pairs']} held-out pairs, "
