@@ -29,7 +29,7 @@ import torch
 from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
 from lowrank.metrics import MetricsLog, StageFields
-from lowrank.roles import POLICY, REFERENCE, REWARD, VALUE, use_role
+from lowrank.roles import POLICY, REFERENCE, VALUE, use_role
 from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
                              length_alarm, load_policy_inputs, response_mask, sample,
                              seeded_prompt_order, tokenize_prompts)
@@ -116,11 +116,17 @@ def response_values(model, input_ids, attention_mask, response_len: int) -> torc
 
 def score_responses(model, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
-    """Reward-model scores (batch,) of query + response, read at the last response token (reward role)."""
+    """Reward-model scores (batch,) of query + response, read at the last response token (reward role);
+    for a reward ensemble, the mean over its members' roles."""
+    from lowrank.roles import reward_roles
     from lowrank.scoring import score_sequences
 
-    with torch.no_grad(), use_role(model, REWARD):
-        return score_sequences(model, torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1))
+    input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+    scores = []
+    for role in reward_roles(model):
+        with torch.no_grad(), use_role(model, role):
+            scores.append(score_sequences(model, input_ids, attention_mask))
+    return torch.stack(scores).mean(0)
 
 
 @dataclass

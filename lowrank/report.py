@@ -199,7 +199,8 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
     if "reward" in meta:
         metrics = meta["reward"].metrics
         results["reward"] = {"accuracy": metrics.get("eval_accuracy"), "margin": metrics.get("eval_margin"),
-                             "pairs": meta["reward"].data.get("eval_pairs")}
+                             "pairs": meta["reward"].data.get("eval_pairs"),
+                             "members": meta["reward"].extra.get("member_eval_accuracy") or []}
     for name, key in (("ppo", "score"), ("grpo", "reward")):
         if name not in by_name:
             continue

@@ -7,6 +7,7 @@ over preference pairs, with held-out pairwise accuracy and mean margin as the me
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -22,7 +23,7 @@ from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.loop import PairStream, split_pairs
 from lowrank.metrics import MetricsLog, StageFields
-from lowrank.scoring import SCORE_HEAD, add_score_head, pad_batch, score_sequences
+from lowrank.scoring import MEMBERS, SCORE_HEAD, add_score_head, pad_batch, score_sequences
 from lowrank.train import causal_lm
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,9 @@ class RewardConfig(StageFields):
     eval_every: int = field(default=20, metadata={"help": "evaluate every N optimizer steps (and at the end)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
     seed: int = field(default=0, metadata={"help": "seed of the split, head init, LoRA init and shuffling"})
+    ensemble: int = field(default=1, metadata={"help": "reward models trained on the same pairs, seeds seed, seed+1, "
+                                                       "...; PPO, GRPO and `lowrank score` use the mean of their "
+                                                       "scores (members 2.. in OUTPUT_DIR/members/N)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps for --resume (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
@@ -153,7 +157,7 @@ class RewardConfig(StageFields):
 _RESUME_KEYS = ("model", "data", "sft_adapter", "quant", "template", "lora_r", "lora_alpha", "lora_dropout",
                 "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "center_rewards", "optim_bits",
                 "batch_size", "gradient_accumulation_steps", "tokens_per_step", "epochs", "max_steps", "max_length",
-                "eval_fraction", "seed")
+                "eval_fraction", "seed", "ensemble")
 
 
 def _as_messages(turn) -> list[dict]:
@@ -309,7 +313,48 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
 
     ``on_step`` gets a dict per optimizer step (step, max_steps, loss, lr, and after an evaluation
     eval_accuracy / eval_margin / eval_loss); the same dicts go to metrics.jsonl.
+
+    With ``ensemble`` K > 1, members 2..K are trained first, each a whole reward adapter in
+    ``members/N`` with seed ``seed + N - 1`` (its own held-out split, head, LoRA init and order),
+    then the first in ``output_dir`` itself; its lowrank.json, written last, lists the members, so
+    the ensemble looks finished only when all of it is there. A small reward model's ranking moves
+    with its seed, and a policy learns whichever mistakes its one model makes; the mean of several
+    is harder to fool (docs/benchmarks.md). ``on_step`` follows the first model's training.
     """
+    if config.ensemble < 1:
+        raise UserError(f"--ensemble must be at least 1 (got {config.ensemble})")
+    if config.ensemble == 1:
+        return _train_one(config, on_step)
+    from accelerate import PartialState
+
+    from lowrank import train
+
+    state = PartialState()
+    if state.is_main_process:  # refuses a finished run without --overwrite, removes it with
+        train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
+    state.wait_for_everyone()
+    out = Path(config.output_dir).expanduser()
+    members = []
+    for number in range(2, config.ensemble + 1):
+        member_dir = out / MEMBERS / str(number)
+        members.append(f"{MEMBERS}/{number}")
+        if config.resume and runrecord.exists(member_dir):
+            continue  # finished before the interruption
+        member = dataclasses.replace(config, ensemble=1, seed=config.seed + number - 1, output_dir=str(member_dir),
+                                     overwrite=True, report_to="none")
+        _train_one(member, None)
+        log.info("reward model %d of %d: %s", number, config.ensemble, _accuracy_words(runrecord.read(member_dir)))
+    return _train_one(config, on_step, members=members)
+
+
+def _accuracy_words(meta: runrecord.RunRecord) -> str:
+    accuracy = meta.metrics.get("eval_accuracy")
+    return "no held-out pairs" if accuracy is None else f"held-out pairwise accuracy {accuracy:.3f}"
+
+
+def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = None,
+               members: list[str] | None = None) -> Path:
+    """One reward model (:func:`train_reward`); ``members`` (relative dirs) go into its lowrank.json."""
     from peft import get_peft_model
 
     from lowrank import plan, train
@@ -428,7 +473,10 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
         metrics={**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr", "grad_norm")},
                  **plan.peak_metrics(memory_plan, accelerator.device)},
         extra={"sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
-               "processes": accelerator.num_processes},
+               "processes": accelerator.num_processes,
+               **({"members": members,
+                   "member_eval_accuracy": [runrecord.read(out_dir / m).metrics.get("eval_accuracy") for m in members]}
+                  if members else {})},
     )
     train.write_adapter(peft_model, out_dir, meta)
     shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished

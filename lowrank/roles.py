@@ -6,6 +6,9 @@
 | reward    | "reward"     | the reward adapter + its score head    | no        |
 | value     | "value"      | the reward adapter + its own head copy | yes       |
 
+A reward ensemble (`lowrank reward --ensemble K`) adds frozen roles "reward_2" .. "reward_K", one
+per other member; the reward is the mean of their scores (``reward_roles``).
+
 A role is entered only through ``use_role(model, role)``, which activates the adapter (peft's
 ``set_adapter``, or ``disable_adapter`` for a reference without adapter), and restores the
 previous one on exit, so a role can never leak into the next forward pass.
@@ -67,7 +70,7 @@ def has_reference_adapter(model) -> bool:
 @contextlib.contextmanager
 def use_role(model, role: str) -> Iterator[None]:
     """Run the block with ``role``'s adapter active; restore the previous adapter (and grads) after."""
-    if role not in ROLES:
+    if role not in ROLES and not is_reward_member(role):
         raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     previous = model.active_adapter
     if role == REFERENCE and not has_reference_adapter(model):
@@ -87,6 +90,17 @@ def use_role(model, role: str) -> Iterator[None]:
         model.set_adapter(previous)
         apply_trainability(model)
         check_frozen(model)
+
+
+def is_reward_member(role: str) -> bool:
+    """``reward_2``, ``reward_3``, ...: the other models of a reward ensemble, frozen like the reward role."""
+    return role.startswith(f"{REWARD}_") and role[len(REWARD) + 1:].isdigit()
+
+
+def reward_roles(model) -> list[str]:
+    """The reward role and, for an ensemble, its other members' roles: the scores to average."""
+    return [REWARD] + sorted((name for name in getattr(model, "peft_config", {}) if is_reward_member(name)),
+                             key=lambda name: int(name.rsplit("_", 1)[1]))
 
 
 def zero_value_head(model) -> None:
@@ -128,7 +142,7 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path | None = None, sf
     """
     from peft import PeftModel, get_peft_model
 
-    from lowrank.scoring import load_reward_adapter
+    from lowrank.scoring import ensemble_members, load_reward_adapter
 
     from lowrank.files import check_weights_dir
 
@@ -142,6 +156,8 @@ def build_roles(base: nn.Module, *, reward_adapter: str | Path | None = None, sf
         model = get_peft_model(base, policy_lora_config, adapter_name=POLICY)
     if reward_adapter is not None:
         load_reward_adapter(model, reward_adapter, adapter_name=REWARD, trainable=False)
+        for number, member in enumerate(ensemble_members(reward_adapter), 2):  # `lowrank reward --ensemble`
+            load_reward_adapter(model, member, adapter_name=f"{REWARD}_{number}", trainable=False)
         if value:
             load_reward_adapter(model, reward_adapter, adapter_name=VALUE, trainable=True)
     model.set_adapter(POLICY)

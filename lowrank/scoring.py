@@ -28,6 +28,7 @@ from lowrank.files import check_weights_dir
 from lowrank.train import causal_lm
 
 SCORE_HEAD = "score"  # attribute name of the head on the base model, and its modules_to_save entry
+MEMBERS = "members"  # subdir of a reward ensemble's other models (lowrank reward --ensemble)
 
 
 def add_score_head(model, *, seed: int = 0) -> nn.Module:
@@ -141,6 +142,18 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return apply_score_head(model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
+def ensemble_members(reward_dir: str | Path, meta: runrecord.RunRecord | None = None) -> list[Path]:
+    """The other reward adapters of an ensemble (`lowrank reward --ensemble`; none for one model), each
+    checked to be there and finished. Their dirs are recorded relative to ``reward_dir``."""
+    meta = meta or runrecord.read(reward_dir)
+    members = [Path(reward_dir) / m for m in meta.extra.get("members") or []]
+    for member in members:
+        if not runrecord.exists(member):
+            raise UserError(f"{member}: a member of the reward ensemble in {reward_dir} is missing or unfinished; "
+                            "train the ensemble again with `lowrank reward --ensemble N --overwrite`")
+    return members
+
+
 def load_reward_adapter(model, reward_dir: str | Path, adapter_name: str = "reward", *,
                         trainable: bool = False, base: str | None = None):
     """Load a reward adapter (LoRA + score head) as the named adapter ``adapter_name``; return the PeftModel.
@@ -196,6 +209,10 @@ def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str 
         sequences.append(tokenize_conversation(tokenizer, template, messages, max_length)["input_ids"])
     quant = quant or meta.quant
     model = load_reward_adapter(load_base_model(model_path, quant, gradient_checkpointing=False), reward_dir)
+    names = [model.active_adapter]
+    for number, member in enumerate(ensemble_members(reward_dir, meta), 2):  # an ensemble: the mean of its scores
+        names.append(f"member_{number}")
+        load_reward_adapter(model, member, adapter_name=names[-1])
     model.eval()
     device = model.get_base_model().get_output_embeddings().weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -203,5 +220,6 @@ def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str 
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
             input_ids, attention_mask = pad_batch(sequences[start: start + batch_size], pad_id, device)
-            scores.extend(score_sequences(model, input_ids, attention_mask).tolist())
+            each = [score_sequences(model, input_ids, attention_mask, adapter_name=name) for name in names]
+            scores.extend(torch.stack(each).mean(0).tolist())
     return scores

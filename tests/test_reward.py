@@ -12,10 +12,12 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lowrank import checkpoints
 from lowrank.cli import main
 from lowrank.config import build_config
+from lowrank.errors import UserError
 from lowrank.reward import bradley_terry_loss, evaluate_pairs, tokenize_pairs
 from lowrank.scoring import SCORE_HEAD, add_score_head, load_reward_adapter, pad_batch, score_sequences, using_adapter
 
@@ -510,3 +512,82 @@ def test_reward_trains_under_a_two_process_accelerate_launch(tiny_spm, small_pai
     assert [r["step"] for r in records] == [1, 2, 3]  # one process logs, once per step
     assert all(r["pairs"] == 4 for r in records)  # 2 pairs from each process
     assert (out / "adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Ensembles: several reward models on the same pairs, their scores averaged
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_spm, small_pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ensemble") / "reward"
+    flags = [flag if flag != "30" else "6" for flag in TRAIN_FLAGS]  # 6 steps each
+    assert main(["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir", str(out),
+                 "--ensemble", "3", *flags]) == 0
+    return out
+
+
+def test_an_ensemble_trains_its_members_with_their_own_seeds_and_lists_them(ensemble):
+    from lowrank.scoring import ensemble_members
+
+    meta = json.loads((ensemble / "lowrank.json").read_text())
+    assert meta["members"] == ["members/2", "members/3"]
+    members = ensemble_members(ensemble)
+    seeds = [json.loads((m / "lowrank.json").read_text())["seed"] for m in members]
+    assert seeds == [1, 2] and meta["seed"] == 0
+    assert meta["member_eval_accuracy"] == [json.loads((m / "lowrank.json").read_text())["metrics"]["eval_accuracy"]
+                                           for m in members]
+    heads = [load_file(str(d / "adapter_model.safetensors")) for d in (ensemble, *members)]
+    key = next(k for k in heads[0] if "score" in k and k.endswith("weight"))
+    assert not torch.equal(heads[0][key], heads[1][key]) and not torch.equal(heads[1][key], heads[2][key])
+
+
+def test_ppo_scores_with_the_mean_of_the_ensemble(ensemble, tiny_spm):
+    from lowrank.models import load_base_model
+    from lowrank.ppo import score_responses
+    from lowrank.roles import REWARD, build_roles, reward_roles
+    from lowrank.scoring import ensemble_members
+
+    base = load_base_model(str(tiny_spm), "none", gradient_checkpointing=False)
+    from peft import LoraConfig
+
+    model = build_roles(base, reward_adapter=ensemble, policy_lora_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    model.eval()
+    assert reward_roles(model) == [REWARD, "reward_2", "reward_3"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reward_" in n)
+    queries, query_mask = torch.tensor([[0, 1, 50, 60], [1, 51, 61, 71]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    responses, mask = torch.tensor([[70, 80, 2], [72, 2, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+    singles = []
+    for directory in (ensemble, *ensemble_members(ensemble)):
+        with torch.no_grad():
+            singles.append(score_sequences(load_scoring_model(tiny_spm, directory), ids, attention))
+    scores = score_responses(model, queries, query_mask, responses, mask)
+    assert scores.tolist() == pytest.approx(torch.stack(singles).mean(0).tolist(), abs=1e-5)
+    assert not torch.allclose(singles[0], singles[1])  # the mean is not one member's score
+
+
+def test_score_cli_prints_the_ensembles_mean(ensemble, tiny_spm, capsys):
+    from lowrank.scoring import score_texts
+
+    capsys.readouterr()
+    assert main(["score", "--reward", str(ensemble), "--prompt", "Hi", "--response", "Hello, please."]) == 0
+    printed = float(capsys.readouterr().out.split()[1])
+    assert printed == pytest.approx(score_texts(ensemble, None, [("Hi", "Hello, please.")])[0], abs=1e-5)
+
+
+def test_an_ensemble_with_a_missing_member_is_refused(ensemble, tmp_path):
+    import shutil
+
+    from lowrank.scoring import ensemble_members
+
+    copy = tmp_path / "reward"
+    shutil.copytree(ensemble, copy)
+    (copy / "members" / "3" / "lowrank.json").unlink()
+    with pytest.raises(UserError, match=r"members/3: a member of the reward ensemble .* is missing or unfinished"):
+        ensemble_members(copy)
+
+
+def test_ensemble_below_one_is_refused(tiny_spm, small_pairs_file, tmp_path, capsys):
+    message = run_reward_expecting_error(tiny_spm, small_pairs_file, tmp_path / "out", capsys, "--ensemble", "0")
+    assert "--ensemble must be at least 1 (got 0)" in message

@@ -106,7 +106,8 @@ def describe(stage) -> str:
         "pairs": lambda: (f"{c.samples_per_prompt} answer{'s' if c.samples_per_prompt != 1 else ''} of the SFT "
                           f"policy to each prompt of {c.prompts}, "
                           f"ranked by {', '.join(c.rewards)}"),
-        "reward": lambda: f"reward model on {c.data}" + (" from the SFT adapter" if c.sft_adapter else ""),
+        "reward": lambda: ((f"{c.ensemble} reward models" if c.ensemble > 1 else "reward model") + f" on {c.data}"
+                           + (" from the SFT adapter" if c.sft_adapter else "")),
         "ppo": lambda: f"policy against the reward model, {c.steps} steps of {c.rollout_batch_size * c.samples_per_prompt} rollouts",
         "dpo": lambda: f"policy on the preference pairs ({c.loss} loss, beta {c.beta}), reference: the SFT adapter",
         "grpo": lambda: (f"policy against {', '.join(c.rewards + (['the reward model'] if c.reward_adapter else []))}, "
@@ -254,8 +255,10 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
                      f"answers are the SFT policy's own (its samples' mean reward {_num(p.get('mean_sample_reward'))})")
     if "reward" in results:
         r = results["reward"]
+        others = (f"; the ensemble's other {len(r['members'])}: " + ", ".join(_num(a, '.1%') for a in r["members"])
+                  if r.get("members") else "")
         row("reward model", f"pairwise accuracy {_num(r['accuracy'], '.1%')} on {r['pairs']} held-out pairs, "
-                            f"margin {_num(r['margin'])}")
+                            f"margin {_num(r['margin'])}{others}")
     def held_out_kl(r: dict) -> str:
         return f"; KL to SFT on held-out prompts {_num(r['held_out_kl'])} nats" if r.get("held_out_kl") is not None else ""
 
