@@ -23,7 +23,8 @@ differ from every chosen one in a way a reward model learns instead of the answe
 
 The output dir holds ``pairs.jsonl`` (``prompt``, ``chosen``, ``rejected``, ``rejected_from``:
 "policy" or "record", the record's other fields kept) and, written last, lowrank.json with the
-counts. The reward, DPO and pipeline stages read ``pairs.jsonl`` like any pairs file.
+counts, with ``metrics.jsonl`` (one record per generate call, also sent to ``--report-to``). The
+reward, DPO and pipeline stages read ``pairs.jsonl`` like any pairs file.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 
 from lowrank import locks, runrecord
 from lowrank.errors import UserError
-from lowrank.metrics import StageFields
+from lowrank.metrics import MetricsLog, StageFields
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def _record_response(value) -> str | None:
 def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = None) -> Path:
     """Sample, rank and write the pairs as configured; return the output dir.
 
-    ``on_batch`` gets ``{"step", "max_steps", "prompts", "pairs"}`` after each generate call.
+    ``on_batch`` gets each generate call's record (step, max_steps, prompts and pairs so far, the
+    batch's mean sample_reward and the share of answers that ended); the same go to metrics.jsonl.
     """
     from peft import PeftModel
 
@@ -164,6 +166,7 @@ def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = No
     ids = tokenize_prompts(tokenizer, template, [row.prompt_messages for row in rows], source=config.prompts,
                            max_new_tokens=config.max_new_tokens, context=context_length(model_path))
     out = train.prepare_output_dir(config.output_dir, config.overwrite)
+    metrics_log = MetricsLog(out, report_to=config.report_to, stage="pairs", config=config_to_dict(config))
     train.seed_everything(config.seed)
     model = load_base_model(model_path, config.quant, gradient_checkpointing=False)
     if config.sft_adapter:
@@ -198,9 +201,13 @@ def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = No
                 continue
             pairs.append(pair)
             counts["rejected_from_policy"] += pair["rejected_from"] == "policy"
+        record = {"step": start // per_call + 1, "max_steps": math.ceil(len(rows) / per_call), "prompts": part[-1] + 1,
+                  "pairs": len(pairs), "sample_reward": sum(scores) / len(scores),
+                  "ended": samples.ended.float().mean().item()}
+        metrics_log.log(record)
         if on_batch is not None:
-            on_batch({"step": start // per_call + 1, "max_steps": math.ceil(len(rows) / per_call),
-                      "prompts": part[-1] + 1, "pairs": len(pairs)})
+            on_batch(record)
+    metrics_log.close()
     if not pairs:
         raise UserError(f"{config.prompts}: no prompt gave a pair (every answer scored the same as the best); "
                         "raise --samples-per-prompt or give pairs with a rejected response")

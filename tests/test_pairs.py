@@ -131,6 +131,9 @@ def test_the_record_counts_what_was_written(made):
     assert meta.stage == "pairs" and meta.metrics["pairs"] == len(pairs) == meta.metrics["prompts"]
     assert meta.metrics["rejected_from_policy"] == sum(p["rejected_from"] == "policy" for p in pairs)
     assert meta.metrics["samples"] == 3 * 20 and 0 < meta.metrics["mean_sample_reward"] < 1
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and steps[-1]["pairs"] == len(pairs)
+    assert len(steps) == steps[0]["max_steps"] == 1  # 20 prompts x 3 answers fit one generate call of 64
 
 
 def test_the_same_seed_gives_the_same_pairs(task, made):
