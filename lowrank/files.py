@@ -4,6 +4,8 @@ becomes one UserError naming it and what is wrong, instead of a SafetensorError 
 The safetensors layout (huggingface/safetensors, "Format"): 8 bytes little-endian N, then N bytes of
 JSON header mapping each tensor to its dtype, shape and [begin, end) data offsets, then the data.
 Reading the header alone (no tensor data) finds every fault a kill mid-write or a bad download leaves.
+
+Also the small file writes that must never be seen half done (:func:`write_text_atomic`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from pathlib import Path
 from lowrank.errors import UserError
 
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the header size
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary name beside ``path`` and rename it into place; the temporary
+    file is removed when the write fails (the OSError is raised for the caller to word)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_safetensors(path: str | Path) -> None:

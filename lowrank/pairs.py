@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -188,14 +187,22 @@ def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = No
                          temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                          stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, device=device)
         answers = [text.strip() for text in decode_responses(tokenizer, samples)]
-        scores = _score(functions, weights, [texts_of[i] for i in expanded], answers,
-                        [rows[i].fields for i in expanded])
+        # The records' own chosen/rejected responses are scored in the same call as the samples.
+        own = [(n, key, text) for n, i in enumerate(part) for key in ("chosen", "rejected")
+               if (text := _record_response(rows[i].fields.get(key)))]
+        scored = expanded + [part[n] for n, _, _ in own]
+        every = _score(functions, weights, [texts_of[i] for i in scored], answers + [text for _, _, text in own],
+                       [rows[i].fields for i in scored])
+        scores = every[:len(answers)]
+        records = [{} for _ in part]
+        for (n, key, text), score in zip(own, every[len(answers):]):
+            records[n][key] = Candidate(text, score, "record")
         counts["samples"] += len(answers)
         counts["ended"] += int(samples.ended.sum())
         score_sum += sum(scores)
         for n, i in enumerate(part):
-            pair = _pair_for(rows[i], answers[n * k:(n + 1) * k], scores[n * k:(n + 1) * k], functions, weights,
-                             texts_of[i], config.margin)
+            pair = _pair_for(rows[i], answers[n * k:(n + 1) * k], scores[n * k:(n + 1) * k], records[n],
+                             config.margin)
             if pair is None:
                 counts["no_pair"] += 1
                 continue
@@ -236,15 +243,11 @@ def _score(functions, weights, prompts: list[str], completions: list[str], field
     return [float(s) for s in summed]
 
 
-def _pair_for(row, answers: list[str], scores: list[float], functions, weights, prompt: str,
+def _pair_for(row, answers: list[str], scores: list[float], record: dict[str, Candidate],
               margin: float) -> dict | None:
-    """The pair record of one prompt row, or None (see :func:`choose_pair`)."""
-    own = {key: _record_response(row.fields.get(key)) for key in ("chosen", "rejected")}
-    present = [key for key in ("chosen", "rejected") if own[key]]
-    own_scores = dict(zip(present, _score(functions, weights, [prompt] * len(present), [own[k] for k in present],
-                                          [row.fields] * len(present)))) if present else {}
+    """The pair record of one prompt row, or None (see :func:`choose_pair`); ``record`` holds the row's own
+    scored "chosen" / "rejected" responses, where it has them."""
     candidates = [Candidate(text, score, "policy") for text, score in zip(answers, scores) if text]
-    record = {key: Candidate(own[key], own_scores[key], "record") for key in present}
     chosen = choose_pair(candidates, record.get("chosen"), record.get("rejected"), margin)
     if chosen is None:
         return None
@@ -256,12 +259,9 @@ def _pair_for(row, answers: list[str], scores: list[float], functions, weights, 
 
 
 def _write_lines(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    from lowrank.files import write_text_atomic
+
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write the pairs ({e.strerror})") from None

@@ -232,12 +232,12 @@ def load_policy_inputs(config, log):
         sft_meta = runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
     reward_adapter = getattr(config, "reward_adapter", "")  # `lowrank pairs` has none
     if reward_adapter:
-        if not Path(config.reward_adapter).is_dir():
-            raise UserError(f"reward adapter directory {config.reward_adapter} does not exist; give the output dir "
+        if not Path(reward_adapter).is_dir():
+            raise UserError(f"reward adapter directory {reward_adapter} does not exist; give the output dir "
                             "of `lowrank reward`")
-        reward_meta = runrecord.read_adapter(config.reward_adapter, stage="reward", what="reward adapter",
+        reward_meta = runrecord.read_adapter(reward_adapter, stage="reward", what="reward adapter",
                                              base=config.model)
-        check_reward_accuracy(reward_meta, config.reward_adapter, config.min_reward_accuracy,
+        check_reward_accuracy(reward_meta, reward_adapter, config.min_reward_accuracy,
                               config.refuse_weak_reward, log)
     model_path = resolve_model_name(config.model)
     tokenizer = load_tokenizer(model_path)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import string
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from lowrank.errors import UserError
+from lowrank.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,6 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int)
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -263,10 +257,10 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, length=No
         marker.unlink(missing_ok=True)
         records = generate(name, seed, length, **full_sizes)
         for file, path in paths.items():
-            _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[file]))
+            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[file]))
         summary = {**wanted, "digests": {f: _digest(p) for f, p in paths.items()},
                    "counts": {f: len(r) for f, r in records.items()}}
-        _write_atomic(marker, json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(marker, json.dumps(summary, indent=2) + "\n")
     except OSError as e:
         raise UserError(f"{out}: cannot write the task files ({e.strerror})") from None
     return paths
