@@ -1,7 +1,7 @@
 """Typed configs filled from a YAML recipe and/or command-line flags (flags win).
 
-Each stage defines one dataclass (SFTConfig, RewardConfig, PPOConfig, ...). Its
-fields become flags automatically: ``learning_rate: float = 2e-4`` gives
+Each stage defines one dataclass (SFTConfig, RewardConfig, PPOConfig, ...), composed of the
+shared field groups of lowrank.fields plus its own fields. Its fields become flags automatically: ``learning_rate: float = 2e-4`` gives
 ``--learning-rate``; the comment written in ``field(metadata={"help": ...})`` is
 the flag's help. A field of type bool gets ``--name/--no-name``.
 """

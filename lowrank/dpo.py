@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,8 @@ import torch
 from lowrank import checkpoints, locks, loop, rl, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.fields import AdapterFields, EpochFields, SchedulerField, restate, stage_config
+from lowrank.metrics import MetricsLog
 from lowrank.roles import POLICY, REFERENCE, use_role
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,14 @@ REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of per-token mean log-pr
 DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
-@dataclass
-class DPOConfig(StageFields):
+@stage_config
+class DPOConfig(AdapterFields, EpochFields, SchedulerField):
     """Settings of `lowrank dpo`; defaults follow TRL's DPOTrainer where they fit a LoRA run."""
 
-    model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
     sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: the initial policy and the frozen "
                                                            "reference (empty: a fresh LoRA, the base as reference)"})
     pairs: str = field(default="", metadata={"help": "preference pairs (.json/.jsonl with prompt/chosen/rejected, "
                                                      "chat-format records, or a hub dataset)"})
-    output_dir: str = field(default="", metadata={"help": "where the policy adapter, metrics.jsonl and checkpoints go"})
-    quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
-                                                         "adapter was trained on, else nf4)"})
     template: str = field(default="auto", metadata={"help": "chat template without --sft-adapter (with one, its "
                                                             "recorded template is used)"})
     loss: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, simpo or orpo"})
@@ -65,26 +62,16 @@ class DPOConfig(StageFields):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin"})
     rpo_alpha: float = field(default=0.0, metadata={"help": "weight of the chosen responses' per-token NLL added "
                                                             "to a sigmoid/IPO loss (RPO; 0: off)"})
-    learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
-    lr_scheduler: str = field(default="linear", metadata={"help": "cosine, linear or constant after warm-up"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (when max_steps is 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
     batch_size: int = field(default=8, metadata={"help": "pairs per optimizer step, all processes together"})
     micro_batch_size: int = field(default=2, metadata={"help": "pairs per forward pass and process (two rows "
                                                                "each); batch_size must be a multiple"})
-    max_length: int = field(default=512, metadata={"help": "tokens per prompt + response (longer ones are cut)"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out for accuracy/margin"})
-    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at start and end; 0: only those)"})
-    lora_r: int = field(default=16, metadata={"help": "rank of a fresh policy LoRA when no SFT adapter is given"})
-    lora_alpha: int = field(default=32, metadata={"help": "alpha of a fresh policy LoRA"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
-    seed: int = field(default=0, metadata={"help": "seed of the split, LoRA init and pair order"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps for --resume (0: never)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
-
+    # the shared fields (lowrank.fields) as DPO states them
+    output_dir = restate(help="where the policy adapter, metrics.jsonl and checkpoints go")
+    quant = restate(help="base weights: nf4, int8, none, or auto (what the SFT adapter was trained on, else nf4)")
+    learning_rate = 5e-6
+    lr_scheduler = "linear"
+    seed = restate(help="seed of the split, LoRA init and pair order")
+    save_every = restate(help="checkpoint every N steps for --resume (0: never)")
 
 # Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
 _RESUME_KEYS = ("model", "sft_adapter", "pairs", "quant", "template", "loss", "beta", "label_smoothing", "simpo_gamma",

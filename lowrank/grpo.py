@@ -42,7 +42,8 @@ import torch
 
 from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.fields import QUANT_OF_SFT_ADAPTER, RewardFunctionFields, RLFields, restate, stage_config
+from lowrank.metrics import MetricsLog
 from lowrank.roles import POLICY, REFERENCE, use_role
 from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
                              response_logprobs, sample, seeded_prompt_order, tokenize_prompts)
@@ -52,44 +53,20 @@ log = logging.getLogger(__name__)
 LOSS_NORMALIZATIONS = ("token", "sequence", "constant")
 
 
-@dataclass
-class GRPOConfig(StageFields):
+@stage_config
+class GRPOConfig(RLFields, RewardFunctionFields):
     """Every knob of `lowrank grpo`; defaults follow DeepSeekMath and TRL's GRPOTrainer where they fit LoRA."""
 
-    model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
-    sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: initial policy and the reference"})
     prompts: str = field(default="", metadata={"help": "prompts: JSON/JSONL file or hub dataset (name:config), each "
                                                        "record a `prompt` or `messages` plus the fields the reward "
                                                        "functions read (e.g. `answer`)"})
-    prompt_field: str = field(default="", metadata={"help": "field of the prompt in each record (default: prompt "
-                                                            "or messages; e.g. question for GSM8K)"})
-    output_dir: str = field(default="", metadata={"help": "where the policy adapter is written"})
-    quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
-                                                         "adapter was trained on)"})
     # rewards
-    rewards: list[str] = field(default_factory=list, metadata={
-        "help": "reward functions: built-in names (exact, numeric) or file.py:function / module:function"})
-    reward_weights: list[float] = field(default_factory=list, metadata={
-        "help": "one weight per --rewards entry (default: 1 each)"})
-    reward_adapter: str = field(default="", metadata={"help": "reward adapter dir from `lowrank reward`, scored "
-                                                              "beside the functions"})
     reward_adapter_weight: float = field(default=1.0, metadata={"help": "weight of the reward adapter's score"})
-    min_reward_accuracy: float = field(default=0.6, metadata={"help": "warn when the reward adapter's held-out "
-                                                                      "pairwise accuracy is below this (0: off)"})
-    refuse_weak_reward: bool = field(default=False, metadata={"help": "stop instead of warning below "
-                                                                     "--min-reward-accuracy"})
-    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of a completion "
-                                                                      "that hits --max-new-tokens unfinished"})
     # sampling
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G, at least 2)"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per step, per process"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    max_new_tokens: int = field(default=128, metadata={"help": "completion length limit"})
     # loss
     beta: float = field(default=0.04, metadata={"help": "weight of the k3 KL to the reference (0: no reference pass)"})
-    cliprange: float = field(default=0.2, metadata={"help": "ratio clip epsilon"})
     cliprange_high: float = field(default=0.0, metadata={"help": "upper clip epsilon (DAPO's clip-higher; 0: "
                                                                  "same as --cliprange)"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std "
@@ -100,18 +77,14 @@ class GRPOConfig(StageFields):
     epochs: int = field(default=1, metadata={"help": "passes over each step's completions"})
     minibatch_size: int = field(default=0, metadata={"help": "completions per optimizer step (0: all of a step's)"})
     micro_batch_size: int = field(default=0, metadata={"help": "completions per forward/backward (0: the minibatch)"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the policy adapter"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     steps: int = field(default=100, metadata={"help": "GRPO steps (sampling rounds)"})
-    lora_r: int = field(default=16, metadata={"help": "rank of a fresh policy LoRA when no SFT adapter is given"})
-    lora_alpha: int = field(default=32, metadata={"help": "alpha of a fresh policy LoRA"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    # bookkeeping
-    seed: int = field(default=0, metadata={"help": "seed of sampling, prompt order and init"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps for --resume (0: off)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in output_dir"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
-    log_samples: int = field(default=2, metadata={"help": "sample completions logged per step"})
+    # the shared fields (lowrank.fields) as GRPO states them
+    quant = restate(help=QUANT_OF_SFT_ADAPTER)
+    reward_adapter = restate(help="reward adapter dir from `lowrank reward`, scored beside the functions")
+    missing_eos_penalty = restate(help="subtracted from the reward of a completion that hits --max-new-tokens "
+                                       "unfinished")
+    learning_rate = restate(help="AdamW learning rate of the policy adapter")
+    log_samples = restate(help="sample completions logged per step")
 
     @property
     def completions_per_step(self) -> int:

@@ -14,10 +14,8 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank.config import check_fields
 from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -156,16 +154,3 @@ class MetricsLog:
         plt.close(fig)
         os.replace(tmp, path)
         return path
-
-
-@dataclass
-class StageFields:
-    """The base of every training stage's config: the tracker field, and on building the config the
-    checks of the fields the stages share (config.check_fields), so bad values stop before any model loads."""
-    report_to: str = field(default="none", metadata={
-        "help": "also log metrics to tensorboard, wandb (offline unless WANDB_MODE says otherwise) or mlflow; "
-                "none: metrics.jsonl and PNGs only"})
-
-    def __post_init__(self):
-        check_report_to(self.report_to)
-        check_fields(self)

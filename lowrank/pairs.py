@@ -40,40 +40,36 @@ import torch
 
 from lowrank import locks, runrecord
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.fields import (QUANT_OF_SFT_ADAPTER, BaseModelFields, RewardFunctionFields, SamplingFields, restate,
+                            stage_config)
+from lowrank.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.jsonl"
 
 
-@dataclass
-class PairsConfig(StageFields):
+@stage_config
+class PairsConfig(BaseModelFields, SamplingFields, RewardFunctionFields):
     """Every knob of `lowrank pairs`."""
 
-    model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT)"})
     sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: the policy whose answers are ranked "
                                                            "(default: the base itself)"})
     prompts: str = field(default="", metadata={"help": "prompts (prompt + fields) or pairs (prompt, chosen, rejected): "
                                                        "JSON/JSONL file or hub dataset"})
-    prompt_field: str = field(default="", metadata={"help": "field holding the prompt (default: prompt, else messages)"})
-    output_dir: str = field(default="", metadata={"help": "where pairs.jsonl and its lowrank.json go"})
-    quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
-                                                         "adapter was trained on)"})
-    rewards: list[str] = field(default_factory=list, metadata={"help": "reward functions that rank the answers: "
-                                                                        "exact, numeric or file.py:function"})
-    reward_weights: list[float] = field(default_factory=list, metadata={"help": "weight of each reward function "
-                                                                                "(default: 1 each)"})
     samples_per_prompt: int = field(default=2, metadata={"help": "answers sampled per prompt"})
     margin: float = field(default=0.0, metadata={"help": "a pair needs the chosen to score more than this above "
                                                          "the rejected"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "answer length limit"})
     batch_size: int = field(default=64, metadata={"help": "answers sampled per generate call"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampling"})
-    overwrite: bool = field(default=False, metadata={"help": "replace finished pairs in output_dir"})
+    # the shared fields (lowrank.fields) as pairs states them
+    output_dir = restate(help="where pairs.jsonl and its lowrank.json go")
+    quant = restate(help=QUANT_OF_SFT_ADAPTER)
+    seed = restate(help="seed of the sampling")
+    overwrite = restate(help="replace finished pairs in output_dir")
+    prompt_field = restate(help="field holding the prompt (default: prompt, else messages)")
+    rewards = restate(help="reward functions that rank the answers: exact, numeric or file.py:function")
+    reward_weights = restate(help="weight of each reward function (default: 1 each)")
+    max_new_tokens = restate(64, help="answer length limit")
 
 
 def check_config(config: PairsConfig) -> None:

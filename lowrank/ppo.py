@@ -28,7 +28,8 @@ import torch
 
 from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.fields import RLFields, restate, stage_config
+from lowrank.metrics import MetricsLog
 from lowrank.roles import POLICY, REFERENCE, VALUE, use_role
 from lowrank.rollout import (Samples, context_length, position_ids, response_logprobs,  # noqa: F401 (re-exported)
                              length_alarm, load_policy_inputs, response_mask, sample,
@@ -37,22 +38,11 @@ from lowrank.rollout import (Samples, context_length, position_ids, response_log
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PPOConfig(StageFields):
+@stage_config
+class PPOConfig(RLFields):
     """Every knob of `lowrank ppo`; defaults follow TRL's PPO and the InstructGPT paper where they fit a small run."""
 
-    model: str = field(default="tiny", metadata={"help": "base model: HF dir or hub id (as used for SFT/reward)"})
-    sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: initial policy and the reference"})
-    reward_adapter: str = field(default="", metadata={"help": "reward adapter dir from `lowrank reward`"})
     prompts: str = field(default="", metadata={"help": "prompts file (JSON/JSONL) or dataset name"})
-    output_dir: str = field(default="", metadata={"help": "where the policy adapter is written"})
-    quant: str = field(default="auto", metadata={"help": "base weights: nf4, int8, none, or auto (what the SFT "
-                                                         "adapter, else the reward adapter, was trained on)"})
-    # sampling
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of rollouts (1: off)"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling of rollouts (0: off)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "response length limit"})
     # KL penalty
     init_kl_coef: float = field(default=0.05, metadata={"help": "initial KL penalty coefficient (beta)"})
     adaptive_kl: bool = field(default=True, metadata={"help": "steer beta toward target_kl (Ziegler et al.)"})
@@ -75,32 +65,23 @@ class PPOConfig(StageFields):
     value_warmup_steps: int = field(default=0, metadata={"help": "first steps that train only the value role, the "
                                                                  "policy frozen (counted in --steps)"})
     score_clip: float = field(default=0.0, metadata={"help": "clip reward-model scores to +-this (0: off)"})
-    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of a response "
-                                                                      "that hits --max-new-tokens unfinished"})
-    min_reward_accuracy: float = field(default=0.6, metadata={"help": "warn when the reward adapter's held-out "
-                                                                      "pairwise accuracy is below this (0: off)"})
-    refuse_weak_reward: bool = field(default=False, metadata={"help": "stop instead of warning below "
-                                                                     "--min-reward-accuracy"})
     # optimisation
-    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip epsilon"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
     rollout_batch_size: int = field(default=16, metadata={"help": "prompts sampled per PPO step"})
     minibatch_size: int = field(default=4, metadata={"help": "rollouts per optimizer step"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (policy and value)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     steps: int = field(default=100, metadata={"help": "PPO steps (rollout batches)"})
-    lora_r: int = field(default=16, metadata={"help": "rank of a fresh policy LoRA when no SFT adapter is given"})
-    lora_alpha: int = field(default=32, metadata={"help": "alpha of a fresh policy LoRA"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    # bookkeeping
-    seed: int = field(default=0, metadata={"help": "seed of sampling, prompt order and init"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps for --resume (0: off)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in output_dir"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
-    log_samples: int = field(default=2, metadata={"help": "sample responses logged per step"})
-
+    # the shared fields (lowrank.fields) as PPO states them
+    model = restate(help="base model: HF dir or hub id (as used for SFT/reward)")
+    quant = restate(help="base weights: nf4, int8, none, or auto (what the SFT adapter, else the reward adapter, "
+                         "was trained on)")
+    temperature = restate(help="sampling temperature of rollouts")
+    top_p = restate(help="nucleus sampling of rollouts (1: off)")
+    top_k = restate(help="top-k sampling of rollouts (0: off)")
+    max_new_tokens = restate(64, help="response length limit")
+    cliprange = restate(help="PPO ratio clip epsilon")
+    learning_rate = restate(help="AdamW learning rate (policy and value)")
 
 # --------------------------------------------------------------------------------------------
 # Forward passes of the roles (each must run inside use_role of its role)

@@ -20,14 +20,15 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
 from lowrank import locks, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.fields import EpochFields, SchedulerField, TrainingFields, WeightDecayField, restate, stage_config
+from lowrank.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +37,22 @@ log = logging.getLogger(__name__)
 _EXTRA_FILES = ("tokenizer.model", "generation_config.json")
 
 
-@dataclass
-class PretrainConfig(StageFields):
+@stage_config
+class PretrainConfig(TrainingFields, EpochFields, WeightDecayField, SchedulerField):
     """Settings of `lowrank pretrain` (flags: --model, --data, --output-dir, ...)."""
 
-    model: str = field(default="tiny", metadata={"help": "model to train: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe' (random weights)"})
     data: str = field(default="", metadata={"help": "training text: .json/.jsonl records with a 'text' field"})
-    output_dir: str = field(default="", metadata={"help": "where the trained model (a Hugging Face dir) and metrics.jsonl go"})
-    eval_fraction: float = field(default=0.02, metadata={"help": "share of documents held out for the eval loss"})
-    max_length: int = field(default=256, metadata={"help": "tokens per document (longer ones are cut) and per packed row"})
     batch_size: int = field(default=16, metadata={"help": "packed rows per optimizer step"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine, linear or constant after warm-up"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training text (when max_steps is 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
-    eval_every: int = field(default=0, metadata={"help": "eval loss every N optimizer steps (0: at start and end only)"})
-    seed: int = field(default=0, metadata={"help": "seed of the split and the data order"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
+    # the shared fields (lowrank.fields) as pretraining states them
+    model = restate(help="model to train: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe' (random weights)")
+    output_dir = restate(help="where the trained model (a Hugging Face dir) and metrics.jsonl go")
+    seed = restate(help="seed of the split and the data order")
+    learning_rate = 3e-3
+    warmup_steps = 20
+    epochs = restate(help="passes over the training text (when max_steps is 0)")
+    max_length = restate(256, help="tokens per document (longer ones are cut) and per packed row")
+    eval_fraction = restate(0.02, help="share of documents held out for the eval loss")
+    eval_every = restate(0, help="eval loss every N optimizer steps (0: at start and end only)")
 
 
 def _validate(config: PretrainConfig) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,9 @@ from torch import nn
 from lowrank import checkpoints, locks, loop, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.fields import AccumulationFields, AdapterFields, EpochFields, WeightDecayField, restate, stage_config
 from lowrank.loop import PairStream, split_pairs
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.metrics import MetricsLog
 from lowrank.scoring import MEMBERS, SCORE_HEAD, add_score_head, pad_batch, score_sequences
 from lowrank.train import causal_lm
 
@@ -114,43 +115,33 @@ def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter
 # Training
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class RewardConfig(StageFields):
-    """Settings of `lowrank reward` (flags: --model, --data, --output-dir, ...)."""
+@stage_config
+class RewardConfig(AdapterFields, EpochFields, WeightDecayField, AccumulationFields):
+    """Settings of `lowrank reward` (flags: --model, --data, --output-dir, ...); shared fields: lowrank.fields."""
 
-    model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny'"})
     data: str = field(default="", metadata={"help": "preference pairs (.json/.jsonl with prompt/chosen/rejected, or a hub dataset)"})
-    output_dir: str = field(default="", metadata={"help": "where the reward adapter is written"})
     sft_adapter: str | None = field(default=None, metadata={"help": "SFT adapter dir to initialise the LoRA from (and take the chat template of)"})
-    quant: str = field(default="auto", metadata={"help": "base weights: nf4 (QLoRA), int8, none, or auto (nf4 on CUDA, none on a CPU, where bitsandbytes' 4-bit is ~20x slower)"})
     template: str | None = field(default=None, metadata={"help": "chat template when no SFT adapter is given: auto, tokenizer or a built-in name"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (ignored with --sft-adapter: its rank is kept)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (ignored with --sft-adapter)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (ignored with --sft-adapter)"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     center_rewards: float = field(default=0.0, metadata={"help": "weight of the centring term mean((r_chosen + "
                                                                  "r_rejected)^2) (Eisenstein et al. 2023; 0: off): "
                                                                  "scores comparable across prompts, as PPO needs"})
-    optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
     batch_size: int = field(default=8, metadata={"help": "preference pairs per micro-batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    tokens_per_step: int = field(default=0, metadata={"help": "tokens (chosen + rejected) per optimizer step; when > 0 it sets the micro-batches per step (replaces --gradient-accumulation-steps)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (when max_steps is 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
-    max_length: int = field(default=512, metadata={"help": "tokens per prompt+response (longer ones are cut)"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out for accuracy/margin"})
-    eval_every: int = field(default=20, metadata={"help": "evaluate every N optimizer steps (and at the end)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
-    seed: int = field(default=0, metadata={"help": "seed of the split, head init, LoRA init and shuffling"})
     ensemble: int = field(default=1, metadata={"help": "reward models trained on the same pairs, seeds seed, seed+1, "
                                                        "...; PPO, GRPO and `lowrank score` use the mean of their "
                                                        "scores (members 2.. in OUTPUT_DIR/members/N)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps for --resume (0: never)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
+    # the shared fields (lowrank.fields) as reward training states them
+    model = restate(help="base model: Hugging Face dir or hub id, or 'tiny'")
+    output_dir = restate(help="where the reward adapter is written")
+    seed = restate(help="seed of the split, head init, LoRA init and shuffling")
+    lora_r = restate(help="LoRA rank (ignored with --sft-adapter: its rank is kept)")
+    lora_alpha = restate(help="LoRA alpha (ignored with --sft-adapter)")
+    lora_dropout = restate(help="LoRA dropout (ignored with --sft-adapter)")
+    learning_rate = 1e-4
+    warmup_steps = restate(help="linear warm-up steps, then constant")
+    tokens_per_step = restate(help="tokens (chosen + rejected) per optimizer step; when > 0 it sets the micro-batches "
+                                   "per step (replaces --gradient-accumulation-steps)")
+    max_length = restate(help="tokens per prompt+response (longer ones are cut)")
+    eval_every = restate(help="evaluate every N optimizer steps (and at the end)")
 
 
 # Fields a resumed run must share with the interrupted one (anything that changes the trajectory).

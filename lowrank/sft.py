@@ -16,53 +16,41 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
 from lowrank import checkpoints, locks, loop, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
+from lowrank.fields import (AccumulationFields, AdapterFields, EpochFields, SchedulerField, WeightDecayField, restate,
+                            stage_config)
 from lowrank.loop import BatchStream, held_out_loss, split_held_out
-from lowrank.metrics import MetricsLog, StageFields
+from lowrank.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SFTConfig(StageFields):
-    """Settings of `lowrank sft` (flags: --model, --data, --output-dir, ...)."""
+@stage_config
+class SFTConfig(AdapterFields, EpochFields, WeightDecayField, SchedulerField, AccumulationFields):
+    """Settings of `lowrank sft` (flags: --model, --data, --output-dir, ...); shared fields: lowrank.fields."""
 
-    model: str = field(default="tiny", metadata={"help": "base model: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe'"})
     data: str = field(default="", metadata={"help": "training data: .json/.jsonl (alpaca, sharegpt or messages) or a hub dataset; empty: the shipped alpaca sample"})
-    output_dir: str = field(default="", metadata={"help": "where the adapter, metrics.jsonl, loss.png and checkpoints go"})
     eval_data: str = field(default="", metadata={"help": "held-out data; empty: hold out --eval-fraction of --data"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of examples held out for eval loss when no --eval-data"})
     template: str = field(default="auto", metadata={"help": "chat template: auto (the tokenizer's, else vicuna), tokenizer, alpaca, vicuna, llama2, llama3, mistral, gemma, phi3, chatml"})
-    max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are cut) and per packed row"})
     pack: bool = field(default=True, metadata={"help": "pack several examples into one row, padding-free"})
-    quant: str = field(default="auto", metadata={"help": "base weights: nf4 (QLoRA), int8, none, or auto (nf4 on CUDA, none on a CPU, where bitsandbytes' 4-bit is ~20x slower)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for activation memory"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "modules that get LoRA: all-linear (every linear but lm_head) or names such as q_proj,v_proj"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine, linear or constant after warm-up"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    optim_bits: int = field(default=32, metadata={"help": "paged AdamW state bits on CUDA with a quantized base: 32 or 8"})
     batch_size: int = field(default=4, metadata={"help": "rows (packed) or examples per micro-batch, per process"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    tokens_per_step: int = field(default=0, metadata={"help": "tokens per optimizer step (all processes); when > 0 it sets the micro-batches per step (replaces --gradient-accumulation-steps)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training data (when max_steps is 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; overrides epochs when > 0"})
-    eval_every: int = field(default=20, metadata={"help": "eval loss every N optimizer steps (and at start and end; 0: only those)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps for --resume (0: never)"})
-    seed: int = field(default=0, metadata={"help": "seed of the split, LoRA init, dropout and data order"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in output_dir"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    # the shared fields (lowrank.fields) as SFT states them
+    model = restate(help="base model: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe'")
+    output_dir = restate(help="where the adapter, metrics.jsonl, loss.png and checkpoints go")
+    seed = restate(help="seed of the split, LoRA init, dropout and data order")
+    lora_r = restate(help="LoRA rank")
+    lora_alpha = restate(help="LoRA alpha (scale = alpha / r)")
+    epochs = restate(help="passes over the training data (when max_steps is 0)")
+    max_length = restate(help="tokens per example (longer ones are cut) and per packed row")
+    eval_fraction = restate(help="share of examples held out for eval loss when no --eval-data")
+    eval_every = restate(help="eval loss every N optimizer steps (and at start and end; 0: only those)")
 
 
 # Fields a resumed run must share with the interrupted one (anything that changes the trajectory).
