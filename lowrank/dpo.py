@@ -45,7 +45,7 @@ DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 @stage_config
-class DPOConfig(AdapterFields, EpochFields, SchedulerField):
+class DPOConfig(EpochFields, SchedulerField, AdapterFields):
     """Settings of `lowrank dpo`; defaults follow TRL's DPOTrainer where they fit a LoRA run."""
 
     sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: the initial policy and the frozen "

@@ -1,7 +1,9 @@
 """The config fields the stages share, declared once each, in groups a stage's config is composed of.
 
 A stage's config (SFTConfig, PPOConfig, ...) is a dataclass whose bases are the groups it uses:
-``class DPOConfig(AdapterFields, EpochFields, SchedulerField)``. Each shared field, with its type,
+``class DPOConfig(EpochFields, SchedulerField, AdapterFields)``, the group that holds StageFields last
+so that --model, --output-dir and the other fields every stage has come first in --help (a
+dataclass lists the fields of its bases in reverse order of the MRO). Each shared field, with its type,
 default and help text, stands here only; `lowrank.config` turns every field into a flag and a YAML
 key, so the groups give the same ``--learning-rate`` to every stage that has one.
 
@@ -168,7 +170,7 @@ class RewardFunctionFields:
 
 
 @stage_config
-class RLFields(AdapterFields, SamplingFields):
+class RLFields(SamplingFields, AdapterFields):
     """An RL stage: the SFT policy sampled and updated against a reward (ppo, grpo)."""
     sft_adapter: str = _help("SFT adapter dir: initial policy and the reference", "")
     reward_adapter: str = _help("reward adapter dir from `lowrank reward`", "")

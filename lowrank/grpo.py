@@ -54,7 +54,7 @@ LOSS_NORMALIZATIONS = ("token", "sequence", "constant")
 
 
 @stage_config
-class GRPOConfig(RLFields, RewardFunctionFields):
+class GRPOConfig(RewardFunctionFields, RLFields):
     """Every knob of `lowrank grpo`; defaults follow DeepSeekMath and TRL's GRPOTrainer where they fit LoRA."""
 
     prompts: str = field(default="", metadata={"help": "prompts: JSON/JSONL file or hub dataset (name:config), each "

@@ -50,7 +50,7 @@ PAIRS_FILE = "pairs.jsonl"
 
 
 @stage_config
-class PairsConfig(BaseModelFields, SamplingFields, RewardFunctionFields):
+class PairsConfig(SamplingFields, RewardFunctionFields, BaseModelFields):
     """Every knob of `lowrank pairs`."""
 
     sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: the policy whose answers are ranked "

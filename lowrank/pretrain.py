@@ -38,7 +38,7 @@ _EXTRA_FILES = ("tokenizer.model", "generation_config.json")
 
 
 @stage_config
-class PretrainConfig(TrainingFields, EpochFields, WeightDecayField, SchedulerField):
+class PretrainConfig(EpochFields, WeightDecayField, SchedulerField, TrainingFields):
     """Settings of `lowrank pretrain` (flags: --model, --data, --output-dir, ...)."""
 
     data: str = field(default="", metadata={"help": "training text: .json/.jsonl records with a 'text' field"})

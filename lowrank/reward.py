@@ -116,7 +116,7 @@ def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter
 # --------------------------------------------------------------------------------------------
 
 @stage_config
-class RewardConfig(AdapterFields, EpochFields, WeightDecayField, AccumulationFields):
+class RewardConfig(EpochFields, WeightDecayField, AccumulationFields, AdapterFields):
     """Settings of `lowrank reward` (flags: --model, --data, --output-dir, ...); shared fields: lowrank.fields."""
 
     data: str = field(default="", metadata={"help": "preference pairs (.json/.jsonl with prompt/chosen/rejected, or a hub dataset)"})

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @stage_config
-class SFTConfig(AdapterFields, EpochFields, WeightDecayField, SchedulerField, AccumulationFields):
+class SFTConfig(EpochFields, WeightDecayField, SchedulerField, AccumulationFields, AdapterFields):
     """Settings of `lowrank sft` (flags: --model, --data, --output-dir, ...); shared fields: lowrank.fields."""
 
     data: str = field(default="", metadata={"help": "training data: .json/.jsonl (alpaca, sharegpt or messages) or a hub dataset; empty: the shipped alpaca sample"})
