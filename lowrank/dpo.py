@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lowrank import checkpoints, locks, loop, rl, runrecord, train
+from lowrank import checkpoints, loop, preference, rl, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.fields import AdapterFields, EpochFields, SchedulerField, restate, stage_config
 from lowrank.metrics import MetricsLog
+from lowrank.preference import PairInputs
 from lowrank.roles import POLICY, REFERENCE, use_role
 
 log = logging.getLogger(__name__)
@@ -290,36 +290,24 @@ def evaluate(accelerator, model, config: DPOConfig, examples: list[dict], pad_id
 # Training
 # --------------------------------------------------------------------------------------------
 
-def _load_inputs(config: DPOConfig):
-    """Check every input before anything is loaded or written.
-
-    Returns (model path, tokenizer, (template name, jinja), tokenized pairs, SFT lowrank.json or None).
-    """
-    from lowrank.data import load_preference_pairs
-    from lowrank.models import QUANT_CHOICES, check_architecture, load_tokenizer, resolve_quant
-    from lowrank.templates import resolve_template
+def _load_inputs(config: DPOConfig) -> PairInputs:
+    """Check every input before anything is loaded or written: settings, SFT adapter, base, pairs."""
+    from lowrank.models import QUANT_CHOICES, check_architecture, resolve_quant
     from lowrank.tiny import resolve_model_name
 
     _validate(config)
-    sft_meta = (runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
-                if config.sft_adapter else None)
+    sft_meta = preference.read_sft_record(config)
     if config.quant == "auto":  # the base as the SFT adapter saw it in training
         config.quant = (sft_meta.config.get("quant") if sft_meta else None) or resolve_quant("auto")
     if config.quant not in QUANT_CHOICES:
         raise UserError(f"--quant: unknown value '{config.quant}'; choose auto or one of {', '.join(QUANT_CHOICES)}")
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)
-    tokenizer = load_tokenizer(model_path)
-    recorded = sft_meta.chat_template if sft_meta else None
-    if recorded:
-        template_name, template = recorded.name, recorded.jinja
-    else:
-        template_name, template = resolve_template(tokenizer, None if config.template in ("", "auto") else config.template)
-    examples = tokenize_preference_pairs(tokenizer, template, load_preference_pairs(config.pairs), config.max_length)
+    inputs = preference.load_pair_inputs(config, config.pairs, model_path, sft_meta, tokenize_preference_pairs)
     if not config.sft_adapter and config.loss not in REFERENCE_FREE:
         log.info("no --sft-adapter: the policy is a fresh LoRA and the reference of --loss %s is the base itself "
                  "(adapters disabled)", config.loss)
-    return model_path, tokenizer, (template_name, template), examples, sft_meta
+    return inputs
 
 
 def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) -> Path:
@@ -334,26 +322,24 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
     from lowrank.models import load_base_model, lora_config
     from lowrank.roles import build_roles, trainable_parameters
 
-    model_path, tokenizer, (template_name, template), examples, _ = _load_inputs(config)
+    inputs = _load_inputs(config)
+    examples, train_examples, eval_examples = inputs.examples, inputs.train_examples, inputs.eval_examples
     accelerator = train.make_accelerator()
     micro_per_step = config.batch_size // config.micro_batch_size
     if micro_per_step % accelerator.num_processes:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
                         f"{config.micro_batch_size} x {accelerator.num_processes} processes")
     accumulation = micro_per_step // accelerator.num_processes
-    train_examples, eval_examples = loop.split_pairs(examples, config.eval_fraction, config.seed)
     out_dir = Path(config.output_dir).expanduser()
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
-    if accelerator.is_main_process:
-        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
-    accelerator.wait_for_everyone()
+    preference.take_output_dir(accelerator, out_dir, config)
 
     train.seed_everything(config.seed)
-    base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
+    base = load_base_model(inputs.model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
                            device=accelerator.device)
     policy_lora = None if config.sft_adapter else lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=0.0)
     model = build_roles(base, sft_adapter=config.sft_adapter or None, policy_lora_config=policy_lora)
-    pad_id = tokenizer.pad_token_id  # load_tokenizer makes eos the pad when the model has none
+    pad_id = inputs.tokenizer.pad_token_id  # load_tokenizer makes eos the pad when the model has none
     reference = None
     if config.loss not in REFERENCE_FREE:
         reference = reference_logprobs(accelerator, model, examples, config.micro_batch_size, pad_id)
@@ -410,33 +396,18 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
             on_step(record)
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        metrics_log.plot(out_dir / "dpo_metrics.png", ["loss", "margin", "accuracy", "eval_accuracy", "eval_margin"])
-        evals = [r for r in metrics_log.records if "eval_accuracy" in r]
-        metrics = {k: v for k, v in last.items() if k not in ("step", "max_steps", "lr", "grad_norm")}
-        if evals:
-            metrics.update({"initial_eval_accuracy": evals[0]["eval_accuracy"],
-                            "initial_eval_margin": evals[0]["eval_margin"], "initial_eval_loss": evals[0]["eval_loss"]})
-        metrics["steps"] = max_steps
-        if torch.cuda.is_available():
-            metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
-        meta = runrecord.RunRecord(
-            stage="dpo", base=runrecord.BaseRef.of(config.model, model_path),
-            chat_template=runrecord.ChatTemplate(template_name, template),
-            data={"source": config.pairs, "digest": train.data_digest(config.pairs), "pairs": len(examples),
-                  "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
-            config=config_to_dict(config),
-            seed=config.seed,
-            metrics=metrics,
-            extra={
-                "sft_adapter": config.sft_adapter or None,
-                # what the implicit rewards are measured against
-                "reference": None if config.loss in REFERENCE_FREE else (config.sft_adapter or "base"),
-                "processes": accelerator.num_processes,
-            },
-        )
-        train.write_adapter(peft_model, out_dir, meta, adapter_name=POLICY)
-        shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
-    accelerator.wait_for_everyone()
-    locks.release(out_dir)  # the output is complete
-    return out_dir
+    metrics_log.plot(out_dir / "dpo_metrics.png", ["loss", "margin", "accuracy", "eval_accuracy", "eval_margin"])
+    evals = [r for r in metrics_log.records if "eval_accuracy" in r]
+    metrics = {k: v for k, v in last.items() if k not in ("step", "max_steps", "lr", "grad_norm")}
+    if evals:
+        metrics.update({"initial_eval_accuracy": evals[0]["eval_accuracy"],
+                        "initial_eval_margin": evals[0]["eval_margin"], "initial_eval_loss": evals[0]["eval_loss"]})
+    metrics["steps"] = max_steps
+    if torch.cuda.is_available():
+        metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
+    extra = {"sft_adapter": config.sft_adapter or None,
+             # what the implicit rewards are measured against
+             "reference": None if config.loss in REFERENCE_FREE else (config.sft_adapter or "base"),
+             "processes": accelerator.num_processes}
+    return preference.finish_run(accelerator, peft_model, out_dir, "dpo", config, inputs, metrics=metrics, extra=extra,
+                                 adapter_name=POLICY)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 from dataclasses import field
 from pathlib import Path
 from typing import Callable
@@ -18,11 +17,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lowrank import checkpoints, locks, loop, runrecord
+from lowrank import checkpoints, loop, preference, runrecord
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.fields import AccumulationFields, AdapterFields, EpochFields, WeightDecayField, restate, stage_config
-from lowrank.loop import PairStream, split_pairs
+from lowrank.loop import PairStream
 from lowrank.metrics import MetricsLog
 from lowrank.scoring import MEMBERS, SCORE_HEAD, add_score_head, pad_batch, score_sequences
 from lowrank.train import causal_lm
@@ -349,9 +348,7 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
     from peft import get_peft_model
 
     from lowrank import plan, train
-    from lowrank.data import load_preference_pairs
-    from lowrank.models import load_base_model, load_tokenizer, resolve_quant
-    from lowrank.templates import resolve_template
+    from lowrank.models import load_base_model, resolve_quant
     from lowrank.tiny import resolve_model_name
 
     config.quant = resolve_quant(config.quant)  # "auto" becomes this machine's choice, and lowrank.json records that
@@ -364,19 +361,12 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
     if config.tokens_per_step < 0:
         raise UserError(f"--tokens-per-step must be 0 (off) or positive, got {config.tokens_per_step}")
     model_path = resolve_model_name(config.model)
-    sft_meta = None
+    sft_meta = preference.read_sft_record(config)
     if config.sft_adapter:
-        sft_meta = runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
         read_sft_lora_config(config.sft_adapter)
     # Validate every input before touching the output dir or loading the model.
-    tokenizer = load_tokenizer(model_path)
-    if sft_meta is not None and sft_meta.chat_template:
-        template_name, template = sft_meta.chat_template.name, sft_meta.chat_template.jinja
-    else:
-        template_name, template = resolve_template(tokenizer, config.template)
-    pairs = load_preference_pairs(config.data)
-    examples = tokenize_pairs(tokenizer, template, pairs, config.max_length)
-    train_examples, eval_examples = split_pairs(examples, config.eval_fraction, config.seed)
+    inputs = preference.load_pair_inputs(config, config.data, model_path, sft_meta, tokenize_pairs)
+    tokenizer, train_examples, eval_examples = inputs.tokenizer, inputs.train_examples, inputs.eval_examples
     out_dir = train.check_output_dir(config.output_dir, config.overwrite, resume=config.resume)
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
 
@@ -393,9 +383,7 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
     if config.sft_adapter:
         _load_sft_lora(peft_model, Path(config.sft_adapter), "default")
     # Every input has been checked (an SFT adapter that does not fit refuses above): now the output dir.
-    if accelerator.is_main_process:
-        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
-    accelerator.wait_for_everyone()
+    preference.take_output_dir(accelerator, out_dir, config)
     peft_model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -451,25 +439,13 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
             on_step(record)
 
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return out_dir
     metrics_log.plot(out_dir / "reward_metrics.png", ["loss", "eval_accuracy", "eval_margin"])
-    meta = runrecord.RunRecord(
-        stage="reward", base=runrecord.BaseRef.of(config.model, model_path),
-        chat_template=runrecord.ChatTemplate(template_name, template),
-        data={"source": config.data, "digest": train.data_digest(config.data), "pairs": len(examples),
-              "train_pairs": len(train_examples), "eval_pairs": len(eval_examples)},
-        config=config_to_dict(config),
-        seed=config.seed,
-        metrics={**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr", "grad_norm")},
-                 **plan.peak_metrics(memory_plan, accelerator.device)},
-        extra={"sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
-               "processes": accelerator.num_processes,
-               **({"members": members,
-                   "member_eval_accuracy": [runrecord.read(out_dir / m).metrics.get("eval_accuracy") for m in members]}
-                  if members else {})},
-    )
-    train.write_adapter(peft_model, out_dir, meta)
-    shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished
-    locks.release(out_dir)  # the output is complete
-    return out_dir
+    metrics = {**{k: v for k, v in final.items() if k not in ("step", "max_steps", "lr", "grad_norm")},
+               **plan.peak_metrics(memory_plan, accelerator.device)}
+    extra = {"sft_adapter": str(config.sft_adapter) if config.sft_adapter else None,
+             "processes": accelerator.num_processes,
+             **({"members": members,
+                 "member_eval_accuracy": [runrecord.read(out_dir / m).metrics.get("eval_accuracy") for m in members]}
+                if members else {})}
+    return preference.finish_run(accelerator, peft_model, out_dir, "reward", config, inputs, metrics=metrics,
+                                 extra=extra)
