@@ -200,7 +200,8 @@ def section_rl(args, shape_name: str = "llama2-7b") -> list[dict]:
 
     from lowrank import ppo, train
     from lowrank.models import lora_config
-    from lowrank.reward import bradley_terry_loss, pair_rewards, reward_lora_config
+    from lowrank.reward import bradley_terry_loss, pair_rewards
+    from lowrank.reward_lora import reward_lora_config
     from lowrank.scoring import add_score_head
     from lowrank.roles import POLICY, VALUE, build_roles, trainable_parameters
 

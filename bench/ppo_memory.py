@@ -16,7 +16,7 @@ a GPU. The setups:
          has rollouts, the same minibatches and epochs;
 - dpo:   lowrank's DPO (lowrank.dpo): policy and reference on one base, the reference log-probs
          computed once up front (dpo.reference_logprobs), then steps of 2 micro-batches of 2 pairs
-         (4 rows each, as SFT's batch) through dpo.pair_losses and lowrank.train's loop.
+         (4 rows each, as SFT's batch) through dpo_loss.pair_losses and lowrank.train's loop.
 Every trainable setup uses torch's AdamW, so optimizer state is counted the same way everywhere.
 The last lines printed are the ratios to SFT of GRPO and DPO. Targets: swap, grpo and dpo <= 1.5x
 sft, four >= 2.5x swap.
@@ -68,7 +68,7 @@ def build_adapters(base_dir: Path, out: Path) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
     from lowrank.models import lora_config
-    from lowrank.reward import reward_lora_config
+    from lowrank.reward_lora import reward_lora_config
     from lowrank.scoring import add_score_head
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -166,8 +166,8 @@ def grpo_steps(base, base_dir, sft_dir, reward_dir, prompts, steps: int, new_tok
 def dpo_steps(base, sft_dir, prompts, steps: int, new_tokens: int, device: str) -> None:
     """lowrank.dpo's step as train_dpo runs it: the reference log-probs of every pair once, then per
     optimizer step 2 micro-batches of BATCH // 2 pairs (BATCH rows, as SFT's batch) through
-    dpo.pair_losses, train.accumulate_gradients and train.optimizer_step."""
-    from lowrank import dpo, train
+    dpo_loss.pair_losses, train.accumulate_gradients and train.optimizer_step."""
+    from lowrank import dpo, dpo_loss, train
     from lowrank.roles import POLICY, build_roles, trainable_parameters
 
     config = dpo.DPOConfig(beta=0.1, batch_size=BATCH, micro_batch_size=BATCH // 2, learning_rate=1e-5)
@@ -190,7 +190,7 @@ def dpo_steps(base, sft_dir, prompts, steps: int, new_tokens: int, device: str) 
         part = examples[(step * BATCH) % len(examples):][:BATCH]
         micro = [dpo.collate_pairs(part[i:i + size], 0, reference) for i in range(0, len(part), size)]
         train.accumulate_gradients(accelerator, model, micro,
-                                   loss_sum_fn=lambda m, b: dpo.pair_losses(config, m, b)[0].sum(),
+                                   loss_sum_fn=lambda m, b: dpo_loss.pair_losses(config, m, b)[0].sum(),
                                    count_fn=lambda b: b["reference_chosen"].shape[0])
         train.optimizer_step(accelerator, parameters, optimizer, scheduler, config.max_grad_norm)
 

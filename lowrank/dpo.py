@@ -8,8 +8,8 @@ policy's own log-probabilities of the two responses. One step of ``train_dpo``:
    (``reference_logprobs``; DPO and IPO only, SimPO and ORPO need no reference);
 2. per micro-batch: chosen and rejected rows in ONE right-padded forward pass of the policy; the
    sequence log-prob sums (DPO, IPO) or per-token means (SimPO, ORPO) over the response tokens;
-3. the pair losses of lowrank/rl.py, summed and normalised by the pairs of the whole optimizer
-   step (lowrank.train.accumulate_gradients), then clip and step.
+3. the pair losses (lowrank/dpo_loss.py, on the maths of lowrank/rl.py), summed and normalised by
+   the pairs of the whole optimizer step (lowrank.train.accumulate_gradients), then clip and step.
 
 The implicit reward of a response is beta * (log pi - log ref) (Rafailov et al. 2023, section 5),
 or beta * mean log pi for the reference-free losses; the pairwise accuracy is the share of pairs
@@ -27,8 +27,9 @@ from typing import Callable
 
 import torch
 
-from lowrank import checkpoints, loop, preference, rl, train
+from lowrank import checkpoints, loop, preference, train
 from lowrank.config import config_to_dict
+from lowrank.dpo_loss import DEFAULT_BETA, LOSSES, REFERENCE_FREE, pair_losses, sequence_logprobs
 from lowrank.errors import UserError
 from lowrank.fields import AdapterFields, EpochFields, SchedulerField, restate, stage_config
 from lowrank.metrics import MetricsLog
@@ -36,12 +37,6 @@ from lowrank.preference import PairInputs
 from lowrank.roles import POLICY, REFERENCE, use_role
 
 log = logging.getLogger(__name__)
-
-LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
-REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of per-token mean log-probs, without a reference
-# beta when none is given: TRL's for DPO, IPO and ORPO (its lambda); SimPO's reward is beta times a per-token
-# MEAN log-prob, about 1/length of DPO's scale, and its paper trains with beta of about 2 (Meng et al. 2024).
-DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 @stage_config
@@ -180,69 +175,6 @@ def collate_pairs(examples: list[dict], pad_id: int, reference: tuple[torch.Tens
     ref_chosen, ref_rejected = (r[index] for r in reference) if reference else (torch.zeros(len(index)),) * 2
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
             "reference_chosen": ref_chosen, "reference_rejected": ref_rejected}
-
-
-# --------------------------------------------------------------------------------------------
-# Sequence log-probs and the pair losses
-# --------------------------------------------------------------------------------------------
-
-def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return -torch.nn.functional.cross_entropy(train.head_logits(lm_head, hidden, softcap), targets, reduction="none")
-
-
-def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log pi over each row's response tokens, number of those tokens), each (rows,), fp32.
-
-    Token t is predicted at position t - 1. The LM head runs only on the positions that predict a
-    response token, chunk by chunk under activation checkpointing (as SFT's loss does, see
-    lowrank.train.linear_cross_entropy_sum), so the (rows, seq, vocab) logits never exist.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    keep = batch["response_mask"][:, 1:].bool()  # (rows, seq - 1)
-    targets = batch["input_ids"][:, 1:][keep]  # (response tokens,)
-    lm = train.causal_lm(model)
-    if train._plain_lm_head(lm):
-        hidden = train.final_hidden_states(model, inputs)[:, :-1][keep]  # (response tokens, hidden)
-        lm_head = lm.get_output_embeddings()
-        chunk, softcap = max(16, train.LOSS_CHUNK_LOGITS // lm_head.weight.shape[0]), train.logit_softcap(lm)
-        pieces = []
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            use_checkpoint = torch.is_grad_enabled() and h.requires_grad
-            pieces.append(checkpoint(_token_logprobs, lm_head, h, y, softcap, use_reentrant=False) if use_checkpoint
-                          else _token_logprobs(lm_head, h, y, softcap))
-        token_logprobs = torch.cat(pieces)
-    else:  # scaled logits: the plain path
-        logits = model(**inputs, use_cache=False).logits[:, :-1]  # (rows, seq - 1, vocab)
-        token_logprobs = rl.logprobs_from_logits(logits[keep], targets)
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(keep.shape[0], device=token_logprobs.device).index_add(0, rows, token_logprobs)
-    return sums, keep.sum(1).to(sums.device)
-
-
-def pair_losses(config: DPOConfig, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, chosen reward, rejected reward) per pair of a collated micro-batch, under the active adapter."""
-    sums, counts = sequence_logprobs(model, batch)
-    pairs = sums.shape[0] // 2
-    if config.loss in REFERENCE_FREE:
-        means = sums / counts.clamp(min=1)
-        chosen, rejected = means[:pairs], means[pairs:]
-        if config.loss == "simpo":
-            return rl.simpo_loss(chosen, rejected, config.beta, config.simpo_gamma)
-        return rl.orpo_loss(chosen, rejected, config.beta)
-    reference = (batch["reference_chosen"].to(sums.device), batch["reference_rejected"].to(sums.device))
-    if config.loss == "ipo":
-        loss, chosen_rewards, rejected_rewards = rl.ipo_loss(sums[:pairs], sums[pairs:], *reference, config.beta)
-    else:
-        loss, chosen_rewards, rejected_rewards = rl.dpo_sigmoid_loss(sums[:pairs], sums[pairs:], *reference,
-                                                                     config.beta, config.label_smoothing)
-    if config.rpo_alpha:
-        # RPO (Pang et al. 2024): the SFT loss on the chosen response keeps its likelihood from
-        # falling while the margin grows, which plain DPO allows (both log-probs may drop).
-        loss = loss - config.rpo_alpha * sums[:pairs] / counts[:pairs].clamp(min=1)
-    return loss, chosen_rewards, rejected_rewards
 
 
 @torch.no_grad()

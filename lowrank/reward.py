@@ -2,7 +2,8 @@
 (InstructGPT step 2).
 
 Training (``train_reward``) is the pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)
-over preference pairs, with held-out pairwise accuracy and mean margin as the metrics.
+over preference pairs, with held-out pairwise accuracy and mean margin as the metrics. The adapter's
+LoRA config comes from lowrank/reward_lora.py, the set-up it shares with DPO from lowrank/preference.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from lowrank import checkpoints, loop, preference, runrecord
 from lowrank.config import config_to_dict
@@ -23,91 +23,10 @@ from lowrank.errors import UserError
 from lowrank.fields import AccumulationFields, AdapterFields, EpochFields, WeightDecayField, restate, stage_config
 from lowrank.loop import PairStream
 from lowrank.metrics import MetricsLog
-from lowrank.scoring import MEMBERS, SCORE_HEAD, add_score_head, pad_batch, score_sequences
-from lowrank.train import causal_lm
+from lowrank.reward_lora import is_excluded_target, read_sft_lora_config, reward_lora_config
+from lowrank.scoring import MEMBERS, add_score_head, pad_batch, score_sequences
 
 log = logging.getLogger(__name__)
-
-# Module names that must never get a LoRA: the LM head (tied to embeddings in some models) and our head.
-_NOT_LORA_TARGETS = ("lm_head", SCORE_HEAD)
-
-
-# --------------------------------------------------------------------------------------------
-# Model structure
-# --------------------------------------------------------------------------------------------
-
-def linear_target_modules(model) -> list[str]:
-    """Names (leaf) of the linear layers a LoRA should adapt: all of them but the LM head and score.
-
-    peft's "all-linear" would also pick up our score head (a plain nn.Linear) and write it into
-    target_modules; listing the names ourselves keeps adapter_config.json clean for merge/export.
-    bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized bases work too.
-    """
-    names = {name.rsplit(".", 1)[-1] for name, module in causal_lm(model).named_modules()
-             if isinstance(module, nn.Linear) and name}
-    return sorted(names - set(_NOT_LORA_TARGETS))
-
-
-def _is_excluded_target(name: str) -> bool:
-    """True for a module name (leaf or dotted path) that a reward adapter must not give a LoRA."""
-    return name.rsplit(".", 1)[-1] in _NOT_LORA_TARGETS
-
-
-_ONLY_LM_HEAD = ("{}: its LoRA adapts only the LM head, which the reward model does not use; "
-                 "give an SFT adapter with LoRA on the decoder layers, or none")
-
-
-def read_sft_lora_config(sft_adapter: str | Path):
-    """The LoraConfig of an SFT adapter dir; UserError when it is not one, or when its LoRA is on the LM
-    head alone (nothing a reward adapter could start from). Cheap: call it before loading the model."""
-    from peft import LoraConfig
-
-    try:
-        config = LoraConfig.from_pretrained(str(sft_adapter))
-    except Exception as e:  # not JSON, not a LoRA config, unknown fields of another peft version
-        raise UserError(f"{sft_adapter}/adapter_config.json: not a LoRA adapter config "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    targets = config.target_modules
-    if isinstance(targets, (list, set, tuple)) and not [t for t in targets if not _is_excluded_target(t)]:
-        raise UserError(_ONLY_LM_HEAD.format(sft_adapter))
-    return config
-
-
-def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter: str | Path | None = None):
-    """LoraConfig of a reward adapter: the SFT adapter's own (so its weights load) or a fresh one,
-    with the score head in ``modules_to_save``.
-
-    From an SFT adapter, the LM head is dropped from the LoRA targets (and any SFT
-    ``modules_to_save`` with it): the score reads the last hidden state, before the LM head, so a
-    LoRA there would do nothing for the reward. ``_load_sft_lora`` skips those weights, saying so.
-    """
-    import re
-
-    if sft_adapter is not None:
-        config = read_sft_lora_config(sft_adapter)
-        config.inference_mode = False
-        targets = config.target_modules
-        if targets == "all-linear":
-            targets = linear_target_modules(model)
-        elif isinstance(targets, str):  # a regex over full module names: resolve it, then drop the heads
-            targets = sorted(name for name, _ in causal_lm(model).named_modules()
-                             if name and re.fullmatch(targets, name) and not _is_excluded_target(name))
-        else:
-            targets = sorted(t for t in targets if not _is_excluded_target(t))
-        if not targets:
-            raise UserError(_ONLY_LM_HEAD.format(sft_adapter))
-        config.target_modules = targets
-        # Whole modules the SFT adapter trained (other than the LM head) stay trained modules here.
-        kept = [m for m in (config.modules_to_save or []) if not _is_excluded_target(m)]
-    else:
-        from lowrank.models import lora_config
-
-        config = lora_config(r=r, alpha=alpha, dropout=dropout, target_modules=linear_target_modules(model))
-        kept = []
-    config.modules_to_save = [*kept, SCORE_HEAD]
-    config.task_type = None  # a custom head: no peft task wrapper (it would expect AutoModelFor*)
-    return config
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,9 +201,9 @@ def _load_sft_lora(peft_model, sft_adapter: Path, adapter_name: str) -> None:
     except Exception as e:  # a missing or corrupt adapter_model.safetensors
         raise UserError(f"{sft_adapter}: cannot read its adapter weights ({type(e).__name__}); "
                         "give the output dir of a completed `lowrank sft` run") from None
-    skipped = sorted({_module_of_weight(k) for k in sft_weights if _is_excluded_target(_module_of_weight(k))})
+    skipped = sorted({_module_of_weight(k) for k in sft_weights if is_excluded_target(_module_of_weight(k))})
     if skipped:
-        sft_weights = {k: v for k, v in sft_weights.items() if not _is_excluded_target(_module_of_weight(k))}
+        sft_weights = {k: v for k, v in sft_weights.items() if not is_excluded_target(_module_of_weight(k))}
         log.info("%s: not loading the SFT adapter's weights of %s into the reward adapter (the score reads the "
                  "hidden state before the LM head)", sft_adapter, ", ".join(m.rsplit(".", 1)[-1] for m in skipped))
     unknown = sorted(set(sft_weights) - set(state))

@@ -151,7 +151,7 @@ def test_sequence_logprobs_are_the_sum_over_response_tokens_of_the_full_logits(t
     """The chunked LM head on response positions gives what log_softmax of the whole logits gives."""
     from peft import LoraConfig, get_peft_model
 
-    from lowrank.dpo import sequence_logprobs
+    from lowrank.dpo_loss import sequence_logprobs
     from lowrank.models import load_base_model
 
     base = tiny_model_factory(tokenizer="spm", arch=arch)
@@ -353,13 +353,13 @@ def test_rpo_alpha_adds_the_chosen_responses_per_token_nll(monkeypatch):
     h = 0.5 * ((-6 + 7) - (-8 + 7)) = 1;  DPO = -log sigmoid(1) = 0.313262;  NLL = 6 / 3 = 2;
     with alpha 0.5: 0.313262 + 1.0 = 1.313262.
     """
-    from lowrank import dpo
+    from lowrank import dpo, dpo_loss
 
-    monkeypatch.setattr(dpo, "sequence_logprobs",
+    monkeypatch.setattr(dpo_loss, "sequence_logprobs",
                         lambda model, batch: (torch.tensor([-6.0, -8.0]), torch.tensor([3.0, 4.0])))
     batch = {"reference_chosen": torch.tensor([-7.0]), "reference_rejected": torch.tensor([-7.0])}
-    plain = dpo.pair_losses(dpo.DPOConfig(beta=0.5), None, batch)[0]
-    with_rpo = dpo.pair_losses(dpo.DPOConfig(beta=0.5, rpo_alpha=0.5), None, batch)[0]
+    plain = dpo_loss.pair_losses(dpo.DPOConfig(beta=0.5), None, batch)[0]
+    with_rpo = dpo_loss.pair_losses(dpo.DPOConfig(beta=0.5, rpo_alpha=0.5), None, batch)[0]
     assert plain.item() == pytest.approx(0.313262, abs=1e-6)
     assert with_rpo.item() == pytest.approx(1.313262, abs=1e-6)
 

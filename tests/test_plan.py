@@ -232,9 +232,9 @@ def test_grpo_update_matches_a_cpu_measurement_of_the_stage_code(small_llama, sm
 
 
 def test_dpo_step_matches_a_cpu_measurement_of_the_stage_code(small_llama, small_policy):
-    """Live CPU bytes of dpo.pair_losses forward + backward on 2 pairs of 256-token rows (fp32,
+    """Live CPU bytes of dpo_loss.pair_losses forward + backward on 2 pairs of 256-token rows (fp32,
     checkpointing) against the plan's peak phase: 1.00x when written. Tolerance 0.8-1.25x."""
-    from lowrank import dpo
+    from lowrank import dpo, dpo_loss
 
     model, vocab = small_policy, small_policy.config.vocab_size
     pairs, length = 2, 256
@@ -248,7 +248,7 @@ def test_dpo_step_matches_a_cpu_measurement_of_the_stage_code(small_llama, small
              "reference_chosen": torch.zeros(pairs), "reference_rejected": torch.zeros(pairs)}
     model.train()
     with LiveBytes([*model.parameters(), *model.buffers()]) as live:
-        dpo.pair_losses(dpo.DPOConfig(beta=0.1), model, batch)[0].sum().backward()
+        dpo_loss.pair_losses(dpo.DPOConfig(beta=0.1), model, batch)[0].sum().backward()
     model.zero_grad(set_to_none=True)
     plan = P.estimate(str(small_llama), stage="dpo", fp32_norms=True, tokens_per_micro_batch=2 * pairs * length,
                       max_length=length, reference_adapter=False)

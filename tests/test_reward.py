@@ -386,7 +386,7 @@ def test_sft_adapter_with_a_regex_target_resolves_to_the_layers_without_the_lm_h
     from peft import LoraConfig, get_peft_model
 
     from lowrank.models import load_base_model
-    from lowrank.reward import reward_lora_config
+    from lowrank.reward_lora import reward_lora_config
 
     sft = tmp_path / "sft"
     get_peft_model(load_base_model(str(tiny_spm), "none", gradient_checkpointing=False),
