@@ -185,13 +185,13 @@ def small_policy(small_llama):
 def test_grpo_update_matches_a_cpu_measurement_of_the_stage_code(small_llama, small_policy, checkpointed):
     """Live CPU bytes of GRPO's passes over one micro-batch of 4 completions of 64 prompt + 192 new
     tokens, run through lowrank's own code (fp32), against the plan's phase of the same name. When
-    written: the update (grpo.minibatch_loss forward + backward) 0.99x with checkpointing, where its
+    written: the update (grpo_step.minibatch_loss forward + backward) 0.99x with checkpointing, where its
     peak is the backward through a layer, and 1.06x without, where it is the loss head's logits,
     log-softmax and entropy; the no-gradient log-probs 0.77x (the CPU's attention weights again).
     Tolerances: 0.8-1.25x for the update, 0.6-1.5x for the log-probs. (Sampling, 0.80x by the same
     measure, is left out: under the measuring mode it takes most of a minute on two cores; its KV
     cache is PPO's, checked on a GPU.)"""
-    from lowrank import grpo
+    from lowrank import grpo, grpo_step
     from lowrank.models import prepare_for_training
     from lowrank.roles import apply_trainability
     from lowrank.rollout import response_logprobs
@@ -223,7 +223,7 @@ def test_grpo_update_matches_a_cpu_measurement_of_the_stage_code(small_llama, sm
     model.train()
     try:
         with LiveBytes(exclude) as live:
-            grpo.minibatch_loss(model, batch, config, stats).backward()
+            grpo_step.minibatch_loss(model, batch, config, stats).backward()
     finally:
         model.zero_grad(set_to_none=True)
         prepare_for_training(model.get_base_model(), True)  # as the fixture built it
