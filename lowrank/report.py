@@ -17,7 +17,8 @@ from pathlib import Path
 
 from lowrank import runrecord
 from lowrank.files import check_weights_dir
-from lowrank.pipeline import CURVES, POLICY_STAGES, RL_STAGES, VERIFY_FILE, Stage, gguf_paths, write_json
+from lowrank.pipeline import CURVES, POLICY_STAGES, RL_STAGES, VERIFY_FILE, Stage
+from lowrank.pipeline.state import gguf_paths, write_json
 
 EXAMPLES_KEPT = 5  # answers kept in task_eval.json, to see what the model says
 

@@ -242,7 +242,7 @@ def test_changed_settings_of_a_finished_stage_are_refused_without_overwrite(runs
 
 
 def test_overwrite_runs_a_changed_stage_again_and_every_stage_after_it(runs, tmp_path):
-    from lowrank.pipeline import decide, read_state
+    from lowrank.pipeline.state import decide, read_state
 
     changed = runs["recipe"].read_text().replace("reward: {max_steps: 2,", "reward: {max_steps: 3,")
     _, stages = _plan(tmp_path, changed, "--output-dir", str(runs["out"]))
@@ -250,7 +250,7 @@ def test_overwrite_runs_a_changed_stage_again_and_every_stage_after_it(runs, tmp
 
 
 def test_interrupted_training_resumes_only_with_the_settings_it_started_with(tmp_path):
-    from lowrank.pipeline import may_resume, settings
+    from lowrank.pipeline.state import may_resume, settings
 
     _, stages = _plan(tmp_path, None)
     sft, reward = stages["sft"], stages["reward"]

@@ -1,7 +1,7 @@
 """`lowrank run [RECIPE.yaml]`: a recipe's stages in turn, each skipped when its finished output is
 already there, then one table of what the run measured.
 
-The recipe format, the output dir and the rules for skipping are in lowrank/pipeline.py; the
+The recipe format and the output dir are in lowrank/pipeline/, the rules for skipping in its state.py; the
 measurements (task accuracy, verify, the table's numbers, curves.png) in lowrank/report.py. This
 module parses, prints a line and a progress bar per stage, and formats the table.
 """
@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from lowrank import locks, pipeline
+    from lowrank.pipeline import state as pipeline_state
     from lowrank.report import collect_results, measure_task_accuracy, plot_curves
 
     config, listed, source = build_pipeline_config(args)
@@ -174,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output dir is a file; choose another --output-dir")
     locks.hold(out)  # one `lowrank run` per output dir; its stages take their own dirs' locks too
-    state = pipeline.read_state(out)
-    actions = pipeline.decide(stages, state, config.overwrite)
+    state = pipeline_state.read_state(out)
+    actions = pipeline_state.decide(stages, state, config.overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -196,12 +197,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         started = time.perf_counter()
         if action == "run":
-            resume = pipeline.may_resume(stage, state)
+            resume = pipeline_state.may_resume(stage, state)
             print(f"{prefix}: {describe(stage)}" + (" (resuming from its newest checkpoint)" if resume else ""),
                   flush=True)
-            pipeline.clear_output(stage)
-            state["stages"][stage.name] = {"settings": pipeline.settings(stage), "status": "started"}
-            pipeline.write_state(out, state)
+            pipeline_state.clear_output(stage)
+            state["stages"][stage.name] = {"settings": pipeline_state.settings(stage), "status": "started"}
+            pipeline_state.write_state(out, state)
             run_stage(stage, by_name, resume)
         else:
             print(f"{prefix}: done; measuring its task accuracy", flush=True)
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         record = state["stages"][stage.name]
         seconds = (record.get("seconds") or 0) if action == "eval" else 0
         record.update(status="done", seconds=round(seconds + time.perf_counter() - started, 1))
-        pipeline.write_state(out, state)
+        pipeline_state.write_state(out, state)
     if ran or not (out / pipeline.CURVES).is_file():
         plot_curves(out, stages)
     results = collect_results(stages, state)
