@@ -22,7 +22,7 @@ from lowrank.errors import UserError
 if TYPE_CHECKING:
     from lowrank.export.fit import FitEstimate
     from lowrank.export.gguf import ExportConfig
-    from lowrank.export.verify import VerifyReport
+    from lowrank.export.verify_report import VerifyReport
 
 
 @dataclass

@@ -49,7 +49,7 @@ def export_and_report(config, model_dir: Path, adapters: Sequence[str] = (), *, 
     0 when every check passes, else 1.
     """
     from lowrank.export.fit import closest_miss, format_fit
-    from lowrank.export.verify import format_report
+    from lowrank.export.verify_report import format_report
     from lowrank.exporting import export_model
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py logs every file it opens at INFO

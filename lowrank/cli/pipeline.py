@@ -155,7 +155,7 @@ def run_stage(stage, stages: dict, resume: bool) -> None:
 
         export_and_report(config, stages["merge"].dir)  # prints each path and the fit report
     elif stage.name == "verify":
-        from lowrank.export.verify import format_report
+        from lowrank.export.verify_report import format_report
         from lowrank.report import run_verify
 
         run_verify(stage, stages, on_report=lambda report: print(format_report(report), flush=True))

@@ -26,7 +26,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowrank.exporting import resolve_chat_template
-    from lowrank.export.verify import format_report, verify_gguf
+    from lowrank.export.verify import verify_gguf
+    from lowrank.export.verify_report import format_report
     from lowrank.tiny import resolve_model_name
 
     model_dir = Path(resolve_model_name(args.model_dir))
