@@ -63,7 +63,7 @@ class HFBackend(ChatBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lowrank.models import match_sentencepiece
+        from lowrank.spm_split import match_sentencepiece
 
         self.path = path
         directory = Path(path)

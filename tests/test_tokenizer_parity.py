@@ -13,7 +13,8 @@ import shutil
 
 import pytest
 
-from lowrank.models import load_tokenizer, match_sentencepiece
+from lowrank.models import load_tokenizer
+from lowrank.spm_split import match_sentencepiece
 from lowrank.templates import BUILTIN_TEMPLATES
 
 SPECIALS = ("<s>", "</s>")
