@@ -28,11 +28,9 @@ from typing import Callable
 import torch
 
 from lowrank import checkpoints, loop, preference, train
-from lowrank.config import config_to_dict
 from lowrank.dpo_loss import DEFAULT_BETA, LOSSES, REFERENCE_FREE, pair_losses, sequence_logprobs
 from lowrank.errors import UserError
 from lowrank.fields import AdapterFields, EpochFields, SchedulerField, restate, stage_config
-from lowrank.metrics import MetricsLog
 from lowrank.preference import PairInputs
 from lowrank.roles import POLICY, REFERENCE, use_role
 
@@ -284,14 +282,11 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
                                       kind=config.lr_scheduler)
     peft_model = model
     model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
-    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
-                             stage="dpo", config=config_to_dict(config))
-
-    start_step = 0
-    if resume_from is not None:
-        start_step = loop.resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
-                                 keys=_RESUME_KEYS, stream=stream, metrics_log=metrics_log, max_steps=max_steps)
-    elif eval_examples:
+    steps = loop.StepRecords(accelerator, out_dir, "dpo", config, _RESUME_KEYS, model=model, optimizer=optimizer,
+                             scheduler=scheduler, stream=stream, max_steps=max_steps, resume_from=resume_from,
+                             on_step=on_step)
+    metrics_log, start_step = steps.metrics_log, steps.start_step
+    if resume_from is None and eval_examples:
         metrics_log.log({"step": 0, "max_steps": max_steps,
                          **evaluate(accelerator, peft_model, config, eval_examples, pad_id, reference)})
 
@@ -319,13 +314,8 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
         if eval_examples and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
             record.update(evaluate(accelerator, peft_model, config, eval_examples, pad_id, reference))
-        metrics_log.log(record)
         last.update(record)
-        if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
-            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
-                                  extra={"consumed": stream.consumed, "config": config_to_dict(config)})
-        if on_step is not None and accelerator.is_main_process:
-            on_step(record)
+        steps.add(step, record)
 
     accelerator.wait_for_everyone()
     metrics_log.plot(out_dir / "dpo_metrics.png", ["loss", "margin", "accuracy", "eval_accuracy", "eval_margin"])

@@ -1,6 +1,8 @@
 """What the stages' training loops share above one optimizer step: the held-out split, the seeded
-stream of micro-batches whose position is the data state a checkpoint needs, and the held-out loss
-of a causal LM. (One optimizer step, the optimizer and the output dir are in lowrank.train.)
+stream of micro-batches whose position is the data state a checkpoint needs, the held-out loss
+of a causal LM, ``resume`` and what happens to each step's record (``StepRecords``: metrics.jsonl,
+checkpoints, the caller's ``on_step``). (One optimizer step, the optimizer and the output dir are in
+lowrank.train.)
 """
 
 from __future__ import annotations
@@ -128,3 +130,41 @@ def resume(accelerator, checkpoint, model, optimizer, scheduler, *, config, keys
         metrics_log.truncate_after(step)
     log.info("resuming from %s (step %d of %d)", checkpoint, step, max_steps)
     return step
+
+
+class StepRecords:
+    """What a loop over a data set does with each optimizer step's record: metrics.jsonl (and the
+    ``--report-to`` tracker), a checkpoint every ``config.save_every`` steps for ``--resume``, and
+    ``on_step`` on the main process.
+
+    Built after ``accelerator.prepare``; with ``resume_from`` (a checkpoint) it restores the run
+    (:func:`resume`, refused when any of ``resume_keys`` changed) and ``start_step`` is that
+    checkpoint's step, else 0.
+    """
+
+    def __init__(self, accelerator, out_dir, stage: str, config, resume_keys: tuple[str, ...], *, model, optimizer,
+                 scheduler, stream: BatchStream, max_steps: int, resume_from, on_step):
+        from lowrank.config import config_to_dict
+        from lowrank.metrics import MetricsLog
+
+        self.accelerator, self.out_dir, self.config, self.max_steps = accelerator, out_dir, config, max_steps
+        self.model, self.optimizer, self.scheduler, self.stream, self.on_step = model, optimizer, scheduler, stream, on_step
+        self.metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
+                                      stage=stage, config=config_to_dict(config))
+        self.start_step = 0
+        if resume_from is not None:
+            self.start_step = resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
+                                     keys=resume_keys, stream=stream, metrics_log=self.metrics_log,
+                                     max_steps=max_steps)
+
+    def add(self, step: int, record: dict) -> None:
+        """Log ``record`` (of optimizer step ``step``), checkpoint when due, and pass it to ``on_step``."""
+        from lowrank.checkpoints import save_checkpoint
+        from lowrank.config import config_to_dict
+
+        self.metrics_log.log(record)
+        if self.config.save_every > 0 and step % self.config.save_every == 0 and step < self.max_steps:
+            save_checkpoint(self.accelerator, self.out_dir, step, self.model, self.optimizer, self.scheduler,
+                            extra={"consumed": self.stream.consumed, "config": config_to_dict(self.config)})
+        if self.on_step is not None and self.accelerator.is_main_process:
+            self.on_step(record)

@@ -18,11 +18,9 @@ from typing import Callable
 import torch
 
 from lowrank import checkpoints, loop, preference, runrecord
-from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.fields import AccumulationFields, AdapterFields, EpochFields, WeightDecayField, restate, stage_config
 from lowrank.loop import PairStream
-from lowrank.metrics import MetricsLog
 from lowrank.reward_lora import is_excluded_target, read_sft_lora_config, reward_lora_config
 from lowrank.scoring import MEMBERS, add_score_head, pad_batch, score_sequences
 
@@ -320,12 +318,10 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind="constant")
     model = accelerator.prepare(peft_model)  # DDP under `accelerate launch`; unchanged on one process
-    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
-                             stage="reward", config=config_to_dict(config))
-    start_step = 0
-    if resume_from is not None:
-        start_step = loop.resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
-                                 keys=_RESUME_KEYS, stream=stream, metrics_log=metrics_log, max_steps=max_steps)
+    steps = loop.StepRecords(accelerator, out_dir, "reward", config, _RESUME_KEYS, model=model, optimizer=optimizer,
+                             scheduler=scheduler, stream=stream, max_steps=max_steps, resume_from=resume_from,
+                             on_step=on_step)
+    metrics_log, start_step = steps.metrics_log, steps.start_step
 
     correct: list[torch.Tensor] = []
 
@@ -349,13 +345,8 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
         if eval_examples and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
             scores = evaluate_pairs(peft_model, eval_examples, pad_id, config.batch_size, accelerator.device)
             record.update({f"eval_{k}": v for k, v in scores.items()})
-        metrics_log.log(record)
         final = {**final, **record}
-        if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
-            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
-                                        extra={"consumed": stream.consumed, "config": config_to_dict(config)})
-        if on_step is not None and accelerator.is_main_process:
-            on_step(record)
+        steps.add(step, record)
 
     accelerator.wait_for_everyone()
     metrics_log.plot(out_dir / "reward_metrics.png", ["loss", "eval_accuracy", "eval_margin"])
