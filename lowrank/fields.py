@@ -21,6 +21,7 @@ The field keeps the group's type, help (unless restated) and place; only what is
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ def stage_config(cls: type) -> type:
     value, or :func:`restate`) into that field with the new default and/or help text."""
     inherited = {f.name: f for base in reversed(cls.__mro__[1:]) if dataclasses.is_dataclass(base)
                  for f in dataclasses.fields(base)}
-    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    annotations = dict(inspect.get_annotations(cls))  # the class's own, in order
     for name, value in list(cls.__dict__.items()):
         if name not in inherited or name in annotations:
             continue
@@ -64,10 +65,11 @@ def stage_config(cls: type) -> type:
     return dataclass(cls)
 
 
-def _help(text: str, default: Any = _MISSING, **kwargs) -> Any:
+def _help(text: str, default: Any) -> Any:
+    """A field with help ``text`` and ``default`` (a list default becomes a factory of copies)."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": text}, **kwargs)
-    return field(default=default, metadata={"help": text}, **kwargs)
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
 
 
 # --- what every stage has ------------------------------------------------------------------------
