@@ -44,7 +44,7 @@ from lowrank import checkpoints, locks, rl, runrecord
 from lowrank.errors import UserError
 from lowrank.metrics import MetricsLog, StageFields
 from lowrank.roles import POLICY, REFERENCE, use_role
-from lowrank.rollout import (context_length, decode_responses, length_alarm, load_policy_inputs,
+from lowrank.rollout import (context_length, decode_responses, length_alarm, signal_alarm, load_policy_inputs,
                              response_logprobs, sample, seeded_prompt_order, tokenize_prompts)
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,8 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         next(order)
     generator = torch.Generator()
     lengths = [r["response_length"] for r in metrics_log.records if "response_length" in r]
-    last_alarm = None
+    zero_std = [r["zero_std_groups"] for r in metrics_log.records if "zero_std_groups" in r]
+    last_alarms: set[str] = set()
     for step in range(start + 1, config.steps + 1):
         seed = (config.seed * 100003 + step) * 64 + accelerator.process_index
         torch.manual_seed(seed)  # sampling is reproducible per step and process, also on resume
@@ -423,10 +424,11 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
             record.update({k: v / accelerator.num_processes for k, v in zip(keys, summed)})
         record = {"step": step, "max_steps": config.steps, **record, "samples": shown}
         lengths.append(record["response_length"])
-        alarm = length_alarm(lengths, config.max_new_tokens)
-        if alarm and alarm != last_alarm and accelerator.is_main_process:
+        zero_std.append(record["zero_std_groups"])
+        alarms = {a for a in (length_alarm(lengths, config.max_new_tokens), signal_alarm(zero_std)) if a}
+        for alarm in sorted(alarms - last_alarms) if accelerator.is_main_process else ():
             log.warning("step %d: %s", step, alarm)
-        last_alarm = alarm
+        last_alarms = alarms
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
             checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler)
