@@ -163,64 +163,102 @@ def token_rewards(rollout: Rollout, kl_coef: float, config: PPOConfig) -> tuple[
     return rewards, kl
 
 
-def ppo_update(model, optimizer, parameters, rollout: Rollout, advantages, returns, config: PPOConfig,
-               generator: torch.Generator, train_policy: bool = True) -> dict:
+def _minibatch_losses(rollout: Rollout, rows, advantages, returns, config: PPOConfig, stats: dict):
+    """The (policy, value) loss-sum functions of one minibatch for train.accumulate_gradients.
+
+    Each returns its loss as a sum over the minibatch's response tokens, so that the shared loop
+    divides by the token count of the whole optimizer step (over every process). The policy's sum
+    """
+    length = rollout.responses.shape[1]
+
+    def policy(model, batch):
+        logprobs, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"], length,
+                                              with_entropy=True, temperature=config.temperature)
+        mask = batch["mask"]
+        loss, clipped = rl.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                           config.cliprange)
+        tokens = mask.sum()
+        stats["policy_loss"].append(loss.item())
+        stats["clip_fraction"].append(clipped.item())
+        stats["entropy"].append(rl.masked_mean(entropy, mask).item())
+        stats["approx_kl"].append(rl.masked_mean(0.5 * (logprobs.detach() - batch["old_logprobs"]) ** 2, mask).item())
+        return loss * tokens
+
+    def value(model, batch):
+        values = response_values(model, batch["input_ids"], batch["attention_mask"], length)
+        loss, clipped = rl.ppo_value_loss(values, batch["old_values"], batch["returns"], batch["mask"],
+                                          config.cliprange_value)
+        stats["value_loss"].append(loss.item())
+        stats["value_clip_fraction"].append(clipped.item())
+        return config.vf_coef * loss * batch["mask"].sum()
+
+    input_ids, attention_mask = rollout.sequences(rows)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": rollout.mask[rows],
+             "old_logprobs": rollout.old_logprobs[rows], "advantages": advantages[rows],
+             "old_values": rollout.values[rows], "returns": returns[rows]}
+    return batch, policy, value
+
+
+def ppo_update(accelerator, model, optimizer, scheduler, parameters, rollout: Rollout, advantages, returns,
+               config: PPOConfig, generator: torch.Generator, train_policy: bool = True) -> dict:
     """``ppo_epochs`` passes of clipped policy and value losses over shuffled minibatches; mean stats.
 
+    Each minibatch is one optimizer step of the shared loop (train.accumulate_gradients, then
+    train.optimizer_step): the policy loss is backpropagated inside the policy role and the value
+    loss inside the value role, because with gradient checkpointing the forward pass is recomputed
+    during backward under whatever adapter is active then. Under `accelerate launch` the two
+    trained roles' gradients are averaged over the processes before the step
+    (train.average_gradients; a DDP wrapper would expect every trainable parameter in each backward).
     With ``train_policy`` False (value warm-up) the policy loss is measured but not backpropagated.
     """
+    from lowrank import train
+
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "value_clip_fraction": [], "entropy": [],
              "approx_kl": []}
-    batch, length = rollout.responses.shape
+    batch_size = rollout.responses.shape[0]
+
+    def tokens(batch):
+        return int(batch["mask"].sum())
+
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(batch, generator=generator)
-        for start in range(0, batch, config.minibatch_size):
+        order = torch.randperm(batch_size, generator=generator)
+        for start in range(0, batch_size, config.minibatch_size):
             rows = order[start: start + config.minibatch_size].to(rollout.mask.device)
-            input_ids, attention_mask = rollout.sequences(rows)
-            mask = rollout.mask[rows]
-            optimizer.zero_grad(set_to_none=True)
-            # Each loss is backpropagated inside its own role: with gradient checkpointing the
-            # forward pass is recomputed during backward, under whatever adapter is active then.
+            batch, policy_loss, value_loss = _minibatch_losses(rollout, rows, advantages, returns, config, stats)
             with use_role(model, POLICY):
-                logprobs, entropy = response_logprobs(model, input_ids, attention_mask, length, with_entropy=True,
-                                                      temperature=config.temperature)
-                policy_loss, clip_fraction = rl.ppo_policy_loss(logprobs, rollout.old_logprobs[rows],
-                                                                advantages[rows], mask, config.cliprange)
                 if train_policy:
-                    policy_loss.backward()
+                    train.accumulate_gradients(accelerator, model, [batch], loss_sum_fn=policy_loss, count_fn=tokens)
+                else:  # measured only
+                    with torch.no_grad():
+                        policy_loss(model, batch)
             with use_role(model, VALUE):
-                values = response_values(model, input_ids, attention_mask, length)
-                value_loss, value_clip = rl.ppo_value_loss(values, rollout.values[rows], returns[rows], mask,
-                                                           config.cliprange_value)
-                (config.vf_coef * value_loss).backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            stats["policy_loss"].append(policy_loss.item())
-            stats["value_loss"].append(value_loss.item())
-            stats["clip_fraction"].append(clip_fraction.item())
-            stats["value_clip_fraction"].append(value_clip.item())
-            stats["entropy"].append(rl.masked_mean(entropy, mask).item())
-            stats["approx_kl"].append(rl.masked_mean(0.5 * (logprobs.detach() - rollout.old_logprobs[rows]) ** 2,
-                                                     mask).item())
+                train.accumulate_gradients(accelerator, model, [batch], loss_sum_fn=value_loss, count_fn=tokens)
+            train.average_gradients(accelerator, parameters)
+            train.optimizer_step(accelerator, parameters, optimizer, scheduler, config.max_grad_norm)
     model.eval()
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
 def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, config: PPOConfig,
-             generator: torch.Generator, train_policy: bool = True) -> dict:
+             generator: torch.Generator, train_policy: bool = True, *, accelerator=None, scheduler=None) -> dict:
     """Rewards, GAE, whitening and the PPO update for one rollout batch; the step's metrics.
 
     "kl" is the k3 estimate of KL(policy || reference) per response, in nats: non-negative
     whichever estimator the penalty uses (k1 is unbiased too, but its per-sample values go negative
-    and a plotted "KL" below zero is no divergence).
+    and a plotted "KL" below zero is no divergence). ``accelerator`` defaults to a single-process
+    one and ``scheduler`` to none (a constant learning rate).
     """
+    if accelerator is None:
+        from lowrank.train import make_accelerator
+        accelerator = make_accelerator()
     rewards, penalty_kl = token_rewards(rollout, kl_controller.value, config)
     advantages, returns = rl.compute_gae(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     if config.whiten_advantages and rollout.mask.sum() > 1:
         advantages = rl.masked_whiten(advantages, rollout.mask)
-    update = ppo_update(model, optimizer, parameters, rollout, advantages, returns, config, generator, train_policy)
+    update = ppo_update(accelerator, model, optimizer, scheduler, parameters, rollout, advantages, returns, config,
+                        generator, train_policy)
     kl = (rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, "k3") * rollout.mask).sum(1).mean().item()
     record = {
         "score": rollout.scores.mean().item(),
@@ -232,7 +270,12 @@ def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, conf
         "explained_variance": rl.explained_variance(rollout.values, returns, rollout.mask),
         **update,
     }
-    kl_controller.update(penalty_kl.sum(1).mean().item(), len(rollout.scores))
+    observed, count = penalty_kl.sum(1).mean().item(), len(rollout.scores)
+    if accelerator.num_processes > 1:  # every process steers by the same KL, so kl_coef stays one value
+        from lowrank.train import reduce_sum
+        total, count = reduce_sum(accelerator, observed, count)
+        observed = total / accelerator.num_processes
+    kl_controller.update(observed, int(count))
     return record
 
 
@@ -280,8 +323,6 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     ``on_step`` gets each step's metrics (score, kl, kl_coef, entropy, clip_fraction, value_loss,
     response_length, samples, ...), the same dicts that go to metrics.jsonl.
     """
-    from accelerate import Accelerator
-
     from lowrank import plan, train
     from lowrank.config import config_to_dict
     from lowrank.models import load_base_model, lora_config
@@ -290,11 +331,15 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
 
     model_path, tokenizer, (template_name, template), prompt_ids, sft_meta = _load_inputs(config)
     checkpoint = checkpoints.resume_checkpoint(config.output_dir) if config.resume else None
-    out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
+    accelerator = train.make_accelerator()
+    if accelerator.is_main_process:
+        train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
+    accelerator.wait_for_everyone()
+    out_dir = Path(config.output_dir)
     train.seed_everything(config.seed)
-    accelerator = Accelerator()
     memory_plan = plan.plan_for_training(model_path, "ppo", config, accelerator.device,
-                                         prompt_len=max(map(len, prompt_ids)))
+                                         prompt_len=max(map(len, prompt_ids))) \
+        if accelerator.is_main_process else None
     plan.report_start(memory_plan, accelerator.device)
     base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
                            device=accelerator.device)
@@ -306,9 +351,12 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     groups = trainable_parameters(model)
     parameters = groups[POLICY] + groups[VALUE]  # the only parameters with optimizer state
     optimizer = train.build_optimizer(parameters, config.learning_rate, paged=config.quant != "none")
-    scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps, kind="constant")
+    rollouts = config.rollout_batch_size * config.samples_per_prompt
+    updates_per_step = config.ppo_epochs * -(-rollouts // config.minibatch_size)
+    scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps * updates_per_step,
+                                      kind="constant")
     kl_controller = make_kl_controller(config)
-    metrics_log = MetricsLog(out_dir, report_to=config.report_to, stage="ppo",
+    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to, stage="ppo",
                              config=config_to_dict(config))
     start = 0
     if checkpoint is not None:
@@ -319,51 +367,65 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     pad_id = tokenizer.pad_token_id  # load_tokenizer makes eos the pad when the model has none
     stop_ids = stop_token_ids(tokenizer, template)
     order = seeded_prompt_order(len(prompt_ids), config.seed)
-    for _ in range(start * config.rollout_batch_size):  # replay the prompt stream up to the resumed step
+    per_step = config.rollout_batch_size * accelerator.num_processes  # each process samples its own prompts
+    for _ in range(start * per_step):  # replay the prompt stream up to the resumed step
         next(order)
     generator = torch.Generator()
     lengths, last_alarm = [r["response_length"] for r in metrics_log.records if "response_length" in r], None
     for step in range(start + 1, config.steps + 1):
-        torch.manual_seed(config.seed * 100003 + step)  # sampling is reproducible per step, also on resume
-        generator.manual_seed(config.seed * 100003 + step)
-        batch = [prompt_ids[next(order)] for _ in range(config.rollout_batch_size)]
+        seed = config.seed * 100003 + step
+        if accelerator.num_processes > 1:
+            seed = seed * 64 + accelerator.process_index
+        torch.manual_seed(seed)  # sampling is reproducible per step and process, also on resume
+        generator.manual_seed(seed)
+        taken = [next(order) for _ in range(per_step)]
+        batch = [prompt_ids[i] for i in taken[accelerator.process_index::accelerator.num_processes]]
         batch = [ids for ids in batch for _ in range(config.samples_per_prompt)]  # a prompt's responses side by side
         rollout = collect_rollout(model, batch, config, stop_ids, pad_id, device)
         train_policy = step > config.value_warmup_steps
-        record = {"step": step, "max_steps": config.steps,
-                  **ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator, train_policy),
+        record = ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator, train_policy,
+                          accelerator=accelerator, scheduler=scheduler)
+        if accelerator.num_processes > 1:  # the mean over processes
+            keys = [k for k, v in record.items() if isinstance(v, float)]
+            summed = train.reduce_sum(accelerator, *(record[k] for k in keys))
+            record.update({k: v / accelerator.num_processes for k, v in zip(keys, summed)})
+        record = {"step": step, "max_steps": config.steps, **record,
                   "samples": samples_for_log(tokenizer, rollout, config.log_samples)}
-        scheduler.step()
         lengths.append(record["response_length"])
         alarm = length_alarm(lengths, config.max_new_tokens)
-        if alarm and alarm != last_alarm:
+        if alarm and alarm != last_alarm and accelerator.is_main_process:
             log.warning("step %d: %s", step, alarm)
         last_alarm = alarm
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
             checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
-                                  extra={"kl_controller": kl_controller.state_dict()})
-        if on_step is not None:
+                                        extra={"kl_controller": kl_controller.state_dict()})
+        if on_step is not None and accelerator.is_main_process:
             on_step(record)
 
-    metrics_log.plot(out_dir / "ppo_metrics.png", ["score", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
-                                                         "explained_variance", "response_length", "truncated"])
-    final = metrics_log.records[-1] if metrics_log.records else {}
-    final.update(plan.peak_metrics(memory_plan, accelerator.device))
-    meta = runrecord.RunRecord(
-        stage="ppo", base=runrecord.BaseRef.of(config.model, model_path),
-        chat_template=runrecord.ChatTemplate(template_name, template),
-        data={"source": config.prompts, "digest": train.data_digest(config.prompts), "prompts": len(prompt_ids)},
-        config=config_to_dict(config),
-        seed=config.seed,
-        metrics={k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
-        extra={
-            "sft_adapter": config.sft_adapter or None,
-            "reward_adapter": config.reward_adapter,
-        },
-    )
-    train.write_adapter(model, out_dir, meta, adapter_name=POLICY)
-    shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics_log.plot(out_dir / "ppo_metrics.png", ["score", "kl", "entropy", "clip_fraction", "approx_kl",
+                                                       "value_loss", "explained_variance", "response_length",
+                                                       "truncated"])
+        final = metrics_log.records[-1] if metrics_log.records else {}
+        final.update(plan.peak_metrics(memory_plan, accelerator.device))
+        meta = runrecord.RunRecord(
+            stage="ppo", base=runrecord.BaseRef.of(config.model, model_path),
+            chat_template=runrecord.ChatTemplate(template_name, template),
+            data={"source": config.prompts, "digest": train.data_digest(config.prompts), "prompts": len(prompt_ids)},
+            config=config_to_dict(config),
+            seed=config.seed,
+            metrics={k: v for k, v in final.items() if k not in ("step", "max_steps", "samples")},
+            extra={
+                "sft_adapter": config.sft_adapter or None,
+                "reward_adapter": config.reward_adapter,
+                "processes": accelerator.num_processes,
+            },
+        )
+        train.write_adapter(model, out_dir, meta, adapter_name=POLICY)
+        shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished: resume data is done
+    accelerator.wait_for_everyone()
     locks.release(out_dir)  # the output is complete
     return out_dir
 

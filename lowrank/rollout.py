@@ -163,6 +163,20 @@ def length_alarm(lengths: list[float], max_new_tokens: int, *, window: int = 3) 
     return None
 
 
+def signal_alarm(zero_std_shares: list[float], *, window: int = 3) -> str | None:
+    """A warning when GRPO has had no learning signal for the last ``window`` steps.
+
+    ``zero_std_shares`` is each step's share of prompts whose completions all scored the same:
+    their group-relative advantages are all 0, so when every group is like that the policy does
+    not move at all (only the KL term acts). It happens when the policy never (or always) earns
+    the reward, e.g. a base that has not learned the task at all. Returns None otherwise.
+    """
+    if len(zero_std_shares) < window or min(zero_std_shares[-window:]) < 1.0:
+        return None
+    return (f"no learning signal: for {window} steps every prompt's completions scored the same, so every "
+            f"advantage is 0; check that the policy can earn the reward (sampled answers are in metrics.jsonl)")
+
+
 def seeded_prompt_order(count: int, seed: int):
     """An endless stream of prompt indices, reshuffled each epoch with a seeded RNG (resumable by position)."""
     rng = random.Random(seed)

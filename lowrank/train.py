@@ -322,13 +322,32 @@ def accumulate_gradients(accelerator, model, micro_batches: list[dict],
     return loss_total, local_tokens
 
 
+def average_gradients(accelerator, params) -> None:
+    """Average the gradients of ``params`` over processes, in one all-reduce, for a model that is not
+    DDP-wrapped (PPO's two trained roles backpropagate separately); nothing with one process.
+
+    Parameters without a gradient are left out; every process runs the same code path, so they
+    are the same ones on each.
+    """
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
+
+
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip, step, schedule, zero; returns the gradient norm before clipping (0 when not clipping)."""
+    """Clip, step, schedule (when there is a scheduler), zero; returns the gradient norm before
+    clipping (0 when not clipping)."""
     grad_norm = 0.0
     if max_grad_norm > 0:
         grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 

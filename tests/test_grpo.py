@@ -243,3 +243,34 @@ def test_reference_adapter_of_another_base_is_refused(task, tiny_model_factory, 
 
 def test_no_reward_source_is_refused(task, tmp_path, capsys):
     _refused(*_run_cli(task, tmp_path, capsys, **{"--rewards": ""}), "no reward")
+
+
+NEVER_REWARD = '''
+def never(prompts, completions, **fields):
+    return [0.0 for _ in completions]
+'''
+
+
+def test_a_reward_no_completion_earns_is_named_in_the_log(task, tmp_path, caplog):
+    """Every group scoring the same gives every advantage 0: the run says so instead of silently
+    training nothing (a base that never solves the task gives exactly this)."""
+    import logging
+
+    from lowrank.grpo import train_grpo
+
+    (tmp_path / "never.py").write_text(NEVER_REWARD)
+    with caplog.at_level(logging.WARNING, logger="lowrank.grpo"):
+        out = train_grpo(_config(task, tmp_path / "out", rewards=[f"{tmp_path / 'never.py'}:never"], steps=3,
+                                 group_size=4, minibatch_size=8))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["zero_std_groups"] == 1.0 for r in records)
+    warnings = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("step 3:"), warnings
+
+
+def test_the_signal_alarm_waits_for_a_whole_window_of_flat_groups():
+    from lowrank.rollout import signal_alarm
+
+    assert signal_alarm([1.0, 1.0]) is None  # too few steps to say
+    assert signal_alarm([1.0, 0.5, 1.0, 1.0]) is None  # one group in two still had a spread at step 2
+    assert "no learning signal" in signal_alarm([0.5, 1.0, 1.0, 1.0])

@@ -55,3 +55,30 @@ def test_batch_stream_epochs_are_fresh_permutations_with_a_short_last_batch():
     stream = BatchStream(10, 4, seed=2)
     epoch = stream.take(3, 1, 0)
     assert [len(b) for b in epoch] == [4, 4, 2] and sorted(sum(epoch, [])) == list(range(10))
+
+
+def test_average_gradients_gives_every_parameter_the_mean_over_processes():
+    """PPO's roles are not DDP-wrapped: their gradients are averaged in one flat all-reduce and split
+    back. Here the other process's gradients are known, so the mean of each parameter is too."""
+    import torch
+
+    from lowrank.train import average_gradients
+
+    shapes = [(3, 2), (4,), (2, 2)]
+    mine = [torch.randn(s) for s in shapes]
+    theirs = [torch.randn(s) for s in shapes]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes] + [torch.nn.Parameter(torch.zeros(5))]
+    for p, g in zip(params, mine):
+        p.grad = g.clone()  # the last parameter has no gradient (a role that did not backpropagate)
+
+    class TwoProcesses:
+        num_processes = 2
+
+        def reduce(self, flat, reduction):
+            assert reduction == "mean"
+            return (flat + torch.cat([g.reshape(-1) for g in theirs])) / 2
+
+    average_gradients(TwoProcesses(), params)
+    for p, a, b in zip(params, mine, theirs):
+        assert torch.allclose(p.grad, (a + b) / 2)
+    assert params[-1].grad is None

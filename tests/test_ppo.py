@@ -21,7 +21,7 @@ from lowrank import checkpoints
 from lowrank.cli import main
 from lowrank.templates import stop_token_ids
 
-from cli_support import KILL_IN_CHECKPOINT, run_killed
+from cli_support import KILL_IN_CHECKPOINT, launch_two_processes, run_killed
 from rl_support import PROMPTS, TARGET, train_sft_adapter as _train_sft_adapter, words as _words
 
 
@@ -244,6 +244,26 @@ def test_ppo_killed_in_the_middle_of_a_checkpoint_resumes_to_the_same_policy(tas
     assert not (out / "lowrank.json").exists()
     assert main([*_resume_args(task, out), "--resume"]) == 0
     _same_policy(straight_small, out)
+
+
+def test_two_process_accelerate_launch_trains_both_roles(task, tmp_path):
+    """Under `accelerate launch` each process samples its own prompts, the two trained roles'
+    gradients are averaged over the processes, and one process logs and writes the adapter."""
+    from peft import load_peft_weights
+
+    out = tmp_path / "ddp"
+    launch_two_processes(tmp_path, ["ppo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]),
+                                    "--reward-adapter", str(task["reward"]), "--prompts", str(task["prompts"]),
+                                    "--output-dir", str(out), "--quant", "none", "--steps", "2",
+                                    "--rollout-batch-size", "4", "--minibatch-size", "4", "--ppo-epochs", "1",
+                                    "--max-new-tokens", "6", "--learning-rate", "1e-3"], timeout=300)
+    meta = json.loads((out / "lowrank.json").read_text())
+    assert meta["processes"] == 2 and meta["stage"] == "ppo"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # one process logs, once per step
+    assert all(r["value_loss"] > 0 and 0 <= r["clip_fraction"] <= 1 for r in records)
+    policy, sft = load_peft_weights(str(out)), load_peft_weights(str(task["sft"]))
+    assert any(not torch.allclose(policy[k], sft[k]) for k in sft)  # the policy moved
 
 
 def _run_cli(task, tmp_path, capsys, **changes):
