@@ -128,6 +128,27 @@ def _wrong_sum(problem: Problem, rng: random.Random) -> str:
             return str(wrong)
 
 
+def _slip(problem: Problem, name: str) -> str:
+    """The task's typical mistake, made the same way every time: the last letter left out (sort,
+    reverse), or the carries forgotten (add: each column's sum mod 10, the leftmost in full, as
+    49 + 62 = 101)."""
+    if name == "add":
+        a, b = (str(x) for x in problem.items)
+        width = max(len(a), len(b))
+        a, b = a.zfill(width), b.zfill(width)
+        columns = [int(x) + int(y) for x, y in zip(a, b)]
+        return str(columns[0]) + "".join(str(c % 10) for c in columns[1:])
+    return " ".join(problem.answer.split()[:-1])
+
+
+def _is_harder(problem: Problem, name: str, length: tuple[int, int]) -> bool:
+    """The harder half of a task's problems: more letters than the middle of the length range (sort,
+    reverse), or a carry that the slip gets wrong (add)."""
+    if name == "add":
+        return _slip(problem, name) != problem.answer
+    return len(problem.items) > sum(length) / 2
+
+
 _GENERATORS: dict[str, tuple[Callable[[random.Random], Problem], Callable[[Problem, random.Random], str]]] = {
     "sort": (_sort_problem, _wrong_sequence),
     "reverse": (_reverse_problem, _wrong_sequence),
@@ -168,15 +189,33 @@ def check_length(name: str, length) -> tuple[int, int]:
     return low, high
 
 
+def check_sft_errors(share) -> float:
+    """``sft_errors`` as a checked share in [0, 1]."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise UserError(f"task: sft_errors must be a share from 0 to 1, got {share!r}")
+    return float(share)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing the files
 # --------------------------------------------------------------------------------------------
 
-def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int) -> dict[str, list[dict]]:
+def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, sft_errors: float = 0.0,
+             **sizes: int) -> dict[str, list[dict]]:
     """The records of every file, by file name (see the module docstring); deterministic for a seed.
 
     ``length`` ([low, high]): letters per problem (sort, reverse) or digits per operand (add); the
     difficulty knob (default DEFAULT_LENGTH).
+
+    ``sft_errors``: the share of the SFT demonstrations of the harder half of the problems (more
+    letters than the middle of the length range; for add, a carry) written with the task's typical
+    mistake (:func:`_slip`) instead of the right answer: demonstrations as a careless labeller
+    writes them. SFT imitates them; the pretraining practice, the preference pairs' chosen answers,
+    the prompts' answers and the held-out answers stay right, so a correctness reward (the checker,
+    a reward model, DPO's pairs) can take the policy past its demonstrations. With a share above
+    one half SFT's greedy answer to most harder problems is the mistake, while sampling still
+    gives the right one often enough for RL to find: SFT's accuracy then rests on the data, not on
+    where in its training a run stops.
 
     The held-out problems are drawn first; every other file draws only problems whose key is not
     held out. Problems may repeat across the training files (pretraining practice, SFT,
@@ -184,6 +223,7 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int)
     """
     sizes = _check(name, sizes)
     length = check_length(name, length)
+    sft_errors = check_sft_errors(sft_errors)
     generator, make_wrong = _GENERATORS[name]
 
     def make_problem(rng: random.Random) -> Problem:
@@ -210,12 +250,18 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int)
     def alpaca(problem: Problem) -> dict:
         return {"instruction": problem.instruction, "output": problem.answer}
 
+    slips = random.Random(f"lowrank-task-{name}-{seed}-slips")  # its own stream: the other files do not move
+
+    def demonstration(problem: Problem) -> dict:
+        slipped = sft_errors > 0 and _is_harder(problem, name, length) and slips.random() < sft_errors
+        return {"instruction": problem.instruction, "output": _slip(problem, name) if slipped else problem.answer}
+
     practice = [p.practice for p in train_problems(sizes["pretrain"])]
     documents = ["\n".join(practice[i:i + PRACTICE_PER_DOCUMENT])
                  for i in range(0, len(practice), PRACTICE_PER_DOCUMENT)]
     return {
         "pretrain": [{"text": text} for text in documents],
-        "sft": [alpaca(p) for p in train_problems(sizes["sft"])],
+        "sft": [demonstration(p) for p in train_problems(sizes["sft"])],
         "eval": [alpaca(p) for p in held_out.values()],
         "preferences": [{"prompt": p.instruction, "chosen": p.answer, "rejected": make_wrong(p, rng), "answer": p.answer}
                         for p in train_problems(sizes["preferences"])],
@@ -227,7 +273,8 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, length=None, **sizes: int) -> dict[str, Path]:
+def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, length=None, sft_errors: float = 0.0,
+               **sizes: int) -> dict[str, Path]:
     """Write the task's files (``<file>.jsonl`` for each of FILES) to ``out_dir``; return their paths by file.
 
     Every file is written to a temporary name and renamed; ``task.json`` (task, seed, sizes and
@@ -236,11 +283,13 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, length=No
     """
     full_sizes = _check(name, sizes)
     length = list(check_length(name, length))
+    sft_errors = check_sft_errors(sft_errors)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: task dir is a file; choose another dir")
     paths = {file: out / f"{file}.jsonl" for file in FILES}
-    wanted = {"version": VERSION, "task": name, "seed": seed, "sizes": full_sizes, "length": length}
+    wanted = {"version": VERSION, "task": name, "seed": seed, "sizes": full_sizes, "length": length,
+              "sft_errors": sft_errors}
     marker = out / MARKER
     if marker.is_file():
         try:
@@ -255,7 +304,7 @@ def write_task(out_dir: Path, name: str = DEFAULT_TASK, seed: int = 0, length=No
     try:
         out.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
-        records = generate(name, seed, length, **full_sizes)
+        records = generate(name, seed, length, sft_errors, **full_sizes)
         for file, path in paths.items():
             write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[file]))
         summary = {**wanted, "digests": {f: _digest(p) for f, p in paths.items()},

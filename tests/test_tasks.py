@@ -296,3 +296,72 @@ def test_preference_records_carry_the_answer_a_checker_needs():
     scores = exact([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                    answer=[p["answer"] for p in pairs] * 2)
     assert scores == [1.0] * len(pairs) + [0.0] * len(pairs)
+
+
+# --- sft_errors: imperfect demonstrations --------------------------------------------------------
+
+def _right_answer(name: str, instruction: str) -> str:
+    numbers = re.findall(r"\d+", instruction)
+    if name == "add":
+        return str(int(numbers[0]) + int(numbers[1]))
+    letters = instruction.split(": ", 1)[1].split()
+    return " ".join(sorted(letters) if name == "sort" else reversed(letters))
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_sft_errors_slip_only_the_harder_demonstrations_and_nothing_else(name):
+    sizes = {**SMALL, "sft": 400}
+    clean = generate(name, seed=0, **sizes)
+    sloppy = generate(name, seed=0, sft_errors=0.6, **sizes)
+    assert {k: v for k, v in clean.items() if k != "sft"} == {k: v for k, v in sloppy.items() if k != "sft"}
+    assert [r["instruction"] for r in clean["sft"]] == [r["instruction"] for r in sloppy["sft"]]
+    slipped = [r for r in sloppy["sft"] if r["output"] != _right_answer(name, r["instruction"])]
+    harder = [r for r in clean["sft"]
+              if (len(r["output"].split()) > 4.5 if name != "add" else
+                  _right_answer(name, r["instruction"]) != generate_slip(r["instruction"]))]
+    assert slipped and all(r["instruction"] in {h["instruction"] for h in harder} for r in slipped)
+    assert 0.45 < len(slipped) / len(harder) < 0.75  # about the share asked for, of the harder half only
+    for r in slipped:
+        right = _right_answer(name, r["instruction"])
+        if name == "add":
+            assert r["output"] == generate_slip(r["instruction"]) != right
+        else:
+            assert r["output"].split() == right.split()[:-1]  # the last letter left out
+
+
+def generate_slip(instruction: str) -> str:
+    """The carry-forgetting sum worked by hand: each column mod 10, the leftmost in full."""
+    a, b = re.findall(r"\d+", instruction)
+    width = max(len(a), len(b))
+    a, b = a.zfill(width), b.zfill(width)
+    columns = [int(x) + int(y) for x, y in zip(a, b)]
+    return str(columns[0]) + "".join(str(c % 10) for c in columns[1:])
+
+
+def test_sft_errors_of_one_slip_every_harder_demonstration_and_zero_none():
+    sizes = {**SMALL, "sft": 200}
+    assert generate("sort", seed=1, sft_errors=0.0, **sizes) == generate("sort", seed=1, **sizes)
+    every = generate("sort", seed=1, sft_errors=1.0, **sizes)["sft"]
+    assert all(len(r["output"].split()) == len(r["instruction"].split(": ")[1].split()) - (
+        len(r["instruction"].split(": ")[1].split()) >= 5) for r in every)
+
+
+def test_a_carry_forgotten_is_the_classic_slip():
+    sloppy = {r["instruction"]: r["output"] for r in generate("add", seed=0, sft_errors=1.0, **SMALL)["sft"]}
+    assert all(out == generate_slip(ins) for ins, out in sloppy.items())
+    assert generate_slip("What is 49 plus 62?") == "101" and generate_slip("What is 7 plus 71?") == "78"
+
+
+def test_another_sft_errors_rewrites_the_task_dir(tmp_path):
+    paths = write_task(tmp_path, "sort", seed=0, **SMALL)
+    before = paths["sft"].read_text()
+    write_task(tmp_path, "sort", seed=0, sft_errors=1.0, **SMALL)
+    assert json.loads((tmp_path / "task.json").read_text())["sft_errors"] == 1.0
+    assert paths["sft"].read_text() != before
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half", True], ids=["negative", "above-one", "a-string", "a-bool"])
+def test_bad_sft_errors_is_refused(tmp_path, share):
+    with pytest.raises(UserError, match=r"task: sft_errors must be a share from 0 to 1, got"):
+        write_task(tmp_path, "sort", sft_errors=share, **SMALL)
+    assert not (tmp_path / "task.json").exists()
