@@ -19,7 +19,8 @@ RECIPE = """\
 model: tiny
 seed: 0
 stages:
-  - task: {name: sort, sizes: {pretrain: 160, sft: 24, eval: 8, preferences: 16, prompts: 4}, eval_max_new_tokens: 8}
+  - task: {name: sort, sizes: {pretrain: 160, sft: 24, eval: 8, preferences: 16, prompts: 4}, eval_max_new_tokens: 8,
+           sft_errors: 1.0}
   - pretrain: {max_steps: 3, batch_size: 4, max_length: 96, warmup_steps: 1}
   - sft: {max_steps: 2, batch_size: 2, max_length: 128, eval_every: 0, save_every: 0, gradient_checkpointing: false}
   - reward: {max_steps: 2, batch_size: 2, max_length: 128, gradient_checkpointing: false}
@@ -119,6 +120,10 @@ def test_recipe_runs_every_stage_in_order_and_chains_their_files(runs):
     sft, reward, ppo = (_read(out / s / "lowrank.json") for s in ("sft", "reward", "ppo"))
     # The task's files feed the stages; the pretrained model is the base of every later one.
     assert (sft["data"]["source"], sft["data"]["eval_source"]) == (str(task / "sft.jsonl"), str(task / "eval.jsonl"))
+    # sft_errors 1.0: every demonstration of 5 or 6 letters leaves the last one out, the others are right.
+    for demo in (json.loads(line) for line in (task / "sft.jsonl").read_text().splitlines()):
+        letters = demo["instruction"].split(": ", 1)[1].split()
+        assert demo["output"].split() == sorted(letters)[:len(letters) - (len(letters) > 4)], demo
     assert reward["data"]["source"] == str(task / "preferences.jsonl")
     assert ppo["data"]["source"] == str(task / "prompts.jsonl")
     assert {m["base"]["path"] for m in (sft, reward, ppo)} == {str(out / "pretrain")}
@@ -371,6 +376,11 @@ def test_bad_task_length_is_refused_before_anything_runs(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - task: {length: [6, 3]}\n  - sft: {}\n")
     assert message == (f"{tmp_path / 'recipe.yaml'}: task: length [6, 3] must have 1 <= low <= high <= 26 "
                        "(letters per problem)")
+
+
+def test_task_sft_errors_above_one_is_refused_before_anything_runs(tmp_path, capsys):
+    message = _refused(tmp_path, capsys, "stages:\n  - task: {sft_errors: 1.5}\n  - sft: {}\n")
+    assert message == f"{tmp_path / 'recipe.yaml'}: task: sft_errors must be a share from 0 to 1, got 1.5"
 
 
 def test_unknown_model_is_a_one_line_error(tmp_path, capsys):

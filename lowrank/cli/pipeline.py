@@ -128,7 +128,7 @@ def run_stage(stage, stages: dict, resume: bool) -> None:
     if stage.name == "task":
         from lowrank.tasks import write_task
 
-        write_task(stage.dir, config.name, config.seed, config.length, **config.sizes)
+        write_task(stage.dir, config.name, config.seed, config.length, config.sft_errors, **config.sizes)
     elif stage.name == "pairs":
         from lowrank.pairs import make_pairs
 

@@ -137,6 +137,7 @@ class TaskConfig:
     seed: int | None = field(default=None, metadata={"help": "seed of the problems (default: the pipeline's)"})
     sizes: dict[str, int] = field(default_factory=dict, metadata={"help": "problems per file (pretrain, sft, eval, preferences, prompts); default lowrank.tasks.DEFAULT_SIZES"})
     length: list[int] | None = field(default=None, metadata={"help": "difficulty: [low, high] letters per problem (sort, reverse; default [3, 6]) or digits per operand (add; default [1, 2])"})
+    sft_errors: float = field(default=0.0, metadata={"help": "share of the harder problems' SFT demonstrations written with the task's typical slip (the last letter left out; for add, the carries forgotten): imperfect demonstrations that RL against correctness can improve on"})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "length limit of a greedy answer when measuring accuracy"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when measuring accuracy"})
 
@@ -360,5 +361,6 @@ def _check_task(config: TaskConfig, source: str) -> None:
     try:
         tasks._check(config.name, config.sizes)
         tasks.check_length(config.name, config.length)
+        tasks.check_sft_errors(config.sft_errors)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
