@@ -197,3 +197,7 @@ def check_fields(config: Any) -> None:
         raise UserError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
     if has("max_new_tokens") and config.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    if has("eval_fraction") and not 0.0 <= config.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
+    if has("max_steps") and has("epochs") and (config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0):
+        raise UserError("give --max-steps > 0 or --epochs > 0")

@@ -98,12 +98,6 @@ def _validate(config: DPOConfig) -> None:
     if config.batch_size % config.micro_batch_size:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size "
                         f"{config.micro_batch_size}")
-    if config.lr_scheduler not in ("cosine", "linear", "constant"):
-        raise UserError(f"--lr-scheduler: unknown '{config.lr_scheduler}'; choose cosine, linear or constant")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
-    if config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0:
-        raise UserError("give --max-steps > 0 or --epochs > 0")
     if config.sft_adapter and not Path(config.sft_adapter).is_dir():
         raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
                         "`lowrank sft` (or leave --sft-adapter out to start from the base)")

@@ -63,16 +63,8 @@ def _validate(config: PretrainConfig) -> None:
     for name, low in (("batch_size", 1), ("max_length", 2)):
         if getattr(config, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(config, name)}")
-    if config.lr_scheduler not in ("cosine", "linear", "constant"):
-        raise UserError(f"--lr-scheduler: unknown '{config.lr_scheduler}'; choose cosine, linear or constant")
     if not config.learning_rate > 0:
         raise UserError(f"--learning-rate must be positive, got {config.learning_rate}")
-    if config.warmup_steps < 0:
-        raise UserError(f"--warmup-steps must be at least 0, got {config.warmup_steps}")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
-    if config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0:
-        raise UserError("give --max-steps > 0 or --epochs > 0")
 
 
 def _check_full_precision(model_path: str) -> None:

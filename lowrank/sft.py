@@ -71,10 +71,6 @@ def _validate(config: SFTConfig) -> None:
     resolve_quant(config.quant)  # refuses an unknown value
     if config.tokens_per_step < 0:
         raise UserError(f"--tokens-per-step must be 0 (off) or positive, got {config.tokens_per_step}")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
-    if config.max_steps < 0 or config.epochs <= 0 and config.max_steps == 0:
-        raise UserError("give --max-steps > 0 or --epochs > 0")
 
 
 def default_data() -> str:

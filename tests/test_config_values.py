@@ -41,6 +41,12 @@ CASES = {
     "grpo-cliprange-negative": (["grpo", "--cliprange", "-0.2"], "--cliprange must be above 0, got -0.2"),
     "grpo-top-p": (["grpo", "--top-p", "1.5"], "--top-p must lie in (0, 1], got 1.5"),
     "ppo-max-new-tokens": (["ppo", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    "reward-eval-fraction": (["reward", "--eval-fraction", "1.5"], "--eval-fraction must be in [0, 1), got 1.5"),
+    "dpo-eval-fraction": (["dpo", "--eval-fraction=-0.1"], "--eval-fraction must be in [0, 1), got -0.1"),
+    "pretrain-eval-fraction": (["pretrain", "--eval-fraction", "1"], "--eval-fraction must be in [0, 1), got 1.0"),
+    "reward-no-steps": (["reward", "--max-steps", "0", "--epochs", "0"], "give --max-steps > 0 or --epochs > 0"),
+    "sft-negative-max-steps": (["sft", "--max-steps=-3"], "give --max-steps > 0 or --epochs > 0"),
+    "pretrain-negative-warmup": (["pretrain", "--warmup-steps=-1"], "--warmup-steps must be at least 0, got -1"),
 }
 
 
