@@ -203,6 +203,40 @@ def test_score_cli_prints_score_sequences_of_the_same_text(trained, tiny_spm, tm
     assert printed[0] > printed[1]  # "please" is what the model learned to prefer
 
 
+def _score_pairs_refused(tmp_path, capsys, monkeypatch, text: str | None) -> str:
+    """`lowrank score --pairs FILE` with ``text`` in FILE (None: no file): the one-line message; no model loads."""
+    import lowrank.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pairs file was read")
+
+    monkeypatch.setattr(lowrank.models, "load_base_model", refuse)
+    path = tmp_path / "score.jsonl"
+    if text is not None:
+        path.write_text(text)
+    capsys.readouterr()
+    code = main(["score", "--reward", str(tmp_path / "unused"), "--pairs", str(path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lowrank score: error: "), lines
+    return lines[0].removeprefix("lowrank score: error: ")
+
+
+def test_score_pairs_file_that_does_not_exist_is_named(tmp_path, capsys, monkeypatch):
+    message = _score_pairs_refused(tmp_path, capsys, monkeypatch, None)
+    assert message.startswith(f"data file {tmp_path / 'score.jsonl'} does not exist")
+
+
+def test_score_pairs_line_that_is_not_json_is_named(tmp_path, capsys, monkeypatch):
+    message = _score_pairs_refused(tmp_path, capsys, monkeypatch, '{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    assert message.startswith(f"{tmp_path / 'score.jsonl'} line 2: malformed JSON")
+
+
+def test_score_pairs_record_without_a_response_is_named(tmp_path, capsys, monkeypatch):
+    message = _score_pairs_refused(tmp_path, capsys, monkeypatch, '{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    assert message == (f"{tmp_path / 'score.jsonl'} line 2: expected fields 'prompt' (text or messages) and "
+                       "'response' (text)")
+
+
 def test_score_is_read_at_last_real_token_for_right_and_left_padding(tiny_spm):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

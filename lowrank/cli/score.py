@@ -22,30 +22,16 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_pairs(path: Path) -> list[tuple]:
-    """(prompt, response) of each line of a JSONL file; UserError naming the line at fault."""
-    import json
-
+    """(prompt, response) of each record of a JSON/JSONL file (read like every data file); UserError
+    naming the line at fault."""
+    from lowrank.data import load_records_with_locations
     from lowrank.errors import UserError
 
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {number}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("response"), str) \
-                or not isinstance(record.get("prompt"), (str, list)):
-            raise UserError(f"{path} line {number}: expected fields 'prompt' (text or messages) and 'response' (text)")
-        pairs.append((record["prompt"], record["response"]))
-    if not pairs:
-        raise UserError(f"{path}: no pairs in the file")
-    return pairs
+    records, wheres = load_records_with_locations(str(path))
+    for record, where in zip(records, wheres):
+        if not isinstance(record.get("response"), str) or not isinstance(record.get("prompt"), (str, list)):
+            raise UserError(f"{where}: expected fields 'prompt' (text or messages) and 'response' (text)")
+    return [(record["prompt"], record["response"]) for record in records]
 
 
 def _excerpt(turn, width: int = 40) -> str:
