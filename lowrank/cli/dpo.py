@@ -13,25 +13,22 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from lowrank import runrecord
-    from lowrank.cli.progress import StepBar
+    from lowrank.cli.progress import reporting_process, train_with_bar
     from lowrank.config import build_config
     from lowrank.dpo import DPOConfig, train_dpo
 
     config = build_config(DPOConfig, args)
-    bar = StepBar(config.loss if config.loss != "sigmoid" else "dpo")
 
-    def on_step(record: dict) -> None:
+    def show(record: dict) -> dict:
         held_out = ({"eval_acc": f"{record['eval_accuracy']:.2f}", "eval_margin": f"{record['eval_margin']:.3f}"}
                     if "eval_accuracy" in record else {})
-        bar(record, loss=f"{record['loss']:.4f}", margin=f"{record['margin']:.3f}", acc=f"{record['accuracy']:.2f}",
-            **held_out)
+        return {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
+                "acc": f"{record['accuracy']:.2f}", **held_out}
 
-    with bar:
-        out_dir = train_dpo(config, on_step=on_step)
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one process reports
+    out_dir = train_with_bar(config.loss if config.loss != "sigmoid" else "dpo",
+                             lambda on_step: train_dpo(config, on_step=on_step), show)
+    if not reporting_process():
         return 0
     metrics = runrecord.read(out_dir).metrics
     if "initial_eval_accuracy" in metrics:

@@ -13,21 +13,18 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowrank.cli.progress import StepBar
+    from lowrank.cli.progress import reporting_process, sample_line, train_with_bar
     from lowrank.config import build_config
     from lowrank.grpo import GRPOConfig, train_grpo
 
     config = build_config(GRPOConfig, args)
-    bar = StepBar("grpo")
 
-    def on_step(record: dict) -> None:
-        bar(record, reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", ent=f"{record['entropy']:.2f}",
-            clip=f"{record['clip_fraction']:.2f}", len=f"{record['response_length']:.1f}")
-        if record.get("samples"):
-            sample = record["samples"][0]
-            bar.write(f"step {record['step']}: {sample['response']!r} (reward {sample['reward']:.3f})")
+    def show(record: dict) -> dict:
+        return {"reward": f"{record['reward']:.3f}", "kl": f"{record['kl']:.3f}", "ent": f"{record['entropy']:.2f}",
+                "clip": f"{record['clip_fraction']:.2f}", "len": f"{record['response_length']:.1f}"}
 
-    with bar:
-        out_dir = train_grpo(config, on_step=on_step)
-    print(f"policy adapter written to {out_dir}")
+    out_dir = train_with_bar("grpo", lambda on_step: train_grpo(config, on_step=on_step), show,
+                             lambda record: sample_line(record, "reward"))
+    if reporting_process():
+        print(f"policy adapter written to {out_dir}")
     return 0

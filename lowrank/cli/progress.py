@@ -40,16 +40,41 @@ class StepBar:
             self.bar.close()
 
 
-def train_with_loss_bar(name: str, train):
-    """``train(on_step)`` (SFT, pretraining) under a StepBar showing loss, tokens/s and held-out loss."""
+def reporting_process() -> bool:
+    """Whether this process prints the run's summary: under `accelerate launch` only the first (RANK 0)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_with_bar(name: str, train, show, sample=None):
+    """``train(on_step)`` under a StepBar named ``name``; ``show(record)`` gives the values the bar shows
+    for a step, and ``sample(record)``, when given, a line to print above the bar (or None)."""
     bar = StepBar(name)
 
     def on_step(record: dict) -> None:
-        held_out = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
-        bar(record, loss=f"{record['loss']:.3f}", **{"tok/s": f"{record['tokens_per_second']:.0f}"}, **held_out)
+        bar(record, **show(record))
+        line = sample(record) if sample is not None else None
+        if line:
+            bar.write(line)
 
     with bar:
         return train(on_step)
+
+
+def sample_line(record: dict, value: str) -> str | None:
+    """The step's first logged sample and its ``value`` (score, reward) as one line, or None when none was logged."""
+    shown = record.get("samples")
+    return f"step {record['step']}: {shown[0]['response']!r} ({value} {shown[0][value]:.3f})" if shown else None
+
+
+def train_with_loss_bar(name: str, train):
+    """``train(on_step)`` (SFT, pretraining) under a StepBar showing loss, tokens/s and held-out loss."""
+    def show(record: dict) -> dict:
+        held_out = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
+        return {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_second']:.0f}", **held_out}
+
+    return train_with_bar(name, train, show)
 
 
 def print_held_out_loss(out_dir) -> None:

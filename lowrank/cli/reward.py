@@ -13,24 +13,20 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from lowrank import runrecord
-    from lowrank.cli.progress import StepBar
+    from lowrank.cli.progress import reporting_process, train_with_bar
     from lowrank.config import build_config
     from lowrank.reward import RewardConfig, train_reward
 
     config = build_config(RewardConfig, args)
-    bar = StepBar("reward")
 
-    def on_step(record: dict) -> None:
+    def show(record: dict) -> dict:
         held_out = ({"acc": f"{record['eval_accuracy']:.2f}", "margin": f"{record['eval_margin']:.2f}"}
                     if "eval_accuracy" in record else {})
-        bar(record, loss=f"{record['loss']:.3f}", **held_out)
+        return {"loss": f"{record['loss']:.3f}", **held_out}
 
-    with bar:
-        out_dir = train_reward(config, on_step=on_step)
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one process reports
+    out_dir = train_with_bar("reward", lambda on_step: train_reward(config, on_step=on_step), show)
+    if not reporting_process():
         return 0
     metrics = runrecord.read(out_dir).metrics
     if "eval_accuracy" in metrics:  # none without held-out pairs (--eval-fraction 0)

@@ -13,10 +13,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import warnings
 
-    from lowrank.cli.progress import print_held_out_loss, train_with_loss_bar
+    from lowrank.cli.progress import print_held_out_loss, reporting_process, train_with_loss_bar
     from lowrank.config import build_config
     from lowrank.sft import SFTConfig, train_sft
 
@@ -24,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     config = build_config(SFTConfig, args)
     out_dir = train_with_loss_bar("sft", lambda on_step: train_sft(config, on_step=on_step))
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, one process reports
+    if not reporting_process():
         return 0
     print_held_out_loss(out_dir)
     print(f"adapter written to {out_dir}")
