@@ -26,7 +26,6 @@ from lowrank.errors import UserError
 from lowrank.fields import (AccumulationFields, AdapterFields, EpochFields, SchedulerField, WeightDecayField, restate,
                             stage_config)
 from lowrank.loop import BatchStream, held_out_loss, split_held_out
-from lowrank.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +148,13 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind=config.lr_scheduler)
     model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
-    metrics_log = MetricsLog(out_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
-                             stage="sft", config=config_to_dict(config))
+    steps = loop.StepRecords(accelerator, out_dir, "sft", config, _RESUME_KEYS, model=model, optimizer=optimizer,
+                             scheduler=scheduler, stream=stream, max_steps=max_steps, resume_from=resume_from,
+                             on_step=on_step)
+    metrics_log, start_step = steps.metrics_log, steps.start_step
     pad_id = tokenizer.pad_token_id
 
-    start_step = 0
-    if resume_from is not None:
-        start_step = loop.resume(accelerator, resume_from, model, optimizer, scheduler, config=config,
-                                 keys=_RESUME_KEYS, stream=stream, metrics_log=metrics_log, max_steps=max_steps)
-    elif eval_rows:
+    if resume_from is None and eval_rows:
         initial = {"step": 0, "max_steps": max_steps,
                    "eval_loss": held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)}
         metrics_log.log(initial)
@@ -182,13 +179,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
                   "tokens_per_second": real_tokens / max(elapsed, 1e-9)}
         if eval_rows and ((config.eval_every > 0 and step % config.eval_every == 0) or step == max_steps):
             record["eval_loss"] = held_out_loss(accelerator, model, eval_rows, config.batch_size, pad_id)
-        metrics_log.log(record)
         last.update(record)
-        if config.save_every > 0 and step % config.save_every == 0 and step < max_steps:
-            checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,
-                                  extra={"consumed": stream.consumed, "config": config_to_dict(config)})
-        if on_step is not None and accelerator.is_main_process:
-            on_step(record)
+        steps.add(step, record)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
