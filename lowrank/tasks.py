@@ -4,7 +4,8 @@ The demo (`lowrank run recipes/demo.yaml`) needs a task whose learning shows in 
 noise: each problem here has one right answer that a program checks, so "accuracy on held-out
 problems" means the same for the base, the SFT adapter and the PPO policy. The default, ``sort``
 (put 3 to 6 distinct letters in alphabetical order), is the one a 1M-parameter model learns best
-in a minute of CPU: every letter is one token, and the answer is a function of the input alone.
+in a minute of CPU: the answer is a function of the input alone, and the tiny vocabulary keeps 21 of
+the 26 letters as one token each (j, k, q, v and z take two).
 
 :func:`write_task` writes, deterministically for a seed, the files every stage reads with the
 project's own loaders (lowrank.data, lowrank.pretrain):
