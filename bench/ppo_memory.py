@@ -199,7 +199,8 @@ def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, lo
     """The same PPO step as lowrank.ppo, but each role its own model (the setup adapter swapping avoids)."""
     from peft import PeftModel
 
-    from lowrank import ppo, rl
+    from lowrank import ppo_step, rl
+    from lowrank.rollout import response_logprobs, response_mask
     from lowrank.scoring import score_sequences
 
     policy = PeftModel.from_pretrained(load(), str(sft_dir), is_trainable=True)
@@ -216,16 +217,16 @@ def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, lo
             generated = policy.generate(input_ids=queries, attention_mask=query_mask, do_sample=True,
                                         max_new_tokens=config.max_new_tokens, eos_token_id=[2], pad_token_id=0)
             responses = generated[:, queries.shape[1]:]
-            mask = ppo.response_mask(responses, [2])
+            mask = response_mask(responses, [2])
             ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
             length = responses.shape[1]
-            old, _ = ppo.response_logprobs(policy, ids, attention, length)
-            ref, _ = ppo.response_logprobs(reference, ids, attention, length)
-            values = ppo.response_values(value, ids, attention, length)
+            old, _ = response_logprobs(policy, ids, attention, length)
+            ref, _ = response_logprobs(reference, ids, attention, length)
+            values = ppo_step.response_values(value, ids, attention, length)
             scores = score_sequences(reward, ids, attention)
-        rollout = ppo.Rollout(queries, query_mask, responses, mask, torch.ones(len(responses), dtype=torch.bool),
+        rollout = ppo_step.Rollout(queries, query_mask, responses, mask, torch.ones(len(responses), dtype=torch.bool),
                               old, ref, values, scores)
-        rewards, _ = ppo.token_rewards(rollout, config.init_kl_coef, config)
+        rewards, _ = ppo_step.token_rewards(rollout, config.init_kl_coef, config)
         advantages, returns = rl.compute_gae(rewards, values, mask, config.gamma, config.lam)
         advantages = rl.masked_whiten(advantages, mask)
         policy.train()
@@ -233,9 +234,9 @@ def four_model_ppo(load, sft_dir, reward_dir, prompts, config, steps, device, lo
         for _ in range(config.ppo_epochs):
             for start in range(0, BATCH, config.minibatch_size):
                 rows = slice(start, start + config.minibatch_size)
-                logprobs, _ = ppo.response_logprobs(policy, ids[rows], attention[rows], length)
+                logprobs, _ = response_logprobs(policy, ids[rows], attention[rows], length)
                 loss, _ = rl.ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows])
-                new_values = ppo.response_values(value, ids[rows], attention[rows], length)
+                new_values = ppo_step.response_values(value, ids[rows], attention[rows], length)
                 value_loss, _ = rl.ppo_value_loss(new_values, values[rows], returns[rows], mask[rows])
                 (loss + config.vf_coef * value_loss).backward()
                 optimizer.step()

@@ -230,10 +230,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         rows = taken[accelerator.process_index::accelerator.num_processes]
         record, shown = grpo_step(accelerator, model, tokenizer, optimizer, scheduler, parameters, prompts, rows,
                                   functions, weights, config, stop_ids, pad_id, generator)
-        if accelerator.num_processes > 1:
-            keys = [k for k, v in record.items() if isinstance(v, float)]
-            summed = train.reduce_sum(accelerator, *(record[k] for k in keys))
-            record.update({k: v / accelerator.num_processes for k, v in zip(keys, summed)})
+        record = train.mean_over_processes(accelerator, record)
         record = {"step": step, "max_steps": config.steps, **record, "samples": shown}
         lengths.append(record["response_length"])
         zero_std.append(record["zero_std_groups"])

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from lowrank import rl
+from lowrank.ppo_step import score_responses
 from lowrank.roles import POLICY, REFERENCE, use_role
 from lowrank.rollout import decode_responses, response_logprobs, sample
 
@@ -53,8 +54,6 @@ def score_completions(model, tokenizer, samples, prompts: Prompts, rows: list[in
         total += torch.tensor(summed, dtype=torch.float32)
         means.update({f"reward/{name}": sum(values) / len(values) for name, values in per_function.items()})
     if config.reward_adapter:
-        from lowrank.ppo import score_responses
-
         scores = score_responses(model, samples.queries, samples.query_mask, samples.responses, samples.mask)
         total += config.reward_adapter_weight * scores.float().cpu()
         means["reward/adapter"] = scores.mean().item()

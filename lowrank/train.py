@@ -360,6 +360,16 @@ def reduce_sum(accelerator, *values: float) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist()
 
 
+def mean_over_processes(accelerator, record: dict) -> dict:
+    """``record`` with each float value replaced by its mean over processes (one all-reduce; the same
+    record with one process), so one process can log a step of all of them."""
+    if accelerator.num_processes == 1:
+        return record
+    keys = [k for k, v in record.items() if isinstance(v, float)]
+    summed = reduce_sum(accelerator, *(record[k] for k in keys))
+    return {**record, **{k: v / accelerator.num_processes for k, v in zip(keys, summed)}}
+
+
 # --- the finished adapter ----------------------------------------------------------------------
 
 def publish(src: Path, out: Path, record: runrecord.RunRecord) -> None:

@@ -143,15 +143,15 @@ def swapped(task):
 def test_reference_logprobs_in_ppo_equal_the_sft_adapter_loaded_alone(task, swapped):
     from peft import PeftModel
 
-    from lowrank import ppo
     from lowrank.models import load_base_model
+    from lowrank.rollout import response_logprobs
 
     model, _, rollout = swapped
     alone = PeftModel.from_pretrained(load_base_model(str(task["base"]), "none", gradient_checkpointing=False),
                                       str(task["sft"])).eval()
     input_ids, attention_mask = rollout.sequences()
     with torch.no_grad():
-        expected, _ = ppo.response_logprobs(alone, input_ids, attention_mask, rollout.responses.shape[1])
+        expected, _ = response_logprobs(alone, input_ids, attention_mask, rollout.responses.shape[1])
     mask = rollout.mask.bool()
     assert torch.allclose(rollout.reference_logprobs[mask], expected[mask], atol=1e-5)
     # the policy has moved, so the test would see a policy adapter leaking into the reference
@@ -159,7 +159,7 @@ def test_reference_logprobs_in_ppo_equal_the_sft_adapter_loaded_alone(task, swap
 
 
 def test_reward_scores_in_ppo_equal_lowrank_score_on_the_same_text(task, swapped, tmp_path, capsys):
-    from lowrank import ppo
+    from lowrank.ppo_step import score_responses
     from lowrank.data import tokenize_conversation
     from lowrank.templates import render
 
@@ -182,7 +182,7 @@ def test_reward_scores_in_ppo_equal_lowrank_score_on_the_same_text(task, swapped
     query_mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in queries])
     response_ids = torch.tensor([r + [2] * (length - len(r)) for r in responses])
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in responses])
-    in_ppo = ppo.score_responses(model, query_ids, query_mask, response_ids, mask)
+    in_ppo = score_responses(model, query_ids, query_mask, response_ids, mask)
 
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
     capsys.readouterr()
@@ -321,15 +321,15 @@ def test_value_warmup_trains_the_value_role_and_leaves_the_policy_alone(task):
 
 
 def test_loo_baseline_gives_each_prompt_responses_rewards_that_sum_to_zero(task, swapped):
-    from lowrank import ppo
+    from lowrank.ppo_step import token_rewards
 
     _, _, rollout = swapped  # 8 responses, read as two groups of 4 (rows 0-3 and 4-7)
     config = _config(task, task["root"] / "unused", samples_per_prompt=4, score_baseline="loo",
                      init_kl_coef=0.0)
-    rewards, _ = ppo.token_rewards(rollout, 0.0, config)
+    rewards, _ = token_rewards(rollout, 0.0, config)
     per_response = rewards.sum(1)
     assert per_response.view(2, 4).sum(1).tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
-    plain, _ = ppo.token_rewards(rollout, 0.0, _config(task, task["root"] / "unused", init_kl_coef=0.0))
+    plain, _ = token_rewards(rollout, 0.0, _config(task, task["root"] / "unused", init_kl_coef=0.0))
     assert torch.allclose(plain.sum(1), rollout.scores)
 
 

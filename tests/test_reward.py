@@ -578,7 +578,7 @@ def test_an_ensemble_trains_its_members_with_their_own_seeds_and_lists_them(ense
 
 def test_ppo_scores_with_the_mean_of_the_ensemble(ensemble, tiny_spm):
     from lowrank.models import load_base_model
-    from lowrank.ppo import score_responses
+    from lowrank.ppo_step import score_responses
     from lowrank.roles import REWARD, build_roles, reward_roles
     from lowrank.scoring import ensemble_members
 
