@@ -256,7 +256,7 @@ def train_dpo(config: DPOConfig, on_step: Callable[[dict], None] | None = None) 
     accumulation = micro_per_step // accelerator.num_processes
     out_dir = Path(config.output_dir).expanduser()
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
-    preference.take_output_dir(accelerator, out_dir, config)
+    train.take_output_dir(accelerator, config)
 
     train.seed_everything(config.seed)
     base = load_base_model(inputs.model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,

@@ -186,10 +186,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         _load_inputs(config)
     checkpoint = checkpoints.resume_checkpoint(config.output_dir) if config.resume else None
     accelerator = train.make_accelerator()
-    if accelerator.is_main_process:
-        out_dir = train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
-    accelerator.wait_for_everyone()
-    out_dir = Path(config.output_dir)
+    out_dir = train.take_output_dir(accelerator, config)
     train.seed_everything(config.seed)
     memory_plan = plan.plan_for_training(model_path, "grpo", config, accelerator.device,
                                          prompt_len=max(map(len, prompts.ids))) \

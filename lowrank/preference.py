@@ -1,6 +1,6 @@
 """What the two stages that train on preference pairs, reward (lowrank/reward.py) and DPO
 (lowrank/dpo.py), share around their loops: the pairs read, rendered in the SFT adapter's chat
-template, tokenized and split; the output dir taken; the finished adapter and its lowrank.json.
+template, tokenized and split; the finished adapter and its lowrank.json.
 
 Each stage keeps what differs: its own checks, how a pair becomes tokens (``tokenize``), its model
 and its loop.
@@ -54,13 +54,6 @@ def load_pair_inputs(config, source: str, model_path: str, sft_record: runrecord
     examples = tokenize(tokenizer, template, load_preference_pairs(source), config.max_length)
     train_examples, eval_examples = loop.split_pairs(examples, config.eval_fraction, config.seed)
     return PairInputs(model_path, tokenizer, template_name, template, source, examples, train_examples, eval_examples)
-
-
-def take_output_dir(accelerator, out_dir: Path, config) -> None:
-    """Prepare ``out_dir`` (train.prepare_output_dir: lock, refuse or clear) on the main process; all wait."""
-    if accelerator.is_main_process:
-        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
-    accelerator.wait_for_everyone()
 
 
 def finish_run(accelerator, peft_model, out_dir: Path, stage: str, config, inputs: PairInputs, *, metrics: dict,

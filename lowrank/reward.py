@@ -237,10 +237,7 @@ def train_reward(config: RewardConfig, on_step: Callable[[dict], None] | None = 
     from lowrank import train
 
     state = PartialState()
-    if state.is_main_process:  # refuses a finished run without --overwrite, removes it with
-        train.prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
-    state.wait_for_everyone()
-    out = Path(config.output_dir).expanduser()
+    out = train.take_output_dir(state, config)
     members = []
     for number in range(2, config.ensemble + 1):
         member_dir = out / MEMBERS / str(number)
@@ -300,7 +297,7 @@ def _train_one(config: RewardConfig, on_step: Callable[[dict], None] | None = No
     if config.sft_adapter:
         _load_sft_lora(peft_model, Path(config.sft_adapter), "default")
     # Every input has been checked (an SFT adapter that does not fit refuses above): now the output dir.
-    preference.take_output_dir(accelerator, out_dir, config)
+    train.take_output_dir(accelerator, config)
     peft_model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -121,9 +121,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     out_dir = Path(config.output_dir).expanduser()
     resume_from = checkpoints.resume_checkpoint(out_dir) if config.resume else None
-    if accelerator.is_main_process:
-        train.prepare_output_dir(out_dir, config.overwrite, resume=config.resume)
-    accelerator.wait_for_everyone()
+    train.take_output_dir(accelerator, config)
 
     train.seed_everything(config.seed)
     memory_plan = plan.plan_for_training(model_path, "sft", config, accelerator.device) \

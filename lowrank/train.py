@@ -86,6 +86,16 @@ def prepare_output_dir(path, overwrite: bool, *, resume: bool = False) -> Path:
     return out
 
 
+def take_output_dir(state, config) -> Path:
+    """:func:`prepare_output_dir` of ``config.output_dir`` (with its ``overwrite`` and ``resume``) on the
+    main process of ``state`` (an Accelerator or accelerate's PartialState), the others waiting for it;
+    returns the dir."""
+    if state.is_main_process:
+        prepare_output_dir(config.output_dir, config.overwrite, resume=config.resume)
+    state.wait_for_everyone()
+    return Path(config.output_dir).expanduser()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA): the one place seeds are set."""
     import numpy as np
