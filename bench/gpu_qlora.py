@@ -116,7 +116,7 @@ def build_base(shape: dict):
 
 def sft_examples(n: int, vocab: int, mean_len: int, max_len: int, seed: int = 1) -> list[dict]:
     """The protocol's data: log-normal lengths, random tokens, the first third of each a prompt without loss."""
-    from lowrank.train import IGNORE_INDEX
+    from lowrank.lm_loss import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(seed)
     sigma = 0.6

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank import rl, train
+from lowrank import lm_loss, rl
 
 LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of per-token mean log-probs, without a reference
@@ -17,7 +17,7 @@ DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return -torch.nn.functional.cross_entropy(train.head_logits(lm_head, hidden, softcap), targets, reduction="none")
+    return -torch.nn.functional.cross_entropy(lm_loss.head_logits(lm_head, hidden, softcap), targets, reduction="none")
 
 
 def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,18 +25,18 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Token t is predicted at position t - 1. The LM head runs only on the positions that predict a
     response token, chunk by chunk under activation checkpointing (as SFT's loss does, see
-    lowrank.train.linear_cross_entropy_sum), so the (rows, seq, vocab) logits never exist.
+    lowrank.lm_loss.linear_cross_entropy_sum), so the (rows, seq, vocab) logits never exist.
     """
     from torch.utils.checkpoint import checkpoint
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     keep = batch["response_mask"][:, 1:].bool()  # (rows, seq - 1)
     targets = batch["input_ids"][:, 1:][keep]  # (response tokens,)
-    lm = train.causal_lm(model)
-    if train._plain_lm_head(lm):
-        hidden = train.final_hidden_states(model, inputs)[:, :-1][keep]  # (response tokens, hidden)
+    lm = lm_loss.causal_lm(model)
+    if lm_loss.plain_lm_head(lm):
+        hidden = lm_loss.final_hidden_states(model, inputs)[:, :-1][keep]  # (response tokens, hidden)
         lm_head = lm.get_output_embeddings()
-        chunk, softcap = max(16, train.LOSS_CHUNK_LOGITS // lm_head.weight.shape[0]), train.logit_softcap(lm)
+        chunk, softcap = max(16, lm_loss.LOSS_CHUNK_LOGITS // lm_head.weight.shape[0]), lm_loss.logit_softcap(lm)
         pieces = []
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]

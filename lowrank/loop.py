@@ -13,7 +13,8 @@ import random
 
 import torch
 
-from lowrank.train import causal_lm_loss_sum, count_loss_tokens, reduce_sum
+from lowrank.lm_loss import causal_lm_loss_sum, count_loss_tokens
+from lowrank.train import reduce_sum
 
 log = logging.getLogger(__name__)
 

@@ -225,7 +225,7 @@ def prepare_for_training(base, gradient_checkpointing: bool = True) -> None:
     bytes: 1 GiB on Llama-2-7B, 4 GiB on Llama-3-8B, for weights that do not train) and the norms,
     whose fp32 output turns the whole residual stream, and so every activation kept for the
     backward pass, into fp32. Norms compute their statistics in fp32 anyway, the LoRA weights are
-    fp32 (peft), and the loss upcasts each chunk of logits (lowrank.train.linear_cross_entropy_sum).
+    fp32 (peft), and the loss upcasts each chunk of logits (lowrank.lm_loss.linear_cross_entropy_sum).
     """
     for p in base.parameters():
         p.requires_grad_(False)

@@ -13,7 +13,7 @@ from torch import nn
 
 from lowrank.errors import UserError
 from lowrank.scoring import SCORE_HEAD
-from lowrank.train import causal_lm
+from lowrank.lm_loss import causal_lm
 
 # Module names that must never get a LoRA: the LM head (tied to embeddings in some models) and our head.
 _NOT_LORA_TARGETS = ("lm_head", SCORE_HEAD)

@@ -25,7 +25,7 @@ from torch import nn
 from lowrank import runrecord
 from lowrank.errors import UserError
 from lowrank.files import check_weights_dir
-from lowrank.train import causal_lm
+from lowrank.lm_loss import causal_lm
 
 SCORE_HEAD = "score"  # attribute name of the head on the base model, and its modules_to_save entry
 MEMBERS = "members"  # subdir of a reward ensemble's other models (lowrank reward --ensemble)
@@ -115,7 +115,7 @@ def decoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     same positions (and the same states) as the unpadded sequence.
     """
     from lowrank.rollout import position_ids
-    from lowrank.train import final_hidden_states
+    from lowrank.lm_loss import final_hidden_states
 
     return final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention_mask,
                                        "position_ids": position_ids(attention_mask)})

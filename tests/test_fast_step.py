@@ -25,7 +25,7 @@ def _lora_model(model_dir, targets, *, quant="none", checkpointing=False, seed=0
 
 def _packed_batch(tokenizer, lengths=(7, 19, 12, 30), prompt=3, seed=1):
     from lowrank.data import collate, pack_examples
-    from lowrank.train import IGNORE_INDEX
+    from lowrank.lm_loss import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(seed)
     examples = []
@@ -36,10 +36,10 @@ def _packed_batch(tokenizer, lengths=(7, 19, 12, 30), prompt=3, seed=1):
 
 
 def _loss_and_grads(model, batch, **kwargs):
-    from lowrank import train
+    from lowrank import lm_loss
 
     model.zero_grad(set_to_none=True)
-    loss = train.causal_lm_loss_sum(model, batch, **kwargs)
+    loss = lm_loss.causal_lm_loss_sum(model, batch, **kwargs)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -48,13 +48,13 @@ def _loss_and_grads(model, batch, **kwargs):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_chunked_loss_and_gradients_equal_the_full_logits_path(tiny_spm, spm_tokenizer, monkeypatch, targets,
                                                                 checkpointing):
-    from lowrank import train
+    from lowrank import lm_loss
 
     model = _lora_model(tiny_spm, targets, checkpointing=checkpointing)
     batch = _packed_batch(spm_tokenizer)
     loss_plain, grads_plain = _loss_and_grads(model, batch, chunked=False)
     # Chunks of 16 tokens: the ~50 loss tokens of the batch span four chunks, one of them partial.
-    monkeypatch.setattr(train, "LOSS_CHUNK_LOGITS", 16 * len(spm_tokenizer))
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_LOGITS", 16 * len(spm_tokenizer))
     loss_chunked, grads_chunked = _loss_and_grads(model, batch)
     torch.testing.assert_close(loss_chunked, loss_plain, rtol=1e-5, atol=1e-5)
     assert grads_plain.keys() == grads_chunked.keys()
@@ -69,41 +69,41 @@ def test_chunked_loss_soft_caps_logits_as_gemma2_does(tiny_model_factory, monkey
     stays the model's loss (and memory stays at one chunk of logits) instead of falling back to full logits."""
     from transformers import AutoTokenizer
 
-    from lowrank import train
+    from lowrank import lm_loss
 
     base = tiny_model_factory(tokenizer="spm", arch="gemma2", random_norms=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = _lora_model(base, ["all-linear"], checkpointing=True)
     batch = _packed_batch(tokenizer)
     loss_plain, grads_plain = _loss_and_grads(model, batch, chunked=False)
-    monkeypatch.setattr(train, "LOSS_CHUNK_LOGITS", 16 * len(tokenizer))
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_LOGITS", 16 * len(tokenizer))
     loss_chunked, grads_chunked = _loss_and_grads(model, batch)
     torch.testing.assert_close(loss_chunked, loss_plain, rtol=1e-5, atol=1e-5)
     for name, want in grads_plain.items():
         torch.testing.assert_close(grads_chunked[name], want, rtol=1e-4, atol=1e-6, msg=name)
     # The tiny model's cap (0.5) is where its logits lie: without it the summed loss moves by 0.27 (measured),
     # four orders above the 1e-5 the two paths agree to.
-    monkeypatch.setattr(train, "logit_softcap", lambda lm: None)
+    monkeypatch.setattr(lm_loss, "logit_softcap", lambda lm: None)
     uncapped, _ = _loss_and_grads(model, batch)
     assert abs(uncapped - loss_plain) > 0.1
 
 
 def test_chunked_loss_never_builds_the_full_logits(tiny_spm, spm_tokenizer, monkeypatch):
     """The LM head sees at most one chunk of loss positions per call: never (batch, seq) positions."""
-    from lowrank import train
+    from lowrank import lm_loss
 
     model = _lora_model(tiny_spm, ["all-linear"])
     batch = _packed_batch(spm_tokenizer)
-    monkeypatch.setattr(train, "LOSS_CHUNK_LOGITS", 16 * len(spm_tokenizer))
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_LOGITS", 16 * len(spm_tokenizer))
     rows_seen = []
     head = model.get_base_model().lm_head
     handle = head.register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[:-1].numel()))
     try:
-        loss = train.causal_lm_loss_sum(model, batch)
+        loss = lm_loss.causal_lm_loss_sum(model, batch)
         loss.backward()
     finally:
         handle.remove()
-    loss_tokens = train.count_loss_tokens(batch)
+    loss_tokens = lm_loss.count_loss_tokens(batch)
     assert max(rows_seen) <= 16 < loss_tokens
     # forward: one position per row (logits_to_keep=1) + each chunk; backward recomputes each chunk once
     chunks = -(-loss_tokens // 16)
@@ -112,12 +112,12 @@ def test_chunked_loss_never_builds_the_full_logits(tiny_spm, spm_tokenizer, monk
 
 def test_chunked_loss_matches_on_a_quantized_base(tiny_spm, spm_tokenizer, monkeypatch):
     """nf4 base (bitsandbytes on the CPU): the chunked path gives the plain path's loss and gradients."""
-    from lowrank import train
+    from lowrank import lm_loss
 
     model = _lora_model(tiny_spm, ["all-linear"], quant="nf4", checkpointing=True)
     batch = _packed_batch(spm_tokenizer, lengths=(9, 14))
     loss_plain, grads_plain = _loss_and_grads(model, batch, chunked=False)
-    monkeypatch.setattr(train, "LOSS_CHUNK_LOGITS", 8 * len(spm_tokenizer))
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_LOGITS", 8 * len(spm_tokenizer))
     loss_chunked, grads_chunked = _loss_and_grads(model, batch)
     torch.testing.assert_close(loss_chunked, loss_plain, rtol=1e-4, atol=1e-4)
     for name, want in grads_plain.items():

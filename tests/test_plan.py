@@ -151,7 +151,7 @@ def test_activation_terms_are_the_right_order_of_magnitude_on_the_cpu(small_llam
     Tolerance 0.5x-1.5x: an order-of-magnitude check; the CUDA figures are measured on a GPU."""
     from peft import get_peft_model
 
-    from lowrank import train
+    from lowrank import lm_loss
     from lowrank.models import load_base_model, lora_config
 
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ def test_activation_terms_are_the_right_order_of_magnitude_on_the_cpu(small_llam
     positions = torch.arange(seq).repeat(rows, 1)
     positions[:, 128:] -= 128  # two packed examples per row
     with LiveBytes() as live:
-        train.causal_lm_loss_sum(model, {"input_ids": ids, "position_ids": positions, "labels": ids}).backward()
+        lm_loss.causal_lm_loss_sum(model, {"input_ids": ids, "position_ids": positions, "labels": ids}).backward()
     # The CPU run is fp32 throughout: the plan's fp32-stream variant.
     plan = P.estimate(str(small_llama), fp32_norms=True, tokens_per_micro_batch=rows * seq, max_length=seq)
     assert 0.5 < activation_bytes(plan) / live.peak < 1.5

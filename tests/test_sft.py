@@ -84,7 +84,7 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tiny_spm):
     from accelerate import Accelerator
     from peft import get_peft_model
 
-    from lowrank import train
+    from lowrank import lm_loss, train
     from lowrank.models import load_base_model, lora_config
 
     torch.manual_seed(0)
@@ -101,11 +101,11 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(tiny_spm):
     accumulated = [p.grad.clone() for p in params]
     assert tokens == 6
     model.zero_grad()
-    (train.causal_lm_loss_sum(model, short) + train.causal_lm_loss_sum(model, long)).div(6).backward()
+    (lm_loss.causal_lm_loss_sum(model, short) + lm_loss.causal_lm_loss_sum(model, long)).div(6).backward()
     for got, want in zip(accumulated, [p.grad for p in params]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     model.zero_grad()
-    (train.causal_lm_loss_sum(model, short) / 1 + train.causal_lm_loss_sum(model, long) / 5).div(2).backward()
+    (lm_loss.causal_lm_loss_sum(model, short) / 1 + lm_loss.causal_lm_loss_sum(model, long) / 5).div(2).backward()
     assert max((a - p.grad).abs().max().item() for a, p in zip(accumulated, params)) > 1e-4  # mean of means differs
 
 

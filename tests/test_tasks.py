@@ -156,7 +156,7 @@ class _ScriptedModel(torch.nn.Module):
 def _sft_prompts(tokenizer, template, records) -> list[tuple]:
     """The prompt tokens of each record as SFT trains on them: everything before the first loss token."""
     from lowrank.data import to_messages, tokenize_conversation
-    from lowrank.train import IGNORE_INDEX
+    from lowrank.lm_loss import IGNORE_INDEX
 
     prompts = []
     for record in records:

@@ -14,7 +14,7 @@ from lowrank.data.records import (ASSETS, SAMPLE_FILES, load_records, load_recor
                                   parse_message_list, sample_property, to_messages)
 from lowrank.data.tokens import (assistant_spans, build_sft_dataset, collate, left_pad, pack_examples,
                                  tokenize_conversation, tokenize_prompt, tokenize_text)
-from lowrank.train import IGNORE_INDEX  # label of a position without loss
+from lowrank.lm_loss import IGNORE_INDEX  # label of a position without loss
 
 __all__ = [
     "ASSETS", "IGNORE_INDEX", "SAMPLE_FILES", "PromptRow", "assistant_spans", "build_sft_dataset", "collate",

@@ -17,7 +17,7 @@ import torch
 from lowrank.data.records import load_records_with_locations, to_messages
 from lowrank.errors import UserError
 from lowrank.templates import render
-from lowrank.train import IGNORE_INDEX  # label of a position without loss
+from lowrank.lm_loss import IGNORE_INDEX  # label of a position without loss
 
 log = logging.getLogger(__name__)
 

@@ -394,7 +394,7 @@ def _nonzero(terms: dict[str, int]) -> dict[str, int]:
 
 
 def _loss_chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk of lowrank's loss: lowrank.train.LOSS_CHUNK_LOGITS logits (at least 16 tokens)."""
-    from lowrank.train import LOSS_CHUNK_LOGITS
+    """Tokens per chunk of lowrank's loss: lowrank.lm_loss.LOSS_CHUNK_LOGITS logits (at least 16 tokens)."""
+    from lowrank.lm_loss import LOSS_CHUNK_LOGITS
 
     return max(16, int(LOSS_CHUNK_LOGITS) // vocab)
