@@ -16,7 +16,7 @@ is not used: after a vfork it reports the parent's peak, which is how an earlier
 this bench came to report 2.45 GiB.)
 
 The child's time inside write_direct (header, tensors, fsync) is printed too, so start-up
-(importing torch and transformers, loading the tokenizer) can be told from the tensor work.
+(Python, the imports, reading the tokenizer) can be told from the tensor work.
 Prints the ratio export / raw write last.
 
     python bench/export_speed.py [--work DIR] [--layers 22] [--repeats 3]
@@ -41,6 +41,7 @@ import numpy as np
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
 GiB = 2**30
+TARGETS = {"f16": 2.0, "q8_0": 3.0}  # whole command / raw write of the same bytes
 
 
 def build_model(out: Path, layers: int) -> int:
@@ -218,8 +219,9 @@ def main() -> None:
                   f"raw write {r['raw']:.1f} s; peak RSS {r['hwm'] / GiB:.2f} GiB = anon {r['anon'] / GiB:.2f} "
                   f"+ file-backed {r['file'] / GiB:.2f} (target < 2 GB on the total: "
                   f"{'met' if r['hwm'] < 2e9 else 'NOT met'}); load avg {r['load']:.1f}")
-        print("ratio export/raw write (target <= 2x): " + ", ".join(
-            f"{r['type']} {r['ratio']:.2f}x ({'met' if r['ratio'] <= 2 else 'NOT met'})" for r in results))
+        print("ratio export/raw write (targets: F16 <= 2x, Q8_0 <= 3x, issue 18): " + ", ".join(
+            f"{r['type']} {r['ratio']:.2f}x ({'met' if r['ratio'] <= TARGETS.get(r['type'], 2) else 'NOT met'})"
+            for r in results))
     finally:
         if args.work:
             shutil.rmtree(work / "out", ignore_errors=True)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from lowrank.errors import UserError
 from lowrank.models import REFUSED_ARCHITECTURES, unsupported_architecture
 
@@ -150,16 +152,14 @@ def llama_cpp_rows(rows, hf_name: str, config: dict):
     return rows if heads is None else permute_qk_for_llama_cpp(rows, heads)
 
 
-def llama_cpp_values(data, hf_name: str, config: dict):
-    """The HF tensor ``hf_name`` (a torch tensor) as llama.cpp keeps it: rows as :func:`llama_cpp_rows` orders
+def llama_cpp_values(data: np.ndarray, hf_name: str, config: dict) -> np.ndarray:
+    """The HF tensor ``hf_name`` (a numpy array) as llama.cpp keeps it: rows as :func:`llama_cpp_rows` orders
     them, norm weights shifted by the architecture's norm_offset (Gemma's 1 + w, added in float32: a bf16
     checkpoint's w + 1 rounded to bf16 would lose the low bits of w)."""
-    import torch
-
     data = llama_cpp_rows(data, hf_name, config)
     offset = architecture_spec(config.get("model_type")).norm_offset
     if offset and hf_name.endswith("norm.weight"):
-        data = data.to(torch.float32) + offset
+        data = data.astype(np.float32) + np.float32(offset)
     return data
 
 

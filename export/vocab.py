@@ -67,7 +67,7 @@ def _token_types():
     return gguf.TokenType
 
 
-def _sentencepiece_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVocab:
+def _sentencepiece_vocab(model_dir: Path, added_tokens: dict[int, tuple[str, bool]], vocab_size: int) -> GGUFVocab:
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
@@ -99,18 +99,18 @@ def _sentencepiece_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVoc
     # user-defined pieces in tokenizer.model) are CONTROL, as llama.cpp's converter (_set_vocab_sentencepiece)
     # writes the special entries of added_tokens_decoder. As NORMAL pieces llama.cpp would spell them out letter
     # by letter; as CONTROL it matches them in the text like HF (with special=True) and does not print them.
-    for tid, added in tokenizer.added_tokens_decoder.items():
-        if tid < len(types) and added.special and types[tid] in (T.NORMAL, T.USER_DEFINED):
+    for tid, (_, special) in added_tokens.items():
+        if tid < len(types) and special and types[tid] in (T.NORMAL, T.USER_DEFINED):
             types[tid] = T.CONTROL
     # Tokens the HF tokenizer adds on top of the SentencePiece model.
-    for tid, added in sorted(tokenizer.added_tokens_decoder.items()):
+    for tid, (content, special) in sorted(added_tokens.items()):
         if tid < len(tokens):
             continue
         if tid != len(tokens):
-            raise UserError(f"{model_dir}: added token {added.content!r} has id {tid}, leaving a gap after {len(tokens)}")
-        tokens.append(added.content)
+            raise UserError(f"{model_dir}: added token {content!r} has id {tid}, leaving a gap after {len(tokens)}")
+        tokens.append(content)
         scores.append(-1000.0)
-        types.append(T.CONTROL if added.special else T.USER_DEFINED)
+        types.append(T.CONTROL if special else T.USER_DEFINED)
     _pad_vocab(tokens, scores, types, vocab_size)
     add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
     return GGUFVocab("llama", tokens, scores, [int(t) for t in types], add_space_prefix=add_space_prefix)
@@ -145,7 +145,7 @@ def bpe_pre_tokenizer_name(tokenizer_json: dict, where: str) -> str:
     )
 
 
-def _bpe_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVocab:
+def _bpe_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
     T = _token_types()
     where = str(model_dir / "tokenizer.json")
     data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -164,12 +164,101 @@ def _bpe_vocab(model_dir: Path, tokenizer, vocab_size: int) -> GGUFVocab:
     return GGUFVocab("gpt2", tokens, scores, types, merges=merges, pre=bpe_pre_tokenizer_name(data, where))
 
 
-def _special_ids(tokenizer, tokens: list[str]) -> dict[str, int]:
+@dataclass
+class TokenizerFacts:
+    """What a GGUF takes from the HF tokenizer beyond tokenizer.model / tokenizer.json's vocabulary."""
+
+    added_tokens: dict[int, tuple[str, bool]]  # id -> (text, special) of the tokenizer's added tokens
+    special_ids: dict[str, int]  # bos/eos/unk/pad -> id, those the tokenizer defines
+    add_bos: bool  # the tokenizer puts BOS before plain text
+    add_eos: bool  # ... and EOS after it
+    chat_template: str | None
+
+
+def _facts_from_tokenizer(tokenizer) -> TokenizerFacts:
+    """The facts of a loaded transformers tokenizer; BOS/EOS adding observed, not read from flags that vary by class."""
     ids = {}
     for name in ("bos", "eos", "unk", "pad"):
         tid = getattr(tokenizer, f"{name}_token_id", None)
         if tid is not None:
             ids[name] = int(tid)
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    add_bos, add_eos = _adds_bos_eos(with_special, without, ids)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    added = {tid: (t.content, bool(t.special)) for tid, t in tokenizer.added_tokens_decoder.items()}
+    return TokenizerFacts(added, ids, add_bos, add_eos, template or None)
+
+
+def _adds_bos_eos(with_special: list[int], without: list[int], ids: dict[str, int]) -> tuple[bool, bool]:
+    """Whether encoding "a" with special tokens put BOS in front / EOS behind what it gives without."""
+    longer = len(with_special) > len(without)
+    return (longer and "bos" in ids and with_special[0] == ids["bos"],
+            longer and "eos" in ids and with_special[-1] == ids["eos"])
+
+
+# tokenizer_config.json keys that change nothing a GGUF takes from the tokenizer. A config with any other key
+# (add_bos_token, added_tokens_decoder, legacy, a tokenizer class's own options, ...) is read by transformers.
+_PLAIN_CONFIG_KEYS = {"backend", "tokenizer_class", "bos_token", "eos_token", "unk_token", "pad_token", "chat_template",
+                      "model_max_length", "clean_up_tokenization_spaces", "model_input_names", "padding_side",
+                      "truncation_side"}
+# Files transformers merges into what tokenizer_config.json and tokenizer.json say.
+_MERGED_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.json", "additional_chat_templates")
+
+
+def read_tokenizer_files(model_dir: Path) -> TokenizerFacts | None:
+    """The facts transformers 5 would load, read from the files, when the dir holds a tokenizer it loads as saved.
+
+    That is a tokenizer.json with a tokenizer_config.json of class TokenizersBackend (what transformers 5 saves,
+    so every dir lowrank writes) and only the keys of _PLAIN_CONFIG_KEYS: transformers then uses tokenizer.json
+    as it is, with the special tokens the config names. Importing transformers (and torch, which it pulls in)
+    and building the tokenizer takes seconds, longer than writing a 1B model's Q8_0 file; the tokenizers
+    library that runs tokenizer.json takes milliseconds. None for anything else (another class, a
+    special_tokens_map.json, a special token that is not in the vocabulary, a file that does not parse):
+    load_gguf_vocab then loads the tokenizer with transformers, which reports what is wrong.
+    tests/test_export_vocab.py checks that both give the same vocabulary.
+    """
+    config_file, tokenizer_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if not (config_file.is_file() and tokenizer_file.is_file()) or any((model_dir / f).exists() for f in _MERGED_FILES):
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") != "TokenizersBackend" or set(config) - _PLAIN_CONFIG_KEYS:
+            return None
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(tokenizer_file))
+        data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a file that does not parse: transformers reads it again and says what is wrong
+        return None
+    added = {int(t["id"]): (t["content"], bool(t.get("special"))) for t in data.get("added_tokens", [])}
+    added_ids = {text: tid for tid, (text, _) in added.items()}
+    ids = {}
+    for name in ("bos", "eos", "unk", "pad"):
+        value = config.get(f"{name}_token")
+        text = value.get("content") if isinstance(value, dict) else value
+        if text is None:
+            continue
+        tid = backend.token_to_id(text) if isinstance(text, str) else None
+        # A special token that is not an added special token: transformers would add or re-flag it.
+        if tid is None or not added.get(tid, ("", False))[1] or added_ids.get(text) != tid:
+            return None
+        ids[name] = tid
+    add_bos, add_eos = _adds_bos_eos(backend.encode("a", add_special_tokens=True).ids,
+                                     backend.encode("a", add_special_tokens=False).ids, ids)
+    template = config.get("chat_template")
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")  # transformers lets chat_template.jinja win
+    if template is not None and not isinstance(template, str):
+        return None  # a list of named templates
+    return TokenizerFacts(added, ids, add_bos, add_eos, template or None)
+
+
+def _special_ids(ids: dict[str, int], tokens: list[str]) -> dict[str, int]:
+    ids = dict(ids)
     for text in EOT_TOKENS:
         if text in tokens:
             ids["eot"] = tokens.index(text)
@@ -177,23 +266,13 @@ def _special_ids(tokenizer, tokens: list[str]) -> dict[str, int]:
     return ids
 
 
-def _adds_bos_eos(tokenizer) -> tuple[bool, bool]:
-    """Whether the HF tokenizer adds BOS/EOS to plain text: observed, not read from flags that vary by class."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    add_bos = tokenizer.bos_token_id is not None and len(with_special) > len(without) and with_special[0] == tokenizer.bos_token_id
-    add_eos = tokenizer.eos_token_id is not None and len(with_special) > len(without) and with_special[-1] == tokenizer.eos_token_id
-    return add_bos, add_eos
-
-
-def load_gguf_vocab(model_dir: str | Path, vocab_size: int, chat_template: str | None = None) -> GGUFVocab:
-    """Read the tokenizer of an HF model dir into a GGUFVocab.
-
-    ``chat_template`` overrides the tokenizer's own (e.g. the one recorded in lowrank.json).
-    """
+def load_tokenizer_facts(model_dir: Path) -> TokenizerFacts:
+    """read_tokenizer_files, or else the tokenizer loaded as training loaded it (lowrank.models.load_tokenizer)."""
+    facts = read_tokenizer_files(model_dir)
+    if facts is not None:
+        return facts
     from lowrank.models import load_tokenizer
 
-    model_dir = Path(model_dir)
     try:
         # The loader training used, so the file's add_space_prefix and the ids training saw agree.
         tokenizer = load_tokenizer(str(model_dir), pad_with_eos=False)
@@ -201,20 +280,27 @@ def load_gguf_vocab(model_dir: str | Path, vocab_size: int, chat_template: str |
         raise
     except Exception as e:  # noqa: BLE001 - any load failure is a bad model dir
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+    return _facts_from_tokenizer(tokenizer)
+
+
+def load_gguf_vocab(model_dir: str | Path, vocab_size: int, chat_template: str | None = None) -> GGUFVocab:
+    """Read the tokenizer of an HF model dir into a GGUFVocab.
+
+    ``chat_template`` overrides the tokenizer's own (e.g. the one recorded in lowrank.json).
+    """
+    model_dir = Path(model_dir)
+    facts = load_tokenizer_facts(model_dir)
     if (model_dir / "tokenizer.model").exists():
-        vocab = _sentencepiece_vocab(model_dir, tokenizer, vocab_size)
+        vocab = _sentencepiece_vocab(model_dir, facts.added_tokens, vocab_size)
     elif (model_dir / "tokenizer.json").exists():
-        vocab = _bpe_vocab(model_dir, tokenizer, vocab_size)
+        vocab = _bpe_vocab(model_dir, vocab_size)
     else:
         raise UserError(f"{model_dir}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE) to export")
     if len(vocab.tokens) > vocab_size:
         raise UserError(f"{model_dir}: tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is {vocab_size}")
-    vocab.special_ids = _special_ids(tokenizer, vocab.tokens)
-    vocab.add_bos, vocab.add_eos = _adds_bos_eos(tokenizer)
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    vocab.chat_template = template or None
+    vocab.special_ids = _special_ids(facts.special_ids, vocab.tokens)
+    vocab.add_bos, vocab.add_eos = facts.add_bos, facts.add_eos
+    vocab.chat_template = chat_template or facts.chat_template
     return vocab
 
 

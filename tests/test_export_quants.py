@@ -55,6 +55,31 @@ def test_special_blocks_match_gguf_py(name):
 
 
 @pytest.mark.parametrize("name", TYPES)
+def test_every_finite_float16_matches_gguf_py(name):
+    # Q8_0 widens float16 through its bits (times 2^112) and takes block maxima on the bits: every finite
+    # float16 (subnormals and both zeros included), in blocks shuffled so that each mixes magnitudes.
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    values = bits.view(np.float16)
+    values = values[np.isfinite(values)]
+    np.random.default_rng(3).shuffle(values)
+    x = np.concatenate([values, np.sort(values)])  # sorted too: blocks of near-equal values, ties
+    x = x[: len(x) // 32 * 32].reshape(-1, 32)
+    np.testing.assert_array_equal(fast(x, name), reference(x, name))
+
+
+def test_q8_0_export_does_not_import_torch(tiny_bpe, tmp_path):
+    # Importing torch costs over a second, more than writing a 1B model's Q8_0 file: F16 and Q8_0 export never do.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lowrank.export.gguf import export_gguf\n"
+            f"export_gguf({str(tiny_bpe)!r}, {str(tmp_path)!r}, 'f16,q8_0')\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("shape", [(1, 32), (7, 96), (3, 5, 64), (33, 4096)])
 def test_random_float16_and_float32_match_gguf_py(name, shape):
     rng = np.random.default_rng(sum(shape))
@@ -129,7 +154,7 @@ def test_exported_q_files_hold_gguf_py_bytes_and_q8_0_runs_in_llama_cpp(tiny_bpe
 
     paths = export_gguf(tiny_bpe, tmp_path, ["q8_0", "q4_0", "q5_0"], name="m")
     source = read_source(tiny_bpe)
-    weights = {t.gguf_name: load_tensor(source, t, {}) for t in source.tensors}
+    weights = {t.gguf_name: load_tensor(source, t) for t in source.tensors}
     for path, name in zip(paths, ["Q8_0", "Q4_0", "Q5_0"]):
         checked = 0
         for t in gguf.GGUFReader(str(path)).tensors:
