@@ -15,7 +15,7 @@ import torch
 
 from lowrank.cli import main
 
-from cli_support import launch_two_processes
+from cli_support import assert_trained_as_one, launch_two_processes, recorded, run_one_process
 
 # The learning test trains on the shipped preference sample (lowrank/assets/preferences_sample.jsonl): every
 # chosen response is its rejected twin with "please" added, so the preference is one clear feature. 200 pairs,
@@ -251,21 +251,28 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_spm, sft, sort_pair
     assert [r["step"] for r in records] == [0, 1, 2, 3]
 
 
-def test_two_process_accelerate_launch_trains(tiny_spm, sft, sort_pairs, tmp_path):
-    """Two CPU processes (DDP over gloo): each takes its share of every step's pairs and of the reference pass."""
+def test_two_processes_train_as_one_process_on_both_their_batches(tiny_spm, sft, sort_pairs, tmp_path, monkeypatch):
+    """Two CPU processes (DDP over gloo) each take their share of every step's pairs and of the reference pass,
+    and train as one process would on all of them: both hold the same policy after each step, the one of a
+    single process with the same --batch-size (process r of 2 takes micro-batch 2m + r of the seeded
+    lowrank.loop.BatchStream, one process all of them; the loss is divided by the pairs of the whole step).
+    Dropout is off in every role (lowrank.roles). fp32, tolerance 1e-4.
+    """
+    flags = ["--model", str(tiny_spm), "--sft-adapter", str(sft), "--pairs", sort_pairs, "--quant", "none",
+             "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--max-steps", "2", "--batch-size", "4",
+             "--micro-batch-size", "2", "--eval-fraction", "0.25", "--max-length", "128"]
     out = tmp_path / "ddp"
-    launch_two_processes(tmp_path, ["dpo", "--model", str(tiny_spm), "--sft-adapter", str(sft), "--pairs",
-                                    sort_pairs, "--output-dir", str(out), "--quant", "none",
-                                    "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--max-steps", "3",
-                                    "--batch-size", "4", "--micro-batch-size", "2", "--eval-fraction", "0.25",
-                                    "--max-length", "128"])
+    launch_two_processes(tmp_path, ["dpo", *flags, "--output-dir", str(out)], record=True)
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "dpo"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2, 3]  # one process logs, once per step
+    assert [r["step"] for r in records] == [0, 1, 2]  # one process logs, once per step
     assert all(r["pairs"] == 4 for r in records[1:])  # 2 pairs from each process
     assert meta["metrics"]["eval_margin"] != 0.0  # the policy moved away from the reference
     assert (out / "adapter_model.safetensors").exists()
+
+    one = run_one_process(monkeypatch, tmp_path, ["dpo", *flags, "--output-dir", str(tmp_path / "one")])
+    assert_trained_as_one(recorded(tmp_path), one)
 
 
 # --- bad input: one line on stderr, exit 2, before any model loads, nothing written ----------------

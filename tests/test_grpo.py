@@ -15,7 +15,7 @@ import torch
 
 from lowrank.cli import main
 
-from cli_support import launch_two_processes
+from cli_support import assert_trained_as_one, launch_two_processes, recorded, run_one_process
 from rl_support import PROMPTS, TARGET, train_sft_adapter
 
 REWARD_FILE = f'''
@@ -129,18 +129,32 @@ def test_reference_adapter_never_changes_and_beta_zero_trains(task):
     assert moved and all(".policy." in n for n in moved), moved
 
 
-def test_two_process_accelerate_launch_trains(task, tmp_path):
+def test_two_processes_train_as_one_process_on_both_their_completions(task, tmp_path, monkeypatch):
+    """Under `accelerate launch` (DDP over gloo) each process samples the groups of its own prompts and both
+    hold the same policy after every update: that of one process that is handed both processes'
+    completions (their sampling is replayed, cli_support.record_steps) and takes each update on all of
+    them. Process r of 2 takes prompts 2i + r of the seeded prompt stream; a group's advantages are
+    relative to its own completions only, and the loss is divided by the completion tokens of the whole
+    step over both processes, so the union is exact. Padding widths differ between the runs, so the
+    log-probs round differently: fp32, tolerance 1e-4.
+    """
+    flags = ["--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--prompts", str(task["prompts"]),
+             "--rewards", task["reward"], "--quant", "none", "--steps", "2", "--group-size", "4",
+             "--max-new-tokens", "6", "--learning-rate", "1e-3"]
     out = tmp_path / "ddp"
-    launch_two_processes(tmp_path, ["grpo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]),
-                                    "--prompts", str(task["prompts"]), "--rewards", task["reward"], "--output-dir",
-                                    str(out), "--quant", "none", "--steps", "2", "--group-size", "4",
-                                    "--prompts-per-step", "1", "--max-new-tokens", "6", "--learning-rate", "1e-3"],
-                         timeout=300)
+    launch_two_processes(tmp_path, ["grpo", *flags, "--output-dir", str(out), "--prompts-per-step", "1"],
+                         timeout=300, record=True)
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "grpo"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # one process logs, once per step
     assert (out / "adapter_model.safetensors").exists()
+
+    ranks = recorded(tmp_path)
+    assert ranks[0]["samples"] != ranks[1]["samples"]  # each process sampled its own prompts
+    one = run_one_process(monkeypatch, tmp_path, ["grpo", *flags, "--output-dir", str(tmp_path / "one"),
+                                                  "--prompts-per-step", "2"], replay=ranks)
+    assert_trained_as_one(ranks, one)
 
 
 def test_resume_continues_where_the_run_stopped(task, tmp_path):

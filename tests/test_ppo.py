@@ -21,7 +21,8 @@ from lowrank import checkpoints
 from lowrank.cli import main
 from lowrank.templates import stop_token_ids
 
-from cli_support import KILL_IN_CHECKPOINT, launch_two_processes, run_killed
+from cli_support import (KILL_IN_CHECKPOINT, assert_trained_as_one, launch_two_processes, recorded,
+                         run_killed, run_one_process)
 from rl_support import PROMPTS, TARGET, train_sft_adapter as _train_sft_adapter, words as _words
 
 
@@ -246,17 +247,26 @@ def test_ppo_killed_in_the_middle_of_a_checkpoint_resumes_to_the_same_policy(tas
     _same_policy(straight_small, out)
 
 
-def test_two_process_accelerate_launch_trains_both_roles(task, tmp_path):
-    """Under `accelerate launch` each process samples its own prompts, the two trained roles'
-    gradients are averaged over the processes, and one process logs and writes the adapter."""
+def test_two_processes_train_both_roles_as_one_process_on_both_their_rollouts(task, tmp_path, monkeypatch):
+    """Under `accelerate launch` each process samples its own prompts, the two trained roles' gradients are
+    averaged over the processes (train.average_gradients), and one process logs and writes the adapter.
+
+    Both processes then hold the same policy and value weights after every minibatch update, and those
+    of one process that is handed both processes' rollouts (their sampling is replayed, cli_support.
+    record_steps) and takes each update on the union of their minibatches: process r of 2 samples
+    prompts 2i + r of the seeded prompt stream, and each minibatch here is a process's whole rollout
+    batch, so the union is the one process's batch. Advantages are not whitened: each process whitens
+    over its own rollouts, which no one-process run reproduces. Padding widths differ between the runs,
+    so the log-probs round differently: fp32, tolerance 1e-4.
+    """
     from peft import load_peft_weights
 
+    flags = ["--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--reward-adapter",
+             str(task["reward"]), "--prompts", str(task["prompts"]), "--quant", "none", "--steps", "2",
+             "--ppo-epochs", "2", "--no-whiten-advantages", "--max-new-tokens", "6", "--learning-rate", "1e-3"]
     out = tmp_path / "ddp"
-    launch_two_processes(tmp_path, ["ppo", "--model", str(task["base"]), "--sft-adapter", str(task["sft"]),
-                                    "--reward-adapter", str(task["reward"]), "--prompts", str(task["prompts"]),
-                                    "--output-dir", str(out), "--quant", "none", "--steps", "2",
-                                    "--rollout-batch-size", "4", "--minibatch-size", "4", "--ppo-epochs", "1",
-                                    "--max-new-tokens", "6", "--learning-rate", "1e-3"], timeout=300)
+    launch_two_processes(tmp_path, ["ppo", *flags, "--output-dir", str(out), "--rollout-batch-size", "2",
+                                    "--minibatch-size", "2"], timeout=300, record=True)
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "ppo"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -264,6 +274,13 @@ def test_two_process_accelerate_launch_trains_both_roles(task, tmp_path):
     assert all(r["value_loss"] > 0 and 0 <= r["clip_fraction"] <= 1 for r in records)
     policy, sft = load_peft_weights(str(out)), load_peft_weights(str(task["sft"]))
     assert any(not torch.allclose(policy[k], sft[k]) for k in sft)  # the policy moved
+
+    ranks = recorded(tmp_path)
+    assert ranks[0]["samples"] != ranks[1]["samples"]  # each process sampled its own prompts
+    one = run_one_process(monkeypatch, tmp_path, ["ppo", *flags, "--output-dir", str(tmp_path / "one"),
+                                                  "--rollout-batch-size", "4", "--minibatch-size", "4"], replay=ranks)
+    assert len(one["grads"]) == 4  # 2 steps of 2 epochs of one minibatch
+    assert_trained_as_one(ranks, one)
 
 
 def _run_cli(task, tmp_path, capsys, **changes):

@@ -21,7 +21,7 @@ from lowrank.errors import UserError
 from lowrank.reward import bradley_terry_loss, evaluate_pairs, tokenize_pairs
 from lowrank.scoring import SCORE_HEAD, add_score_head, load_reward_adapter, pad_batch, score_sequences, using_adapter
 
-from cli_support import launch_two_processes
+from cli_support import assert_trained_as_one, launch_two_processes, recorded, run_one_process
 
 # The synthetic task is the shipped preference sample (lowrank/assets/preferences_sample.jsonl, what
 # `lowrank reward` trains on in the README): every chosen response contains "please" and its rejected
@@ -533,19 +533,28 @@ def test_reward_resume_with_changed_settings_is_refused(tiny_spm, small_pairs_fi
     assert "was written with different learning_rate" in capsys.readouterr().err
 
 
-def test_reward_trains_under_a_two_process_accelerate_launch(tiny_spm, small_pairs_file, tmp_path):
-    """Two CPU processes (DDP over gloo): each takes its share of every step's pairs."""
+def test_two_reward_processes_train_as_one_process_on_both_their_batches(tiny_spm, small_pairs_file, tmp_path,
+                                                                         monkeypatch):
+    """Two CPU processes (DDP over gloo) each take their share of every step's pairs, and train as one process
+    would on all of them: both hold the same adapter and score head after each step, the one of a single
+    process with twice the accumulation (process r of 2 takes micro-batch 2m + r of the seeded
+    lowrank.loop.PairStream; the loss is divided by the pairs of the whole step). fp32, tolerance 1e-4.
+    """
+    flags = ["--model", str(tiny_spm), "--data", small_pairs_file, "--quant", "none", "--learning-rate", "1e-3",
+             "--max-steps", "2", "--batch-size", "2", "--eval-fraction", "0.25", "--max-length", "96",
+             "--lora-dropout", "0", "--no-gradient-checkpointing"]
     out = tmp_path / "ddp"
-    launch_two_processes(tmp_path, ["reward", "--model", str(tiny_spm), "--data", small_pairs_file, "--output-dir",
-                                    str(out), "--quant", "none", "--learning-rate", "1e-3", "--max-steps", "3",
-                                    "--batch-size", "2", "--eval-fraction", "0.25", "--max-length", "96",
-                                    "--no-gradient-checkpointing"])
+    launch_two_processes(tmp_path, ["reward", *flags, "--output-dir", str(out)], record=True)
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2 and meta["stage"] == "reward"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]  # one process logs, once per step
+    assert [r["step"] for r in records] == [1, 2]  # one process logs, once per step
     assert all(r["pairs"] == 4 for r in records)  # 2 pairs from each process
     assert (out / "adapter_model.safetensors").exists()
+
+    one = run_one_process(monkeypatch, tmp_path, ["reward", *flags, "--output-dir", str(tmp_path / "one"),
+                                                  "--gradient-accumulation-steps", "2"])
+    assert_trained_as_one(recorded(tmp_path), one)
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from lowrank import checkpoints
 
-from cli_support import launch_two_processes
+from cli_support import assert_trained_as_one, launch_two_processes, recorded, run_one_process
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -169,25 +169,34 @@ def test_resume_continues_exactly(tiny_spm, tmp_path):
         assert [r[key] for r in second[1:]] == pytest.approx([r[key] for r in first[1:]], abs=1e-6)
 
 
-def test_two_process_accelerate_launch_trains(tiny_spm, tmp_path):
-    """The same command under `accelerate launch` with two CPU processes (DDP over gloo) trains.
+def test_two_processes_train_as_one_process_on_both_their_batches(tiny_spm, tmp_path, monkeypatch):
+    """The same command under `accelerate launch` with two CPU processes (DDP over gloo) trains as one process
+    would on the union of their micro-batches: every step's gradients are averaged, so both processes hold
+    the same adapter, and it is the adapter of one process with twice the accumulation.
 
     `--multi_gpu` is accelerate's torchrun launcher; `--cpu` would start a single process. lowrank
-    sees WORLD_SIZE=2 and no CUDA and asks accelerate for DDP on the CPU.
+    sees WORLD_SIZE=2 and no CUDA and asks accelerate for DDP on the CPU. Process r of 2 takes
+    micro-batches 2m + r of the seeded stream (lowrank.loop.BatchStream), so one process with
+    accumulation 2 takes micro-batches 2m and 2m + 1, the same rows; both divide the loss by the
+    loss tokens of the whole step. Sums in another order round differently: fp32, tolerance 1e-4.
     """
     from lowrank.sft import default_data
 
+    flags = ["--model", str(tiny_spm), "--data", default_data(), "--quant", "none", "--max-steps", "2",
+             "--batch-size", "2", "--max-length", "96", "--learning-rate", "0.01", "--lora-r", "4",
+             "--lora-dropout", "0", "--eval-every", "0", "--eval-fraction", "0.05"]
     out = tmp_path / "ddp"
-    launch_two_processes(tmp_path, ["sft", "--model", str(tiny_spm), "--data", default_data(), "--output-dir",
-                                    str(out), "--quant", "none", "--max-steps", "3", "--batch-size", "2",
-                                    "--max-length", "96", "--learning-rate", "0.01", "--lora-r", "4",
-                                    "--eval-every", "0", "--eval-fraction", "0.05"])
+    launch_two_processes(tmp_path, ["sft", *flags, "--output-dir", str(out)], record=True)
     meta = json.loads((out / "lowrank.json").read_text())
     assert meta["processes"] == 2
     assert meta["metrics"]["eval_loss"] < meta["metrics"]["initial_eval_loss"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(4))  # one process logs, once per step
+    assert [r["step"] for r in records] == list(range(3))  # one process logs, once per step
     assert (out / "adapter_model.safetensors").exists()
+
+    one = run_one_process(monkeypatch, tmp_path, ["sft", *flags, "--output-dir", str(tmp_path / "one"),
+                                                  "--gradient-accumulation-steps", "2"])
+    assert_trained_as_one(recorded(tmp_path), one)
 
 
 # --- bad input: one line on stderr, exit 2, no output dir that looks finished ---------------------
