@@ -173,6 +173,28 @@ def ppo_update(accelerator, model, optimizer, scheduler, parameters, rollout: Ro
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
+def whiten_over_processes(accelerator, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Advantages whitened with the mean and variance of every process's response tokens.
+
+    Statistics of each process's own rollouts would make N processes step differently from one
+    process on the union of their rollouts; two all-reduces (count and sum, then squared
+    deviations) make them the same. One process keeps rl.masked_whiten exactly. Fewer than two
+    tokens in all: left as they are (no variance to divide by).
+    """
+    if accelerator.num_processes == 1:
+        return rl.masked_whiten(advantages, mask) if mask.sum() > 1 else advantages
+    from lowrank import train
+
+    weight = mask.to(advantages.dtype)
+    count, total = train.reduce_sum(accelerator, weight.sum().item(), (advantages * weight).sum().item())
+    if count < 2:
+        return advantages
+    mean = total / count
+    (squares,) = train.reduce_sum(accelerator, (((advantages - mean) ** 2) * weight).sum().item())
+    variance = squares / (count - 1)  # Bessel's correction, as rl.masked_var
+    return (advantages - mean) * (variance + 1e-8) ** -0.5 * weight
+
+
 def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, config,
              generator: torch.Generator, train_policy: bool = True, *, accelerator=None, scheduler=None) -> dict:
     """Rewards, GAE, whitening and the PPO update for one rollout batch; the step's metrics.
@@ -187,8 +209,8 @@ def ppo_step(model, optimizer, parameters, rollout: Rollout, kl_controller, conf
         accelerator = make_accelerator()
     rewards, penalty_kl = token_rewards(rollout, kl_controller.value, config)
     advantages, returns = rl.compute_gae(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
-    if config.whiten_advantages and rollout.mask.sum() > 1:
-        advantages = rl.masked_whiten(advantages, rollout.mask)
+    if config.whiten_advantages:
+        advantages = whiten_over_processes(accelerator, advantages, rollout.mask)
     update = ppo_update(accelerator, model, optimizer, scheduler, parameters, rollout, advantages, returns, config,
                         generator, train_policy)
     kl = (rl.kl_penalty(rollout.old_logprobs, rollout.reference_logprobs, "k3") * rollout.mask).sum(1).mean().item()

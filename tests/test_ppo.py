@@ -255,15 +255,15 @@ def test_two_processes_train_both_roles_as_one_process_on_both_their_rollouts(ta
     of one process that is handed both processes' rollouts (their sampling is replayed, cli_support.
     record_steps) and takes each update on the union of their minibatches: process r of 2 samples
     prompts 2i + r of the seeded prompt stream, and each minibatch here is a process's whole rollout
-    batch, so the union is the one process's batch. Advantages are not whitened: each process whitens
-    over its own rollouts, which no one-process run reproduces. Padding widths differ between the runs,
-    so the log-probs round differently: fp32, tolerance 1e-4.
+    batch, so the union is the one process's batch. Advantages are whitened with the statistics of all
+    processes' tokens (ppo_step.whiten_over_processes), as the one process whitens the union. Padding
+    widths differ between the runs, so the log-probs round differently: fp32, tolerance 1e-4.
     """
     from peft import load_peft_weights
 
     flags = ["--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--reward-adapter",
              str(task["reward"]), "--prompts", str(task["prompts"]), "--quant", "none", "--steps", "2",
-             "--ppo-epochs", "2", "--no-whiten-advantages", "--max-new-tokens", "6", "--learning-rate", "1e-3"]
+             "--ppo-epochs", "2", "--max-new-tokens", "6", "--learning-rate", "1e-3"]
     out = tmp_path / "ddp"
     launch_two_processes(tmp_path, ["ppo", *flags, "--output-dir", str(out), "--rollout-batch-size", "2",
                                     "--minibatch-size", "2"], timeout=300, record=True)
