@@ -182,6 +182,9 @@ class RLFields(SamplingFields, AdapterFields):
     missing_eos_penalty: float = _help("subtracted from the score of a response that hits --max-new-tokens "
                                        "unfinished", 0.0)
     cliprange: float = _help("ratio clip epsilon", 0.2)
+    fast_rollout: str = _help("sample rollouts from a copy of the policy with the adapter merged into dequantized "
+                              "weights: off, merged (costs the parameters again in the compute dtype) or "
+                              "merged-graphs (and a static KV cache compiled with CUDA graphs, on CUDA)", "off")
     log_samples: int = _help("sample responses logged per step", 2)
     learning_rate = 1e-5
     gradient_checkpointing = False

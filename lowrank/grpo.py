@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import checkpoints, locks, runrecord
+from lowrank import checkpoints, fast_rollout, locks, runrecord
 from lowrank.errors import UserError
 from lowrank.fields import QUANT_OF_SFT_ADAPTER, RewardFunctionFields, RLFields, restate, stage_config
 from lowrank.grpo_step import Prompts, grpo_step
@@ -106,6 +106,7 @@ def check_config(config: GRPOConfig) -> None:
     if config.group_size < 2:
         raise UserError(f"--group-size must be at least 2 (got {config.group_size}): GRPO compares each completion "
                         "with the others sampled for the same prompt")
+    fast_rollout.check(config.fast_rollout)
     if not (config.beta >= 0 and math.isfinite(config.beta)):
         raise UserError(f"--beta must be 0 or more (got {config.beta}); 0 turns the KL term off")
     for name in ("prompts_per_step", "max_new_tokens", "steps", "epochs"):
@@ -198,6 +199,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
     model = build_roles(base, sft_adapter=config.sft_adapter or None, policy_lora_config=policy_lora,
                         reward_adapter=config.reward_adapter or None, value=False)
     parameters = trainable_parameters(model)[POLICY]
+    merged = fast_rollout.build(model, POLICY, config.fast_rollout)
     optimizer = train.build_optimizer(parameters, config.learning_rate, paged=config.quant != "none")
     updates_per_step = config.epochs * (config.completions_per_step // config.minibatch)
     scheduler = train.build_scheduler(optimizer, warmup_steps=0, max_steps=config.steps * updates_per_step,
@@ -226,7 +228,7 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         taken = [next(order) for _ in range(per_step)]
         rows = taken[accelerator.process_index::accelerator.num_processes]
         record, shown = grpo_step(accelerator, model, tokenizer, optimizer, scheduler, parameters, prompts, rows,
-                                  functions, weights, config, stop_ids, pad_id, generator)
+                                  functions, weights, config, stop_ids, pad_id, generator, merged=merged)
         record = train.mean_over_processes(accelerator, record)
         record = {"step": step, "max_steps": config.steps, **record, "samples": shown}
         lengths.append(record["response_length"])

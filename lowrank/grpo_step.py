@@ -124,7 +124,7 @@ def grpo_update(accelerator, model, optimizer, scheduler, parameters, group: Gro
 
 def grpo_step(accelerator, model, tokenizer, optimizer, scheduler, parameters, prompts: Prompts, rows: list[int],
               functions, weights, config, stop_ids: list[int], pad_id: int,
-              generator: torch.Generator) -> tuple[dict, list[dict]]:
+              generator: torch.Generator, merged=None) -> tuple[dict, list[dict]]:
     """Sample, score, compute advantages and update the policy for one step; (metrics, samples for the log)."""
     inner = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -132,7 +132,7 @@ def grpo_step(accelerator, model, tokenizer, optimizer, scheduler, parameters, p
     with use_role(inner, POLICY):
         samples = sample(inner, [prompts.ids[r] for r in expanded], max_new_tokens=config.max_new_tokens,
                          temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                         stop_ids=stop_ids, pad_id=pad_id, device=device)
+                         stop_ids=stop_ids, pad_id=pad_id, device=device, merged=merged)
     rewards, reward_means = score_completions(inner, tokenizer, samples, prompts, expanded, functions, weights,
                                               config)
     advantages = rl.group_advantages(rewards, config.group_size, scale=config.scale_rewards).to(device)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from lowrank import checkpoints, locks, runrecord
+from lowrank import checkpoints, fast_rollout, locks, runrecord
 from lowrank.errors import UserError
 from lowrank.fields import RLFields, restate, stage_config
 from lowrank.metrics import MetricsLog
@@ -93,6 +93,7 @@ def _load_inputs(config: PPOConfig):
     for name in ("reward_adapter", "prompts", "output_dir"):
         if not getattr(config, name):
             raise UserError(f"no {name.replace('_', ' ')}: give --{name.replace('_', '-')}")
+    fast_rollout.check(config.fast_rollout)
     rollouts = config.rollout_batch_size * config.samples_per_prompt
     if config.samples_per_prompt < 1:
         raise UserError(f"--samples-per-prompt must be at least 1, got {config.samples_per_prompt}")
@@ -143,6 +144,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
                         policy_lora_config=policy_lora)
     if config.value_head == "zero":  # a resumed run loads its trained head over this
         zero_value_head(model)
+    merged = fast_rollout.build(model, POLICY, config.fast_rollout)
     groups = trainable_parameters(model)
     parameters = groups[POLICY] + groups[VALUE]  # the only parameters with optimizer state
     optimizer = train.build_optimizer(parameters, config.learning_rate, paged=config.quant != "none")
@@ -176,7 +178,7 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         taken = [next(order) for _ in range(per_step)]
         batch = [prompt_ids[i] for i in taken[accelerator.process_index::accelerator.num_processes]]
         batch = [ids for ids in batch for _ in range(config.samples_per_prompt)]  # a prompt's responses side by side
-        rollout = collect_rollout(model, batch, config, stop_ids, pad_id, device)
+        rollout = collect_rollout(model, batch, config, stop_ids, pad_id, device, merged=merged)
         train_policy = step > config.value_warmup_steps
         record = ppo_step(model, optimizer, parameters, rollout, kl_controller, config, generator, train_policy,
                           accelerator=accelerator, scheduler=scheduler)

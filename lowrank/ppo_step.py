@@ -54,11 +54,14 @@ class Rollout(Samples):
 
 @torch.no_grad()
 def collect_rollout(model, prompt_ids: list[list[int]], config, stop_ids: list[int],
-                    pad_id: int, device) -> Rollout:
-    """Sample responses with the policy and evaluate them under every role (no gradients)."""
+                    pad_id: int, device, merged=None) -> Rollout:
+    """Sample responses with the policy and evaluate them under every role (no gradients).
+
+    ``merged``: the policy's lowrank.fast_rollout.MergedPolicy to sample from, or None (peft)."""
     with use_role(model, POLICY):
         samples = sample(model, prompt_ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                         top_p=config.top_p, top_k=config.top_k, stop_ids=stop_ids, pad_id=pad_id, device=device)
+                         top_p=config.top_p, top_k=config.top_k, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                         merged=merged)
     input_ids, attention_mask = samples.sequences()
     length = samples.responses.shape[1]
     with use_role(model, POLICY):

@@ -74,8 +74,12 @@ class Samples:
 
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-           top_k: int, stop_ids: list[int], pad_id: int, device) -> Samples:
-    """Sample one response per prompt with the active adapter (call inside ``use_role(model, POLICY)``)."""
+           top_k: int, stop_ids: list[int], pad_id: int, device, merged=None) -> Samples:
+    """Sample one response per prompt with the active adapter (call inside ``use_role(model, POLICY)``).
+
+    ``merged``: a lowrank.fast_rollout.MergedPolicy of the policy, refreshed here and sampled from
+    instead of the peft model (the same distribution, fewer kernels per token).
+    """
     from lowrank.data import left_pad
 
     queries, query_mask = left_pad(prompt_ids, pad_id)  # every response starts in the same column
@@ -85,9 +89,13 @@ def sample(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
     model.eval()
     # top_k 0 = off: None would fall back to the model's generation_config (often 50).
     # use_cache=True: the base may have it off for gradient checkpointing.
-    generated = model.generate(input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=temperature,
-                               top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                               pad_token_id=pad_id, use_cache=True)
+    generate = model.generate
+    if merged is not None:
+        merged.refresh(model)
+        generate = merged.generate
+    generated = generate(input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=temperature,
+                         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                         pad_token_id=pad_id, use_cache=True)
     model.train(was_training)
     responses = generated[:, width:]
     if responses.shape[1] == 0:  # nothing generated at all (max_new_tokens 0 is refused earlier)

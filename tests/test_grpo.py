@@ -177,6 +177,23 @@ def test_resume_continues_where_the_run_stopped(task, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_fast_rollout_trains_the_same_policy_as_the_plain_path(task, tmp_path):
+    """Sampling from the merged copy draws the same completions (same distribution, same seed), so the
+    whole run, updates included, ends at the plain path's policy; the copy is refreshed each step."""
+    from peft import load_peft_weights
+
+    from lowrank.grpo import train_grpo
+
+    plain, fast = [], []
+    train_grpo(_config(task, tmp_path / "plain", steps=3), on_step=plain.append)
+    train_grpo(_config(task, tmp_path / "fast", steps=3, fast_rollout="merged"), on_step=fast.append)
+    assert [r["samples"] for r in fast] == [r["samples"] for r in plain]
+    assert [r["reward"] for r in fast] == [r["reward"] for r in plain]
+    a, b = load_peft_weights(str(tmp_path / "plain")), load_peft_weights(str(tmp_path / "fast"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert json.loads((tmp_path / "fast" / "lowrank.json").read_text())["config"]["fast_rollout"] == "merged"
+
+
 # --- bad input: one line, exit 2, before any model loads where possible ------------------------------
 
 def _run_cli(task, tmp_path, capsys, **flags):
@@ -199,6 +216,11 @@ def _refused(code, err, *needles):
 
 def test_group_size_below_two_is_refused(task, tmp_path, capsys):
     _refused(*_run_cli(task, tmp_path, capsys, **{"--group-size": "1"}), "--group-size must be at least 2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_fast_rollout_is_refused(task, tmp_path, capsys):
+    _refused(*_run_cli(task, tmp_path, capsys, **{"--fast-rollout": "turbo"}), "--fast-rollout must be one of")
     assert not (tmp_path / "out").exists()
 
 

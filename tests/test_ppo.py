@@ -365,6 +365,11 @@ def test_unknown_score_baseline_is_refused(task, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--score-baseline must be none or loo" in err[0]
 
 
+def test_unknown_fast_rollout_is_refused(task, tmp_path, capsys):
+    code, err = _run_cli(task, tmp_path, capsys, **{"--fast-rollout": "turbo"})
+    assert code == 2 and len(err) == 1 and "--fast-rollout must be one of off, merged, merged-graphs" in err[0]
+
+
 def test_unknown_value_head_is_refused(task, tmp_path, capsys):
     code, err = _run_cli(task, tmp_path, capsys, **{"--value-head": "random"})
     assert code == 2 and len(err) == 1 and "--value-head must be zero or reward" in err[0]
