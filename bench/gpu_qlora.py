@@ -14,6 +14,10 @@ Each section runs in its own child process (peaks do not mix), with GPU memory c
   sft8b     llama3-8b (128k vocabulary), rows of 2048 tokens, 8192 tokens per step
   rl        a 7B reward step (8 pairs) and a 7B PPO step: policy, reference, reward and value
             adapters on one nf4 base, 8 rollouts of 256 new tokens
+  rollout   8 x 256 new tokens from the policy: the plain peft path against the merged copy with
+            CUDA graphs (--fast-rollout merged-graphs), same seed; ms per step, tokens/s, the ratio
+Each training section prints its MFU: FLOPs per token (lowrank.plan.flops: forward, recompute and
+backward, from the shapes) x tokens/s / the card's dense bf16 peak.
 Every lowrank section prints lowrank plan's prediction beside the measured peak. One JSON line per
 section, then a table; the last line is lowrank's tokens/s over the baseline's on llama2-7b.
 """
@@ -141,6 +145,29 @@ def predicted_peak(stage: str, shape_name: str, shape: dict, **kwargs) -> float 
 
 # --- sections (each in a child process) ------------------------------------------------------
 
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def with_mfu(result: dict, shape: dict, seq_len: int, tokens_per_s: float, *, decode: bool = False) -> dict:
+    """``result`` with the FLOPs per token and the MFU (lowrank.plan.flops) of ``tokens_per_s`` added.
+
+    ``decode``: one forward per generated token (2 FLOPs per weight, attention over the context),
+    else a LoRA training step with gradient checkpointing."""
+    from lowrank.plan.flops import mfu, train_flops_per_token
+    from lowrank.plan.structure import as_architecture
+
+    arch = as_architecture(shape)
+    if decode:
+        per_token = (2 * sum(i * o for _, i, o in arch.linears) + 2 * arch.hidden * arch.vocab
+                     + 4 * arch.head_dim * arch.heads * seq_len / 2 * arch.layers)
+    else:
+        per_token = train_flops_per_token(arch, seq_len)
+    utilisation = mfu(per_token, tokens_per_s, gpu_name())
+    return {**result, "gflop_per_token": round(per_token / 1e9, 2),
+            "mfu": None if utilisation is None else round(utilisation, 4)}
+
+
 def section_sft(args, shape_name: str, max_length: int, micro_rows: list[int], tokens_per_step: int) -> list[dict]:
     """lowrank's SFT step on one built model, once per micro-batch size in ``micro_rows`` (rows of ``max_length``)."""
     from accelerate import Accelerator
@@ -190,6 +217,7 @@ def section_sft(args, shape_name: str, max_length: int, micro_rows: list[int], t
             "plan_gib": predicted_peak("sft", shape_name, shape, tokens_per_step=per_step * max_length,
                                        tokens_per_micro_batch=rows_per_micro * max_length, max_length=max_length),
             "build_s": round(build_s, 1)})
+        results[-1] = with_mfu(results[-1], shape, max_length, timed_tokens / seconds)
         print("RESULT " + json.dumps(results[-1]), flush=True)
     return results
 
@@ -234,11 +262,13 @@ def section_rl(args, shape_name: str = "llama2-7b") -> list[dict]:
         optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - started)
+    reward_tokens_per_s = 2 * len(pairs) * (args.rl_prompt_len + args.rl_new_tokens) / (sum(times[1:]) / len(times[1:]))
     results.append({"section": f"reward-{shape_name}", "who": "lowrank", "pairs": len(pairs),
                     "tokens_per_pair": args.rl_prompt_len + args.rl_new_tokens,
                     "s_per_step": round(sum(times[1:]) / len(times[1:]), 3), "peak_alloc_gib": peak_gib(),
                     "plan_gib": predicted_peak("reward", shape_name, shape, tokens_per_step=2 * len(pairs) * (
                         args.rl_prompt_len + args.rl_new_tokens), max_length=args.rl_prompt_len + args.rl_new_tokens)})
+    results[-1] = with_mfu(results[-1], shape, args.rl_prompt_len + args.rl_new_tokens, reward_tokens_per_s)
     # The adapters PPO starts from: this reward adapter and a fresh SFT LoRA (B = 0).
     model.save_pretrained(work / "reward")
     (work / "reward" / "lowrank.json").write_text(json.dumps({"stage": "reward"}))
@@ -276,6 +306,68 @@ def section_rl(args, shape_name: str = "llama2-7b") -> list[dict]:
                         args.rl_prompt_len + args.rl_new_tokens), ppo_rollout_batch=8,
                         ppo_prompt_len=args.rl_prompt_len, ppo_new_tokens=args.rl_new_tokens,
                         gradient_checkpointing=True, paged_optimizer=True)})
+    # The update trains on every rollout row (prompt + response) once per epoch (config.ppo_epochs = 1).
+    results[-1] = with_mfu(results[-1], shape, args.rl_prompt_len + args.rl_new_tokens,
+                           8 * (args.rl_prompt_len + args.rl_new_tokens) / update_s)
+    return results
+
+
+def section_rollout(args, shape_name: str = "llama2-7b") -> list[dict]:
+    """8 prompts x --rl-new-tokens sampled with the policy adapter on the nf4 base: the plain peft path
+    against the merged copy (lowrank.fast_rollout), with CUDA graphs on a CUDA device, same seed.
+
+    Every path must draw the same tokens (same distribution, same generator); each row reports
+    ms per decoding step and tokens/s, and the last result line the ratio fast / plain."""
+    from peft import get_peft_model
+
+    from lowrank.fast_rollout import MergedPolicy
+    from lowrank.models import lora_config
+    from lowrank.rollout import sample
+    from lowrank.roles import POLICY
+
+    shape = shape_config(shape_name, args.baseline)
+    model = get_peft_model(build_base(shape), lora_config(r=16, alpha=32, dropout=0.0), adapter_name=POLICY)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained-looking policy: B != 0, so the merge has something to add
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator).to(param) * 1e-3)
+    cap_memory(args.cap_gib)
+    prompts = [torch.randint(3, shape["vocab_size"], (args.rl_prompt_len,), generator=generator).tolist()
+               for _ in range(8)]
+    settings = dict(max_new_tokens=args.rl_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=[-1],
+                    pad_id=0, device=device())
+    paths = {"plain": None, "merged": MergedPolicy(model, POLICY)}
+    if device() == "cuda":
+        paths["merged-graphs"] = MergedPolicy(model, POLICY, graphs=True)
+        paths["merged"] = paths["merged-graphs"]  # one copy: graphs only change how generate() runs it
+    results, drawn = [], {}
+    for name in paths if device() != "cuda" else ("plain", "merged-graphs"):
+        merged = paths[name]
+        if merged is not None:
+            merged.graphs = name == "merged-graphs"
+        times = []
+        for _ in range(1 + args.rl_steps):  # the first call warms up (and compiles the graphs)
+            torch.manual_seed(7)
+            sync()
+            started = time.perf_counter()
+            samples = sample(model, prompts, merged=merged, **settings)
+            sync()
+            times.append(time.perf_counter() - started)
+        drawn[name] = samples.responses.cpu()
+        seconds = min(times[1:])
+        steps = samples.responses.shape[1]
+        results.append(with_mfu({"section": f"rollout-{shape_name}", "who": f"lowrank {name}", "rollouts": 8,
+                                  "new_tokens": int(samples.mask.sum()), "rollout_s": round(seconds, 3),
+                                  "ms_per_step": round(1000 * seconds / steps, 2),
+                                  "tok_per_s": round(int(samples.mask.sum()) / seconds, 1),
+                                  "peak_alloc_gib": peak_gib()},
+                                 shape, args.rl_prompt_len + steps, int(samples.mask.sum()) / seconds, decode=True))
+        print("RESULT " + json.dumps(results[-1]), flush=True)
+    fast = results[-1]
+    results.append({"section": f"rollout-{shape_name}", "who": "ratio", "fast": fast["who"], "fast_over_plain":
+                    round(fast["tok_per_s"] / results[0]["tok_per_s"], 2),
+                    "same_tokens": all(torch.equal(drawn["plain"], d) for d in drawn.values())})
     return results
 
 
@@ -300,6 +392,8 @@ def child(args) -> None:
     elif args.child == "rl":
         for result in section_rl(args, args.shape):
             print("RESULT " + json.dumps(result), flush=True)
+    elif args.child == "rollout":
+        print("RESULT " + json.dumps(section_rollout(args, args.shape)[-1]), flush=True)
     else:
         raise SystemExit(f"unknown section {args.child}")
 
@@ -327,7 +421,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="baseline,sft,sft8b,rl")
+    parser.add_argument("--sections", default="baseline,sft,sft8b,rl,rollout")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the code paths")
     parser.add_argument("--shape", default="llama2-7b")
     parser.add_argument("--shape8b", default="llama3-8b")
@@ -365,14 +459,21 @@ def main() -> None:
         results += got
     if importlib.util.find_spec("unsloth") is None:
         print("# unsloth: not installed, no third column")
-    print(f"\n{'section':<18} {'who':<22} {'tokens/step':>11} {'tokens/s':>9} {'s/step':>7} {'peak GiB':>8} {'plan GiB':>8}")
+    print(f"\n{'section':<18} {'who':<22} {'tokens/step':>11} {'tokens/s':>9} {'s/step':>7} {'peak GiB':>8} "
+          f"{'plan GiB':>8} {'MFU':>6}")
     for r in results:
         if "error" in r:
             print(f"{r['section']:<18} error: {r['error']}")
             continue
-        tokens_step = r.get("tokens_per_step") or (round(r["tok_per_s"] * r["s_per_step"]) if "tok_per_s" in r else "")
+        tokens_step = r.get("tokens_per_step") or (round(r["tok_per_s"] * r.get("s_per_step", r.get("rollout_s", 0)))
+                                               if "tok_per_s" in r else "")
         print(f"{r['section']:<18} {r.get('who', ''):<22} {tokens_step!s:>11} {r.get('tok_per_s', '')!s:>9} "
-              f"{r.get('s_per_step', r.get('rollout_s', ''))!s:>7} {r.get('peak_alloc_gib')!s:>8} {r.get('plan_gib')!s:>8}")
+              f"{r.get('s_per_step', r.get('rollout_s', ''))!s:>7} {r.get('peak_alloc_gib')!s:>8} {r.get('plan_gib')!s:>8} "
+              f"{'' if r.get('mfu') is None else format(r['mfu'], '.1%'):>6}")
+    ratio = next((r for r in results if r.get("who") == "ratio"), None)
+    if ratio:
+        print(f"rollout, {ratio['fast']} / lowrank plain tokens/s: {ratio['fast_over_plain']:.2f}x "
+              f"(same tokens: {ratio['same_tokens']})")
     base = next((r for r in results if r["section"].startswith("baseline") and "tok_per_s" in r), None)
     ours = next((r for r in results if r["section"] == f"sft-{args.shape}" and "tok_per_s" in r), None)
     if base and ours:
