@@ -565,3 +565,34 @@ def test_the_plans_stage_defaults_are_the_stage_configs_defaults(stage):
                       "dpo": "DPOConfig"}[stage])()
     dropout = config.lora_dropout if stage in ("sft", "reward") else 0.0  # roles.build_roles: 0 with a reference
     assert STAGE_DEFAULTS[stage] == {"gradient_checkpointing": config.gradient_checkpointing, "lora_dropout": dropout}
+
+
+# --- --fast-rollout: the merged copy PPO and GRPO sample from -----------------------------------
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_fast_rollout_adds_the_merged_copy_to_every_phase(stage):
+    from lowrank.plan.structure import as_architecture
+
+    plain = P.estimate("llama2-7b", stage=stage, gradient_checkpointing=True)
+    fast = P.estimate("llama2-7b", stage=stage, gradient_checkpointing=True, fast_rollout="merged-graphs")
+    copy = 2 * as_architecture("llama2-7b").params  # every parameter in bf16
+    assert fast.breakdown["merged rollout copy"] == copy
+    assert {k: fast.phases[k] - plain.phases[k] for k in plain.phases} == {k: copy for k in plain.phases}
+    assert fast.settings["fast_rollout"] == "merged-graphs"
+
+
+def test_fast_rollout_does_not_touch_the_stages_that_sample_nothing():
+    assert P.estimate("llama2-7b", stage="sft", fast_rollout="merged").total == P.estimate("llama2-7b").total
+
+
+def test_fast_rollout_of_an_unknown_kind_is_refused():
+    with pytest.raises(UserError, match="--fast-rollout must be one of off, merged, merged-graphs"):
+        P.estimate("llama2-7b", stage="ppo", fast_rollout="turbo")
+
+
+def test_a_grpo_config_with_fast_rollout_plans_the_copy():
+    from lowrank.grpo import GRPOConfig
+
+    settings = P.settings_from_config("grpo", GRPOConfig(fast_rollout="merged"))
+    assert settings["fast_rollout"] == "merged"
+    assert "merged rollout copy" in P.estimate("llama2-7b", **settings).breakdown

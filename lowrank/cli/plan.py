@@ -50,6 +50,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                      help="response length limit")
     ppo.add_argument("--reference-adapter", action=argparse.BooleanOptionalAction, default=True,
                      help="the reference is a frozen copy of the SFT adapter (off: the bare base; also dpo)")
+    ppo.add_argument("--fast-rollout", default="off", choices=["off", "merged", "merged-graphs"],
+                     help="count the merged copy of the model that --fast-rollout samples from")
     grpo = parser.add_argument_group("grpo")
     grpo.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt")
     grpo.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                     ppo_new_tokens=args.new_tokens, ppo_reference_adapter=args.reference_adapter,
                     reference_adapter=args.reference_adapter, grpo_group_size=args.group_size,
                     grpo_prompts_per_step=args.prompts_per_step, grpo_minibatch=args.minibatch,
-                    grpo_micro_batch=args.micro_batch_size, grpo_reward_adapter=args.reward_adapter)
+                    grpo_micro_batch=args.micro_batch_size, grpo_reward_adapter=args.reward_adapter,
+                    fast_rollout=args.fast_rollout)
     tokens_per_step, micro_tokens = args.tokens_per_step, args.micro_batch_tokens
     if args.stage == "dpo":  # pairs: a chosen and a rejected row of --max-length each
         pairs = args.micro_batch_size or 2

@@ -65,7 +65,7 @@ def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -
         settings.update(ppo_rollout_batch=get("rollout_batch_size", 8) * get("samples_per_prompt", 1),
                         ppo_minibatch=get("minibatch_size", 4),
                         ppo_new_tokens=get("max_new_tokens", 256), ppo_prompt_len=prompt_len or 256,
-                        ppo_reference_adapter=bool(sft_adapter))
+                        ppo_reference_adapter=bool(sft_adapter), fast_rollout=get("fast_rollout", "off"))
         return settings
     if stage == "grpo":
         completions = get("group_size", 8) * get("prompts_per_step", 4)
@@ -73,7 +73,8 @@ def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -
         settings.update(grpo_group_size=get("group_size", 8), grpo_prompts_per_step=get("prompts_per_step", 4),
                         grpo_minibatch=minibatch, grpo_micro_batch=get("micro_batch_size", 0) or minibatch,
                         grpo_reward_adapter=bool(get("reward_adapter", "")), reference_adapter=bool(sft_adapter),
-                        ppo_new_tokens=get("max_new_tokens", 128), ppo_prompt_len=prompt_len or 256)
+                        ppo_new_tokens=get("max_new_tokens", 128), ppo_prompt_len=prompt_len or 256,
+                        fast_rollout=get("fast_rollout", "off"))
         return settings
     if stage == "dpo":  # rows: the chosen and the rejected sequence of each pair; batch_size is pairs per step
         max_length = get("max_length", 512)

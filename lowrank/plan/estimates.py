@@ -161,7 +161,8 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
              ppo_minibatch: int = 4, ppo_prompt_len: int = 256, ppo_new_tokens: int = 256,
              ppo_reference_adapter: bool = True, reference_adapter: bool = True, grpo_group_size: int = 8,
              grpo_prompts_per_step: int = 4, grpo_minibatch: int | None = None,
-             grpo_micro_batch: int | None = None, grpo_reward_adapter: bool = False) -> Plan:
+             grpo_micro_batch: int | None = None, grpo_reward_adapter: bool = False,
+             fast_rollout: str = "off") -> Plan:
     """Predict the peak CUDA memory of one training stage (see the module docstring and docs/plan.md).
 
     ``model``: a named shape, 'tiny', a model dir, a hub id, a dict of config.json fields, or an
@@ -179,6 +180,9 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     rows are the chosen and the rejected sequence of each pair, so a micro-batch of p pairs is
     ``tokens_per_micro_batch`` = 2 p ``max_length``. ``reference_adapter`` (GRPO, DPO; PPO reads
     ``ppo_reference_adapter``): the frozen reference is a copy of the SFT adapter, not the bare base.
+    ``fast_rollout`` (PPO, GRPO: "merged" or "merged-graphs", lowrank.fast_rollout) adds the merged
+    copy of the model it samples from, every parameter in the compute dtype, for the whole run; its
+    static KV cache is as large as the dynamic one at full length, which generation already counts.
     ``None`` settings take the stage's defaults: gradient checkpointing and LoRA dropout from its
     config (0 for the stages with a reference: lowrank.roles turns dropout off), a paged optimizer
     for every stage on a quantized base (lowrank.train.build_optimizer). ``quant`` "auto" is nf4, what
@@ -189,6 +193,9 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     if stage not in STAGES:
         raise UserError(f"--stage: unknown '{stage}'; choose {', '.join(STAGES)}")
     quant = resolve_quant(quant, cuda=True)
+    from lowrank import fast_rollout as fast
+
+    fast.check(fast_rollout)
     if lora_r < 1:
         raise UserError(f"--lora-r must be at least 1, got {lora_r}")
     if optim_bits not in (8, 32):
@@ -207,6 +214,9 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     targets = lora_targets(arch, target_modules)
     settings = {"quant": quant, "lora_r": lora_r, "gradient_checkpointing": checkpointed, "lora_dropout": dropout,
                 "paged_optimizer": paged, "optim_bits": optim_bits if paged else 32, "stream_bytes": stream}
+    if stage in ("ppo", "grpo") and fast_rollout != "off":
+        static["merged rollout copy"] = 2 * arch.params  # every parameter in bf16 (lowrank.fast_rollout)
+        settings["fast_rollout"] = fast_rollout
     if stage == "ppo":
         return _estimate_ppo(arch, static, outside, targets, settings, r=lora_r, checkpointed=checkpointed,
                              stream=stream, batch=ppo_rollout_batch, minibatch=min(ppo_minibatch, ppo_rollout_batch),
