@@ -35,6 +35,13 @@ def plain_lm_head(lm) -> bool:
     return not any(getattr(config, name, None) for name in ("logit_scale", "logits_scaling"))
 
 
+def sharded_head(lm) -> bool:
+    """True when FSDP shards the LM head: its weight is whole only inside the model's forward, so the
+    chunked loss, which calls the head after the forward, cannot run it (the plain path does)."""
+    head = lm.get_output_embeddings()
+    return type(getattr(head, "weight", None)).__name__ == "DTensor"
+
+
 def logit_softcap(lm) -> float | None:
     """Gemma 2's final_logit_softcapping (logits = cap * tanh(logits / cap)); None for a model without one."""
     return getattr(lm.config, "final_logit_softcapping", None) or None
@@ -105,7 +112,7 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], *, chunked: bool =
     """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     lm = causal_lm(model)
-    if chunked and plain_lm_head(lm):
+    if chunked and plain_lm_head(lm) and not sharded_head(lm):
         hidden = final_hidden_states(model, inputs)[:, :-1]  # position t predicts label t + 1
         labels = batch["labels"][:, 1:].to(hidden.device)
         keep = labels != IGNORE_INDEX

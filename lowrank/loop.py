@@ -94,18 +94,27 @@ class PairStream(BatchStream):
 
 
 def held_out_loss(accelerator, model, rows: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss per loss token over ``rows`` (sharded over processes, summed, divided)."""
+    """Mean next-token loss per loss token over ``rows`` (sharded over processes, summed, divided).
+
+    Under FSDP every forward pass all-gathers the weights with every other process, so a process that
+    has run out of rows runs the first batch again, uncounted, until the others are done.
+    """
     from lowrank.data import collate
+    from lowrank.train import is_fsdp
 
     model.eval()
     loss_sum, tokens = 0.0, 0
+    stride = batch_size * accelerator.num_processes
+    rounds = math.ceil(len(rows) / stride) if is_fsdp(accelerator) else 0
     with torch.no_grad():
-        starts = range(accelerator.process_index * batch_size, len(rows), batch_size * accelerator.num_processes)
-        for start in starts:
-            batch = collate(rows[start:start + batch_size], pad_id)
+        starts = list(range(accelerator.process_index * batch_size, len(rows), stride))
+        for start in starts + [None] * (rounds - len(starts)):
+            batch = collate(rows[start or 0:(start or 0) + batch_size], pad_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss_sum += float(causal_lm_loss_sum(model, batch))
-            tokens += count_loss_tokens(batch)
+            loss = float(causal_lm_loss_sum(model, batch))
+            if start is not None:
+                loss_sum += loss
+                tokens += count_loss_tokens(batch)
     model.train()
     loss_sum, tokens = reduce_sum(accelerator, loss_sum, tokens)
     return loss_sum / max(1.0, tokens)

@@ -155,18 +155,50 @@ def compute_dtype(device: str | None = None):
     return torch.float32
 
 
-def quantization_config(quant: str, dtype):
-    """The BitsAndBytesConfig for ``quant`` (None for ``none``)."""
+def quantization_config(quant: str, dtype, *, fsdp: bool = False):
+    """The BitsAndBytesConfig for ``quant`` (None for ``none``).
+
+    ``fsdp``: store the packed 4-bit weights as ``dtype`` instead of uint8. FSDP shards only floating
+    tensors, and flattens a layer's tensors together only when they share one dtype; bitsandbytes reads
+    the packed bytes whatever the storage type, so the storage costs nothing (bitsandbytes' FSDP-QLoRA
+    guide: ``bnb_4bit_quant_storage`` must match the dtype of the rest of the model).
+    """
     from transformers import BitsAndBytesConfig
 
     if quant == "nf4":
+        storage = {"bnb_4bit_quant_storage": dtype} if fsdp else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype, **storage)
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quant == "none":
         return None
     raise UserError(f"--quant: unknown value '{quant}'; choose one of {', '.join(QUANT_CHOICES)}")
+
+
+def check_fsdp_base(model: str, quant: str, dtype) -> None:
+    """Refuse a base whose weights FSDP cannot shard, before it loads: an int8 base (bitsandbytes'
+    Int8Params hold int8 data with their scales beside it, which FSDP cannot flatten or shard), or a base
+    already quantized in its config.json with a storage other than the compute dtype (a published 4-bit
+    checkpoint stores uint8, and transformers loads it as stored, whatever lowrank asks for)."""
+    if quant == "int8":
+        raise UserError("--quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params are int8 tensors with "
+                        "their scales beside them); use --quant nf4 (QLoRA) or none, or launch with "
+                        "recipes/accelerate/ddp.yaml")
+    stored = read_model_config(model).get("quantization_config")
+    if not isinstance(stored, dict):
+        return
+    method = stored.get("quant_method", "unknown")
+    wanted = str(dtype).removeprefix("torch.")
+    if method == "bitsandbytes" and stored.get("load_in_8bit"):
+        raise UserError(f"{model}: an 8-bit bitsandbytes checkpoint (config.json quantization_config) cannot be "
+                        "sharded by FSDP; train from the unquantized base with --quant nf4")
+    storage = str(stored.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
+    if method != "bitsandbytes" or storage != wanted:
+        what = f"4-bit weights stored as {storage}" if method == "bitsandbytes" else f"{method} weights"
+        raise UserError(f"{model}: already quantized ({what}, config.json quantization_config), which FSDP cannot "
+                        f"shard beside {wanted} weights; train from the unquantized base with --quant nf4 "
+                        f"(lowrank then stores the 4-bit weights as {wanted})")
 
 
 def _disable_cpu_weight_repacking(model) -> None:
@@ -182,13 +214,20 @@ def _disable_cpu_weight_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base_model(model: str, quant: str = "auto", *, gradient_checkpointing: bool = True, device=None):
+def load_base_model(model: str, quant: str = "auto", *, gradient_checkpointing: bool = True, device=None,
+                    fsdp: bool = False):
     """Load a supported causal LM for LoRA training; returns a transformers model (not yet a PeftModel).
 
     ``device`` defaults to CUDA when present, else the CPU; ``quant`` "auto" is nf4 on CUDA and none on
     the CPU (resolve_quant). Gradient checkpointing uses the non-reentrant implementation, which works
     with frozen base weights and LoRA inputs without the ``enable_input_require_grads`` trick the
     reentrant one needs.
+
+    ``fsdp``: the base is for FSDP to shard (:func:`check_fsdp_base` refuses one it cannot): nf4 weights
+    are stored in the compute dtype; a base that is not quantized loads on the CPU, where, with
+    ``fsdp_cpu_ram_efficient_loading``, transformers reads the weights on the first process only, and
+    accelerate moves each process's shard to its GPU and broadcasts the first process's values. A
+    4-bit base is quantized on each process's GPU as it loads (bitsandbytes quantizes there).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -201,15 +240,17 @@ def load_base_model(model: str, quant: str = "auto", *, gradient_checkpointing: 
     device = str(device) if device is not None else ("cuda" if _cuda_available() else "cpu")
     quant = resolve_quant(quant, cuda=device.startswith("cuda"))
     dtype = compute_dtype(device)
-    quant_config = quantization_config(quant, dtype)
-    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if fsdp:
+        check_fsdp_base(model, quant, dtype)
+    quant_config = quantization_config(quant, dtype, fsdp=fsdp)
+    kwargs = {"dtype": dtype} if fsdp and quant_config is None else {"dtype": dtype, "device_map": {"": device}}
     if quant_config is not None:
         kwargs["quantization_config"] = quant_config
     try:
         base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except OSError as e:
         raise UserError(f"{model}: cannot load the model weights ({str(e).splitlines()[0]})") from None
-    if quant == "nf4" and device == "cpu":
+    if quant == "nf4" and device.startswith("cpu"):  # "cpu:0" under a multi-process launch
         _disable_cpu_weight_repacking(base)
     prepare_for_training(base, gradient_checkpointing)
     log.info("loaded %s (%s, %s, gradient checkpointing %s) on %s", model, quant, str(dtype).removeprefix("torch."),

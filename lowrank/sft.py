@@ -7,7 +7,9 @@ are packed padding-free into rows of ``max_length`` tokens by default (lowrank.d
 where most of the speed over a padded Trainer comes from on varied-length instruction data.
 
 It runs unchanged under ``accelerate launch`` (DDP): each process takes every P-th micro-batch
-of one seeded stream, so the data order, and hence ``--resume``, does not depend on timing.
+of one seeded stream, so the data order, and hence ``--resume``, does not depend on timing. Under
+an FSDP config (recipes/accelerate/fsdp-qlora.yaml) accelerate shards the base, the adapter and the
+optimizer state over the processes (lowrank.train.make_accelerator says what FSDP runs and why).
 """
 
 from __future__ import annotations
@@ -96,16 +98,21 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     from lowrank import plan
     from lowrank.data import build_sft_dataset, collate
-    from lowrank.models import check_architecture, load_base_model, load_tokenizer, lora_config, resolve_quant
+    from lowrank.models import (check_architecture, check_fsdp_base, compute_dtype, load_base_model, load_tokenizer,
+                                lora_config, resolve_quant)
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
     _validate(config)
-    accelerator = train.make_accelerator()
+    accelerator = train.make_accelerator(fsdp=True)
+    fsdp = train.is_fsdp(accelerator)
     config.quant = resolve_quant(config.quant, cuda=accelerator.device.type == "cuda")  # recorded as resolved
     # Validate every input (model, template, data) before touching the output dir.
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)
+    if fsdp:
+        train.check_fsdp_settings(config.save_every, config.resume, config.optim_bits)
+        check_fsdp_base(model_path, config.quant, compute_dtype(accelerator.device))
     plan.lora_targets(plan.architecture(model_path), config.target_modules)  # names peft would not find
     tokenizer = load_tokenizer(model_path)
     template_name, template = resolve_template(tokenizer, None if config.template in ("", "auto") else config.template)
@@ -124,14 +131,14 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     train.take_output_dir(accelerator, config)
 
     train.seed_everything(config.seed)
-    memory_plan = plan.plan_for_training(model_path, "sft", config, accelerator.device) \
+    memory_plan = plan.plan_for_training(model_path, "sft", config, accelerator.device,
+                                         gpus=accelerator.num_processes if fsdp else 1) \
         if accelerator.is_main_process else None
     plan.report_start(memory_plan, accelerator.device)
     base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
-                           device=accelerator.device)
+                           device=accelerator.device, fsdp=fsdp)
     model = get_peft_model(base, lora)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     accumulation = config.gradient_accumulation_steps
     if config.tokens_per_step:
         accumulation = train.accumulation_for_tokens(config.tokens_per_step, [len(r["input_ids"]) for r in train_rows],
@@ -141,11 +148,12 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     micro_per_step = accumulation * accelerator.num_processes
     stream = BatchStream(len(train_rows), config.batch_size, config.seed)
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
-    optimizer = train.build_optimizer(params, config.learning_rate, weight_decay=config.weight_decay,
-                                      paged=config.quant != "none", optim_bits=config.optim_bits)
+    # DDP or FSDP under `accelerate launch`; unchanged on one process. Under FSDP: torch's AdamW, sharded.
+    model, optimizer, params = train.prepare_model_and_optimizer(accelerator, model, lambda trainable: train.build_optimizer(
+        trainable, config.learning_rate, weight_decay=config.weight_decay, paged=config.quant != "none" and not fsdp,
+        optim_bits=config.optim_bits))
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind=config.lr_scheduler)
-    model = accelerator.prepare(model)  # DDP under `accelerate launch`; unchanged on one process
     steps = loop.StepRecords(accelerator, out_dir, "sft", config, _RESUME_KEYS, model=model, optimizer=optimizer,
                              scheduler=scheduler, stream=stream, max_steps=max_steps, resume_from=resume_from,
                              on_step=on_step)
@@ -181,6 +189,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
         steps.add(step, record)
 
     accelerator.wait_for_everyone()
+    adapter_state = train.gathered_trainable_state(accelerator, model)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:
         metrics_log.plot(out_dir / "loss.png", ["loss", "eval_loss"])
         evals = [r["eval_loss"] for r in metrics_log.records if "eval_loss" in r]
@@ -200,9 +209,9 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
             config=config_to_dict(config),
             seed=config.seed,
             metrics=metrics,
-            extra={"processes": accelerator.num_processes},
+            extra={"processes": accelerator.num_processes, "fsdp": fsdp},
         )
-        train.write_adapter(accelerator.unwrap_model(model), out_dir, meta)
+        train.write_adapter(accelerator.unwrap_model(model), out_dir, meta, state_dict=adapter_state)
         shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished
     accelerator.wait_for_everyone()
     locks.release(out_dir)  # the output is complete

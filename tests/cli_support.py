@@ -35,28 +35,57 @@ KILL_IN_CHECKPOINT = ("import torch\nfrom lowrank import train\nreal = torch.sav
                       "train.torch.save = save\n")
 
 
-def launch_two_processes(work_dir, argv: list[str], timeout: int = 240, *,
-                         record: bool = False) -> subprocess.CompletedProcess:
-    """``lowrank argv`` under ``accelerate launch`` with 2 CPU processes (DDP over gloo); asserts it exited 0.
+def launch_two_processes(work_dir, argv: list[str], timeout: int = 240, *, record: bool = False,
+                         config_file=None, expect_code: int = 0) -> subprocess.CompletedProcess:
+    """``lowrank argv`` under ``accelerate launch`` with 2 CPU processes (DDP over gloo); asserts it exited
+    ``expect_code``.
 
     With ``record`` each process records its optimizer steps (:func:`record_steps`) in
-    ``work_dir/rank0.pt`` and ``work_dir/rank1.pt``; :func:`recorded` reads them.
+    ``work_dir/rank0.pt`` and ``work_dir/rank1.pt``; :func:`recorded` reads them. With ``config_file`` (an
+    accelerate config such as recipes/accelerate/fsdp-qlora.yaml) the launch reads it instead of the DDP
+    flags; an FSDP config then runs FSDP on the CPU processes (:func:`fsdp_on_cpu`).
     """
     import os
     from pathlib import Path
 
     script = work_dir / "lowrank_main.py"
-    recording = (f"import os\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                 "from cli_support import record_steps\n"
-                 f"record_steps({str(work_dir)!r} + f\"/rank{{os.environ['RANK']}}.pt\")\n") if record else ""
-    script.write_text(f"import sys\n{recording}from lowrank.cli import main\nsys.exit(main())\n")
+    support = f"import os\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport cli_support\n"
+    recording = f"cli_support.record_steps({str(work_dir)!r} + f\"/rank{{os.environ['RANK']}}.pt\")\n" if record else ""
+    fsdp = "cli_support.fsdp_on_cpu()\n" if config_file else ""
+    script.write_text(f"import sys\n{support}{recording}{fsdp}from lowrank.cli import main\nsys.exit(main())\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "0", str(script),
-           *argv]
+    how = ["--config_file", str(config_file)] if config_file else ["--mixed_precision", "no", "--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--num_machines", "1",
+           "--dynamo_backend", "no", "--main_process_port", "0", str(script), *argv]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == expect_code, done.stderr[-3000:]
     return done
+
+
+def fsdp_on_cpu() -> None:
+    """Make accelerate run an FSDP config on CPU processes, as it does on GPUs.
+
+    accelerate (1.16) picks FSDP only for GPU-like devices: on the CPU an FSDP config becomes DDP over
+    gloo (lowrank then refuses it). torch's FSDP2 (``fully_shard``) itself runs on the CPU over gloo, so the
+    test turns the CPU state into an FSDP one, with the plugin accelerate builds from the launch's
+    environment, and everything after (``prepare`` sharding the model, the optimizer, state dicts) is
+    accelerate's own FSDP2 path.
+    """
+    import os
+
+    from accelerate import state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = state.AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    state.AcceleratorState.__init__ = init_with_fsdp
 
 
 # --- several processes that train as one ---------------------------------------------------------

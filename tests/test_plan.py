@@ -596,3 +596,71 @@ def test_a_grpo_config_with_fast_rollout_plans_the_copy():
     settings = P.settings_from_config("grpo", GRPOConfig(fast_rollout="merged"))
     assert settings["fast_rollout"] == "merged"
     assert "merged rollout copy" in P.estimate("llama2-7b", **settings).breakdown
+
+
+# --- several GPUs under FSDP (`--gpus N`) ------------------------------------------------------------
+
+SHARDED = ("decoder weights (nf4)", "embeddings, LM head, norms", "adapters", "optimizer state")
+
+
+def test_fsdp_divides_weights_adapters_and_optimizer_state_by_the_gpus_and_not_activations():
+    """With N cards each holds 1/N of every parameter (the 4-bit base, the adapters) and of the adapters'
+    optimizer state, and the micro-batch's activations whole. The baseline is one card with the optimizer
+    FSDP runs (torch's AdamW, not paged), so the same terms are in allocator memory on both sides."""
+    one = P.estimate("llama2-13b", tokens_per_step=4096, paged_optimizer=False)
+    four = P.estimate("llama2-13b", tokens_per_step=4096, gpus=4)
+    assert one.phase == four.phase == "backward"
+    for term in SHARDED:
+        assert four.breakdown[term] == one.breakdown[term] // 4, term
+    for term in ("checkpoints (layer inputs)", "one layer recomputed", "gradients in flight", "attention mask"):
+        assert four.breakdown[term] == one.breakdown[term], term
+    # FSDP2 gathers two decoder layers and the root's parameters (embeddings, LM head, norms) to compute.
+    gathered = 2 * one.breakdown["decoder weights (nf4)"] // 40 + one.breakdown["embeddings, LM head, norms"] * 3 // 4
+    assert abs(four.breakdown["gathered weights (FSDP)"] - gathered) <= 1
+    assert "optimizer state (paged)" not in four.outside and four.settings["paged_optimizer"] is False
+
+
+def test_fsdp_optimizer_step_holds_shards_only():
+    one = P.estimate("llama2-7b", tokens_per_step=4096, paged_optimizer=False).phases["optimizer step"]
+    two = P.estimate("llama2-7b", tokens_per_step=4096, gpus=2).phases["optimizer step"]
+    assert one // 2 - 1 <= two - P.CUBLAS_WORKSPACE_BYTES // 2 <= one // 2 + 1  # all but the workspaces halve
+
+
+def test_more_gpus_lower_each_cards_peak_and_one_gpu_is_the_plan_as_before():
+    settings = dict(tokens_per_step=2048, quant="none")
+    peaks = [P.estimate("llama2-13b", gpus=n, **settings).needed for n in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0] / 3  # a bf16 13B: mostly weights
+    assert not P.estimate("llama2-13b", **settings).fits(24 * GiB)
+    assert P.estimate("llama2-13b", gpus=4, **settings).fits(24 * GiB)
+    plain, one = P.estimate("llama2-7b", tokens_per_step=4096), P.estimate("llama2-7b", tokens_per_step=4096, gpus=1)
+    assert (plain.breakdown, plain.outside, plain.phases) == (one.breakdown, one.outside, one.phases)
+
+
+def test_fsdp_loss_takes_the_whole_micro_batchs_logits():
+    """FSDP shards the LM head, which lowrank.lm_loss then runs inside the model's forward on every position."""
+    one = P.estimate("llama3-8b", tokens_per_step=4096)
+    two = P.estimate("llama3-8b", tokens_per_step=4096, gpus=2)
+    assert one.settings["loss_chunk_tokens"] < 300 and two.settings["loss_chunk_tokens"] == 4096
+    assert two.phase == "loss" and two.breakdown["logits (whole micro-batch)"] == P.LOSS_LOGIT_BYTES * 4096 * 128256
+
+
+def test_cli_gpus_prints_each_cards_plan(capsys):
+    code, out, _ = run_plan(capsys, "--model", "llama2-13b", "--quant", "none", "--tokens-per-step", "2048",
+                            "--gpus", "4")
+    assert code == 0 and "each of 4 GPUs (FSDP)" in out and "gathered weights (FSDP)" in out
+
+
+@pytest.mark.parametrize("gpus", ["0", "-2"])
+def test_cli_gpus_below_one_is_refused(capsys, gpus):
+    code, out, err = run_plan(capsys, "--model", "llama2-7b", f"--gpus={gpus}")
+    assert code == 2 and not out and err == f"lowrank plan: error: --gpus must be at least 1, got {gpus}\n"
+
+
+def test_cli_gpus_for_a_stage_fsdp_does_not_shard_is_refused(capsys):
+    code, _, err = run_plan(capsys, "--model", "llama2-7b", "--stage", "ppo", "--gpus", "2")
+    assert code == 2 and "--gpus 2: only sft shards over GPUs (FSDP); ppo runs as DDP" in err and err.count("\n") == 1
+
+
+def test_cli_gpus_with_int8_is_refused(capsys):
+    code, _, err = run_plan(capsys, "--model", "llama2-7b", "--quant", "int8", "--gpus", "2")
+    assert code == 2 and "--quant int8 cannot be sharded by FSDP" in err and err.count("\n") == 1

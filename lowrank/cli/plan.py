@@ -40,6 +40,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="default: the stage's (on for sft, reward and dpo, off for ppo and grpo)")
     parser.add_argument("--gpu-memory", default="24GiB",
                         help="the card: 24GB is 10^9 bytes, 24GiB 2^30 (default 24GiB, an RTX 4090)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="cards an FSDP run (recipes/accelerate/fsdp-qlora.yaml, sft) shards weights, adapters "
+                             "and optimizer state over; the plan is each card's")
     ppo = parser.add_argument_group("ppo and grpo")
     ppo.add_argument("--rollout-batch", type=int, default=8, help="PPO: prompts per step")
     ppo.add_argument("--minibatch", "--minibatch-size", dest="minibatch", type=int, default=None,
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                     reference_adapter=args.reference_adapter, grpo_group_size=args.group_size,
                     grpo_prompts_per_step=args.prompts_per_step, grpo_minibatch=args.minibatch,
                     grpo_micro_batch=args.micro_batch_size, grpo_reward_adapter=args.reward_adapter,
-                    fast_rollout=args.fast_rollout)
+                    fast_rollout=args.fast_rollout, gpus=args.gpus)
     tokens_per_step, micro_tokens = args.tokens_per_step, args.micro_batch_tokens
     if args.stage == "dpo":  # pairs: a chosen and a rejected row of --max-length each
         pairs = args.micro_batch_size or 2

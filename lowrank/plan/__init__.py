@@ -91,15 +91,17 @@ def settings_from_config(stage: str, config, *, prompt_len: int | None = None) -
     return settings
 
 
-def plan_for_training(model_path: str, stage: str, config, device, *, prompt_len: int | None = None) -> Plan | None:
-    """The plan of a run about to start on ``device``; None off CUDA or when it cannot be made.
+def plan_for_training(model_path: str, stage: str, config, device, *, prompt_len: int | None = None,
+                      gpus: int = 1) -> Plan | None:
+    """The plan of a run about to start on ``device`` (each card's of ``gpus`` under FSDP); None off CUDA
+    or when it cannot be made.
 
     Never raises: a plan is advice, and a run must not fail because its plan could not be made.
     """
     if not str(device).startswith("cuda"):
         return None
     try:
-        return estimate(model_path, **settings_from_config(stage, config, prompt_len=prompt_len))
+        return estimate(model_path, **settings_from_config(stage, config, prompt_len=prompt_len), gpus=gpus)
     except Exception as e:  # noqa: BLE001 - see the docstring
         log.warning("memory plan: could not estimate (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None

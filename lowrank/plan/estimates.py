@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from lowrank.errors import UserError
+from lowrank.plan.sharding import check_gpus, per_card
 from lowrank.plan.structure import (Architecture, as_architecture, lora_targets, lora_tensors, optimizer_bytes,
                                     weight_bytes)
 
@@ -147,7 +148,11 @@ STAGE_DEFAULTS = {
 
 def _pick_peak(model: str, stage: str, phases: dict[str, dict[str, int]], outside: dict[str, int],
                settings: dict) -> Plan:
-    """The plan of the phase with the largest total, with every phase's total beside it."""
+    """The plan of the phase with the largest total, with every phase's total beside it; per card of
+    ``settings["gpus"]`` under FSDP (lowrank.plan.sharding.per_card)."""
+    gpus, layers = settings.get("gpus", 1), settings.get("layers", 1)
+    phases = {name: per_card(terms, gpus, layers, computing=name != "optimizer step")
+              for name, terms in phases.items()}
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     phase = max(totals, key=totals.get)
     return Plan(model, stage, phase, _nonzero(phases[phase]), _nonzero(outside), settings, totals)
@@ -162,7 +167,7 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
              ppo_reference_adapter: bool = True, reference_adapter: bool = True, grpo_group_size: int = 8,
              grpo_prompts_per_step: int = 4, grpo_minibatch: int | None = None,
              grpo_micro_batch: int | None = None, grpo_reward_adapter: bool = False,
-             fast_rollout: str = "off") -> Plan:
+             fast_rollout: str = "off", gpus: int = 1) -> Plan:
     """Predict the peak CUDA memory of one training stage (see the module docstring and docs/plan.md).
 
     ``model``: a named shape, 'tiny', a model dir, a hub id, a dict of config.json fields, or an
@@ -187,6 +192,12 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     config (0 for the stages with a reference: lowrank.roles turns dropout off), a paged optimizer
     for every stage on a quantized base (lowrank.train.build_optimizer). ``quant`` "auto" is nf4, what
     a run on CUDA takes.
+
+    ``gpus`` > 1: the plan of each card of an FSDP run (recipes/accelerate/fsdp-qlora.yaml; sft only):
+    weights, adapters, their gradients and optimizer state are divided by ``gpus``, activations are not;
+    the weights FSDP gathers for compute are added (lowrank.plan.sharding); the optimizer is torch's 32-bit
+    AdamW (not paged), and the loss takes the whole micro-batch's logits (FSDP shards the LM head, so
+    lowrank.lm_loss cannot run it chunk by chunk after the forward).
     """
     from lowrank.models import resolve_quant
 
@@ -200,6 +211,9 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
         raise UserError(f"--lora-r must be at least 1, got {lora_r}")
     if optim_bits not in (8, 32):
         raise UserError(f"--optim-bits must be 8 or 32, got {optim_bits}")
+    check_gpus(gpus, stage, quant, optim_bits)
+    if gpus > 1:
+        paged_optimizer = False  # torch's AdamW under FSDP (lowrank.train.check_fsdp_settings)
     arch = as_architecture(model)
     defaults = STAGE_DEFAULTS[stage]
     checkpointed = defaults["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing
@@ -213,7 +227,8 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     outside = {"CUDA context": CUDA_CONTEXT_BYTES}
     targets = lora_targets(arch, target_modules)
     settings = {"quant": quant, "lora_r": lora_r, "gradient_checkpointing": checkpointed, "lora_dropout": dropout,
-                "paged_optimizer": paged, "optim_bits": optim_bits if paged else 32, "stream_bytes": stream}
+                "paged_optimizer": paged, "optim_bits": optim_bits if paged else 32, "stream_bytes": stream,
+                "gpus": gpus, "layers": layers}
     if stage in ("ppo", "grpo") and fast_rollout != "off":
         static["merged rollout copy"] = 2 * arch.params  # every parameter in bf16 (lowrank.fast_rollout)
         settings["fast_rollout"] = fast_rollout
@@ -266,12 +281,13 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
                 + 4 * trainable // layers}
     phases = {"backward": backward}
     if stage in ("sft", "dpo"):  # lowrank's chunked LM head on the loss (DPO: response) positions only
-        chunk = min(loss_chunk_tokens or _loss_chunk_tokens(vocab), tokens)
+        chunk = min(loss_chunk_tokens or _loss_chunk_tokens(vocab), tokens) if gpus == 1 else tokens
         phases["loss"] = {**static, **accumulated, **stored, "attention mask": mask,
                           "final norm": tokens * (4 * h + h * stream),  # its fp32 input and its output
                           # the positions with loss, their gradient, and that gradient scattered back
                           "loss hidden states": 3 * tokens * h * 2,
-                          "logits (loss chunk)": LOSS_LOGIT_BYTES * chunk * vocab}
+                          "logits (loss chunk)" if gpus == 1 else "logits (whole micro-batch)":
+                          LOSS_LOGIT_BYTES * chunk * vocab}
         settings["loss_chunk_tokens"] = chunk
     if stage == "dpo":
         # dpo.reference_logprobs, once before training (and evaluate() alike): the same micro-batches

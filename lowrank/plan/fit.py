@@ -65,6 +65,8 @@ def format_plan(plan: Plan, card_bytes: int = DEFAULT_CARD_BYTES) -> str:
             what = f"{s['pairs']} pairs per micro-batch ({s['rows']} rows of {s['max_length']}: chosen, rejected)"
         if s["accumulation"] > 1:
             what += f", {s['accumulation']} per step"
+    if s.get("gpus", 1) > 1:
+        what += f"; each of {s['gpus']} GPUs (FSDP)"
     lines = [f"{plan.model}, {plan.stage}, {s['quant']}, LoRA r {s['lora_r']}, {what}, gradient checkpointing "
              f"{'on' if s['gradient_checkpointing'] else 'off'}; peak in: {plan.phase}"]
     width = max(len(k) for k in [*plan.breakdown, *plan.outside, "peak allocated (max_memory_allocated)"]) + 2
