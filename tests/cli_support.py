@@ -1,10 +1,14 @@
 """What a lowrank command printed on stderr, as the fault and bad-input tests read it; a command killed on cue;
-a command under a two-process `accelerate launch`, and what each process's optimizer steps did."""
+a command under a two-process `accelerate launch`, and what each process's optimizer steps did; a model dir
+that says it was saved quantized."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 
 def command_lines(err: str, command: str) -> list[str]:
@@ -46,7 +50,6 @@ def launch_two_processes(work_dir, argv: list[str], timeout: int = 240, *, recor
     flags; an FSDP config then runs FSDP on the CPU processes (:func:`fsdp_on_cpu`).
     """
     import os
-    from pathlib import Path
 
     script = work_dir / "lowrank_main.py"
     support = f"import os\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport cli_support\n"
@@ -206,3 +209,13 @@ def assert_trained_as_one(ranks: list[dict], one: dict, *, rtol: float = 1e-4,
         assert worst <= rtol, f"optimizer step {step}: a gradient differs by {worst:.3g} of its largest element"
     worst = max((x - y).abs().max().item() for x, y in zip(first["weights"], one["weights"]))
     assert worst <= weights_atol, f"the weights differ by up to {worst:.3g}"
+
+
+def quantized_copy(model_dir: Path, out: Path, **quantization_config) -> Path:
+    """A copy of ``model_dir`` at ``out`` whose config.json says it was saved quantized (``quantization_config``),
+    as a published bitsandbytes checkpoint's does; the weights stay as they are."""
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config))
+    return out

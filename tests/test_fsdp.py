@@ -4,12 +4,11 @@ configs, and the settings and bases FSDP cannot run, each refused in one line.""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from cli_support import launch_two_processes
+from cli_support import launch_two_processes, quantized_copy
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "recipes" / "accelerate" / "fsdp-qlora.yaml"
@@ -166,23 +165,15 @@ def test_int8_base_under_fsdp_is_refused(tiny_spm, tmp_path, capsys, as_if_fsdp)
 def test_prequantized_base_stored_as_bytes_under_fsdp_is_refused(tiny_spm, tmp_path, capsys, as_if_fsdp):
     """A published 4-bit checkpoint stores its packed weights as uint8 (bitsandbytes' default), which
     transformers keeps whatever lowrank asks; FSDP cannot shard them beside fp32/bf16 weights."""
-    base = tmp_path / "base-bnb-4bit"
-    shutil.copytree(tiny_spm, base)
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                     "bnb_4bit_quant_storage": "uint8"}
-    (base / "config.json").write_text(json.dumps(config))
+    base = quantized_copy(tiny_spm, tmp_path / "base-bnb-4bit", quant_method="bitsandbytes", load_in_4bit=True,
+                          bnb_4bit_quant_storage="uint8")
     line = _sft_error([*_flags(base, "--quant", "nf4"), "--output-dir", str(tmp_path / "out")], capsys)
     assert f"{base}: already quantized (4-bit weights stored as uint8" in line
     assert "train from the unquantized base with --quant nf4" in line
 
 
 def test_prequantized_int8_base_under_fsdp_is_refused(tiny_spm, tmp_path, capsys, as_if_fsdp):
-    base = tmp_path / "base-bnb-8bit"
-    shutil.copytree(tiny_spm, base)
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
-    (base / "config.json").write_text(json.dumps(config))
+    base = quantized_copy(tiny_spm, tmp_path / "base-bnb-8bit", quant_method="bitsandbytes", load_in_8bit=True)
     line = _sft_error([*_flags(base, "--quant", "none"), "--output-dir", str(tmp_path / "out")], capsys)
     assert "an 8-bit bitsandbytes checkpoint" in line and "cannot be sharded by FSDP" in line
 

@@ -4,11 +4,11 @@ finished only when complete, and one error per bad input."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
+from cli_support import quantized_copy
 from lowrank.cli import main
 from lowrank.errors import UserError
 from lowrank.pretrain import PretrainConfig, train_base
@@ -135,11 +135,7 @@ def test_record_without_text_is_refused(tiny_spm, tmp_path, capsys):
 
 
 def test_quantized_model_is_refused(tiny_spm, practice, tmp_path, capsys):
-    quantized = tmp_path / "quantized"
-    shutil.copytree(tiny_spm, quantized)
-    config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (quantized / "config.json").write_text(json.dumps(config))
+    quantized = quantized_copy(tiny_spm, tmp_path / "quantized", quant_method="bitsandbytes", load_in_4bit=True)
     err = _cli_error(capsys, "--model", str(quantized), "--data", str(practice), "--output-dir", str(tmp_path / "out"))
     assert "a bitsandbytes model" in err and "unquantized" in err
 
