@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from lowrank.errors import UserError
+from lowrank.fast_rollout import check as check_fast_rollout
 from lowrank.plan.sharding import check_gpus, per_card
 from lowrank.plan.structure import (Architecture, as_architecture, lora_targets, lora_tensors, optimizer_bytes,
                                     weight_bytes)
@@ -204,9 +205,7 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     if stage not in STAGES:
         raise UserError(f"--stage: unknown '{stage}'; choose {', '.join(STAGES)}")
     quant = resolve_quant(quant, cuda=True)
-    from lowrank import fast_rollout as fast
-
-    fast.check(fast_rollout)
+    check_fast_rollout(fast_rollout)
     if lora_r < 1:
         raise UserError(f"--lora-r must be at least 1, got {lora_r}")
     if optim_bits not in (8, 32):
