@@ -100,7 +100,7 @@ def held_out_loss(accelerator, model, rows: list[dict], batch_size: int, pad_id:
     has run out of rows runs the first batch again, uncounted, until the others are done.
     """
     from lowrank.data import collate
-    from lowrank.train import is_fsdp
+    from lowrank.fsdp import is_fsdp
 
     model.eval()
     loss_sum, tokens = 0.0, 0

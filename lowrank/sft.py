@@ -22,7 +22,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
-from lowrank import checkpoints, locks, loop, runrecord, train
+from lowrank import checkpoints, fsdp, locks, loop, runrecord, train
 from lowrank.config import config_to_dict
 from lowrank.errors import UserError
 from lowrank.fields import (AccumulationFields, AdapterFields, EpochFields, SchedulerField, WeightDecayField, restate,
@@ -105,13 +105,13 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     _validate(config)
     accelerator = train.make_accelerator(fsdp=True)
-    fsdp = train.is_fsdp(accelerator)
+    sharded = fsdp.is_fsdp(accelerator)
     config.quant = resolve_quant(config.quant, cuda=accelerator.device.type == "cuda")  # recorded as resolved
     # Validate every input (model, template, data) before touching the output dir.
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)
-    if fsdp:
-        train.check_fsdp_settings(config.save_every, config.resume, config.optim_bits)
+    if sharded:
+        fsdp.check_fsdp_settings(config.save_every, config.resume, config.optim_bits)
         check_fsdp_base(model_path, config.quant, compute_dtype(accelerator.device))
     plan.lora_targets(plan.architecture(model_path), config.target_modules)  # names peft would not find
     tokenizer = load_tokenizer(model_path)
@@ -132,11 +132,11 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
 
     train.seed_everything(config.seed)
     memory_plan = plan.plan_for_training(model_path, "sft", config, accelerator.device,
-                                         gpus=accelerator.num_processes if fsdp else 1) \
+                                         gpus=accelerator.num_processes if sharded else 1) \
         if accelerator.is_main_process else None
     plan.report_start(memory_plan, accelerator.device)
     base = load_base_model(model_path, config.quant, gradient_checkpointing=config.gradient_checkpointing,
-                           device=accelerator.device, fsdp=fsdp)
+                           device=accelerator.device, fsdp=sharded)
     model = get_peft_model(base, lora)
     model.train()
     accumulation = config.gradient_accumulation_steps
@@ -149,8 +149,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     stream = BatchStream(len(train_rows), config.batch_size, config.seed)
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch / micro_per_step))
     # DDP or FSDP under `accelerate launch`; unchanged on one process. Under FSDP: torch's AdamW, sharded.
-    model, optimizer, params = train.prepare_model_and_optimizer(accelerator, model, lambda trainable: train.build_optimizer(
-        trainable, config.learning_rate, weight_decay=config.weight_decay, paged=config.quant != "none" and not fsdp,
+    model, optimizer, params = fsdp.prepare_model_and_optimizer(accelerator, model, lambda trainable: train.build_optimizer(
+        trainable, config.learning_rate, weight_decay=config.weight_decay, paged=config.quant != "none" and not sharded,
         optim_bits=config.optim_bits))
     scheduler = train.build_scheduler(optimizer, warmup_steps=config.warmup_steps, max_steps=max_steps,
                                       kind=config.lr_scheduler)
@@ -189,7 +189,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
         steps.add(step, record)
 
     accelerator.wait_for_everyone()
-    adapter_state = train.gathered_trainable_state(accelerator, model)  # every process: FSDP gathers the shards
+    adapter_state = fsdp.gathered_trainable_state(accelerator, model)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:
         metrics_log.plot(out_dir / "loss.png", ["loss", "eval_loss"])
         evals = [r["eval_loss"] for r in metrics_log.records if "eval_loss" in r]
@@ -209,7 +209,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
             config=config_to_dict(config),
             seed=config.seed,
             metrics=metrics,
-            extra={"processes": accelerator.num_processes, "fsdp": fsdp},
+            extra={"processes": accelerator.num_processes, "fsdp": sharded},
         )
         train.write_adapter(accelerator.unwrap_model(model), out_dir, meta, state_dict=adapter_state)
         shutil.rmtree(out_dir / checkpoints.CHECKPOINTS, ignore_errors=True)  # the run is finished

@@ -118,10 +118,10 @@ def test_shipped_ddp_config_is_multi_gpu():
 
 
 def test_the_plan_shards_the_stages_training_shards():
-    from lowrank import train
+    from lowrank import fsdp
     from lowrank.plan import sharding
 
-    assert sharding.FSDP_STAGES == train.FSDP_STAGES
+    assert sharding.FSDP_STAGES == fsdp.FSDP_STAGES
 
 
 # --- bad input: one line, exit 2 ---------------------------------------------------------------------------
@@ -141,9 +141,9 @@ def _sft_error(argv: list[str], capsys) -> str:
 def as_if_fsdp(monkeypatch):
     """sft in this process as under an FSDP launch: accelerate reports FSDP (no model is sharded here; every
     refusal comes before the base loads)."""
-    from lowrank import train
+    from lowrank import fsdp
 
-    monkeypatch.setattr(train, "is_fsdp", lambda accelerator: True)
+    monkeypatch.setattr(fsdp, "is_fsdp", lambda accelerator: True)
 
 
 @pytest.fixture

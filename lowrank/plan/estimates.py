@@ -212,7 +212,7 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
         raise UserError(f"--optim-bits must be 8 or 32, got {optim_bits}")
     check_gpus(gpus, stage, quant, optim_bits)
     if gpus > 1:
-        paged_optimizer = False  # torch's AdamW under FSDP (lowrank.train.check_fsdp_settings)
+        paged_optimizer = False  # torch's AdamW under FSDP (lowrank.fsdp.check_fsdp_settings)
     arch = as_architecture(model)
     defaults = STAGE_DEFAULTS[stage]
     checkpointed = defaults["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lowrank.errors import UserError
 
-# The stages that train sharded over several GPUs; lowrank.train.FSDP_STAGES (a test checks they agree).
+# The stages that train sharded over several GPUs; lowrank.fsdp and lowrank.train read them here.
 FSDP_STAGES = ("sft",)
 # Terms FSDP divides by the GPU count. "gradients in flight" is not one: it is one layer's, whole.
 SHARDED_TERMS = ("decoder weights", "embeddings, LM head, norms", "adapters", "optimizer state", "gradients",

@@ -1,0 +1,83 @@
+"""FSDP under `accelerate launch --config_file recipes/accelerate/fsdp-qlora.yaml`: whether a run is
+sharded, the settings it cannot honour, preparing the model and optimizer together, and gathering the
+adapter to save. lowrank.train.make_accelerator refuses an FSDP launch of a stage not in FSDP_STAGES.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from lowrank.errors import UserError
+from lowrank.plan.sharding import FSDP_STAGES
+
+# FSDP_STAGES (lowrank.plan.sharding) are the stages that train under an FSDP config. PPO and GRPO switch adapters (set_adapter) between sampling
+# and scoring and generate token by token: under FSDP2 every switch reshards the PeftModel (peft's FSDP
+# caveat 6) and every generated token all-gathers each layer. Reward (its score head is peft's
+# modules_to_save, which peft calls untested under FSDP) and DPO (the reference adapter's log-probs
+# up front) have not been made to run sharded yet.
+FSDP_CONFIG = "recipes/accelerate/fsdp-qlora.yaml"
+
+
+def fsdp_requested() -> bool:
+    """Whether the processes were launched with an FSDP config (`accelerate launch` then sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_fsdp(accelerator) -> bool:
+    """Whether ``accelerator`` shards the model with FSDP."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp_settings(save_every: int, resume: bool, optim_bits: int) -> None:
+    """Refuse the settings a stage cannot honour under FSDP, before anything loads.
+
+    Checkpoints hold the whole optimizer state as one process sees it; under FSDP each process holds
+    only its shard, so a checkpoint would be wrong. bitsandbytes' paged optimizers run their kernels
+    on raw tensor pointers, which FSDP2's sharded DTensor parameters do not expose, and peft reports
+    paged 8-bit AdamW failing at checkpoints under FSDP-QLoRA: the optimizer is torch's AdamW (32-bit),
+    whose state FSDP shards over the GPUs anyway.
+    """
+    if resume:
+        raise UserError("--resume is not supported under FSDP (no checkpoints are written there)")
+    if save_every > 0:
+        raise UserError(f"--save-every {save_every}: checkpoints are not written under FSDP (each process holds "
+                        "only its shard of the optimizer state); pass --save-every 0")
+    if optim_bits != 32:
+        raise UserError(f"--optim-bits {optim_bits}: under FSDP the optimizer is torch's 32-bit AdamW, sharded over "
+                        "the GPUs (bitsandbytes' paged 8-bit AdamW cannot step sharded parameters); pass --optim-bits 32")
+
+
+def prepare_model_and_optimizer(accelerator, model, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+    """``accelerator.prepare`` the model and an optimizer over its trainable parameters; returns (model,
+    optimizer, trainable parameters as the optimizer steps them).
+
+    DDP (and one process): the model is wrapped and the optimizer is used as built. FSDP2: accelerate
+    shards the model (and re-points the optimizer at the sharded parameters), so both go through
+    ``prepare`` together, and the parameters to clip are read back from the optimizer.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params)
+    if not is_fsdp(accelerator):
+        return accelerator.prepare(model), optimizer, params
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def gathered_trainable_state(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the trainable parameters (the adapter) whole, on the CPU, by name; None otherwise.
+
+    Every process must call it (each sharded parameter is all-gathered); the frozen base is not gathered.
+    """
+    if not is_fsdp(accelerator):
+        return None
+    state = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+            state[name] = whole.detach().cpu()
+    return state
