@@ -100,8 +100,10 @@ def _one_torch_thread_per_worker(threads: int):
         torch.set_num_threads(before)
 
 
-def _run_chunks(n: int, work: Callable[[int, int], object], threads: int | None, unit: int = BLOCKS_PER_CHUNK) -> list:
-    """work(start, stop) over [0, n) in pieces of ``unit``, on ``threads`` threads; results in order."""
+def _run_chunks(n: int, work: Callable[[int, int], object], threads: int | None, unit: int | None = None) -> list:
+    """work(start, stop) over [0, n) in pieces of ``unit`` (default BLOCKS_PER_CHUNK, read at call time), on
+    ``threads`` threads; results in order."""
+    unit = unit or BLOCKS_PER_CHUNK
     spans = [(s, min(s + unit, n)) for s in range(0, n, unit)]
     threads = min(threads or default_threads(), len(spans))
     with _one_torch_thread_per_worker(threads):

@@ -102,6 +102,12 @@ def test_chunk_edges_and_thread_counts_do_not_change_bytes(name, monkeypatch):
         np.testing.assert_array_equal(fast(x, name, threads=threads), want)
 
 
+def test_chunks_follow_blocks_per_chunk_at_call_time(monkeypatch):
+    # The test above relies on it: a default bound when _run_chunks was defined left it one 4096-block chunk.
+    monkeypatch.setattr(quants, "BLOCKS_PER_CHUNK", 5)
+    assert quants._run_chunks(12, lambda start, stop: (start, stop), threads=2) == [(0, 5), (5, 10), (10, 12)]
+
+
 def test_scale_is_stored_as_float16_nearest_even():
     # d = amax / 127 for amax = 127 * (1 + 2**-11): exactly between two float16 values, rounds to even.
     x = np.zeros((1, 32), np.float32)
