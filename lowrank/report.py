@@ -36,13 +36,14 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
     """Greedy exact-match accuracy on the task's held-out problems of the model ``stage`` made.
 
     sft/ppo/dpo/grpo: the base with the stage's adapter, in the template its lowrank.json records;
-    pretrain/task: the plain base (Stage.evaluates), in the template SFT trains it in. Written to
+    pretrain/task: the plain base (Stage.evaluates), in the template SFT trains it in, and also in the
+    task's practice format (``practice_accuracy``: whether the base has the skill at all). Written to
     ``stage.eval_file`` and returned. For ppo/dpo/grpo it also records ``kl_to_reference``, the KL
     of the stage's policy to the SFT adapter on the same held-out prompts (rollout.kl_to_reference).
     """
     from lowrank.data import load_records
     from lowrank.models import load_base_model, load_tokenizer
-    from lowrank.tasks import generate_answers, is_correct, prompt_messages
+    from lowrank.tasks import generate_answers, is_correct, practice_answers, prompt_messages
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
@@ -74,6 +75,13 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
         "examples": [{"prompt": prompt_messages(r)[-1]["content"], "answer": a, "expected": r["output"], "correct": c}
                      for r, a, c in list(zip(records, answers, correct))[:EXAMPLES_KEPT]],
     }
+    if adapter is None and all("practice" in r for r in records):  # task files written before it have none
+        practice = practice_answers(model, tokenizer, records, max_new_tokens=task.config.eval_max_new_tokens,
+                                    batch_size=task.config.eval_batch_size)
+        right = [is_correct(r, a) for r, a in zip(records, practice)]
+        result["practice_accuracy"] = sum(right) / len(records)
+        result["practice_examples"] = [{"prompt": r["practice"], "answer": a, "correct": c}
+                                       for r, a, c in list(zip(records, practice, right))[:EXAMPLES_KEPT]]
     reference = getattr(stage.config, "sft_adapter", None) if stage.name in RL_STAGES else None
     if reference:
         from lowrank.rollout import kl_to_reference

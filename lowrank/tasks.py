@@ -14,9 +14,10 @@ project's own loaders (lowrank.data, lowrank.pretrain):
   (``sort: q d m a = a d m q``, one per line). No chat template and no instruction wording: the
   base learns the skill, not how to answer in a chat.
 - ``sft.jsonl``: Alpaca records (``instruction``, ``output``), the training split.
-- ``eval.jsonl``: Alpaca records of held-out problems. A problem is identified by its *answer*
-  (for sort: the sorted letters), and no held-out answer occurs in any other file, so a model
-  cannot score by remembering a training answer.
+- ``eval.jsonl``: Alpaca records of held-out problems, plus ``practice``: the problem in the practice
+  format, up to its answer (``sort: q d m a =``). A problem is identified by its *answer* (for sort:
+  the sorted letters), and no held-out answer occurs in any other file, so a model cannot score by
+  remembering a training answer.
 - ``preferences.jsonl``: ``prompt``, ``chosen`` (the right answer), ``rejected`` (a plausible
   wrong one, see :func:`_wrong_sequence`) and ``answer`` (the right answer again, for a
   programmatic reward: lowrank.pairs ranks the SFT policy's own answers to these prompts with it).
@@ -25,7 +26,9 @@ project's own loaders (lowrank.data, lowrank.pretrain):
   built-in ``exact`` is :func:`is_correct` on it.
 
 :func:`is_correct` and :func:`task_accuracy` score a model's greedy answers in the chat template
-exactly as SFT renders it (lowrank.data.tokenize_prompt).
+exactly as SFT renders it (lowrank.data.tokenize_prompt). :func:`practice_answers` are a base's answers in
+the practice format it was pretrained on: whether it has the skill at all, before any chat. SFT and
+RL shape a skill the base has; they do not teach one it lacks.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 
 FILES = ("pretrain", "sft", "eval", "preferences", "prompts")
 MARKER = "task.json"  # written last: names the task, seed and sizes, and the digest of each file
-VERSION = 5  # bump when the generated text changes, so an old task dir is not taken for a new one
+VERSION = 6  # bump when the generated text changes, so an old task dir is not taken for a new one
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +254,9 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, sft_errors: f
     def alpaca(problem: Problem) -> dict:
         return {"instruction": problem.instruction, "output": problem.answer}
 
+    def held_out_record(problem: Problem) -> dict:
+        return {**alpaca(problem), "practice": problem.practice.split(" = ", 1)[0] + " ="}
+
     slips = random.Random(f"lowrank-task-{name}-{seed}-slips")  # its own stream: the other files do not move
 
     def demonstration(problem: Problem) -> dict:
@@ -263,7 +269,7 @@ def generate(name: str = DEFAULT_TASK, seed: int = 0, length=None, sft_errors: f
     return {
         "pretrain": [{"text": text} for text in documents],
         "sft": [demonstration(p) for p in train_problems(sizes["sft"])],
-        "eval": [alpaca(p) for p in held_out.values()],
+        "eval": [held_out_record(p) for p in held_out.values()],
         "preferences": [{"prompt": p.instruction, "chosen": p.answer, "rejected": make_wrong(p, rng), "answer": p.answer}
                         for p in train_problems(sizes["preferences"])],
         "prompts": [{"prompt": p.instruction, "answer": p.answer} for p in train_problems(sizes["prompts"])],
@@ -346,17 +352,13 @@ def prompt_messages(record: dict) -> list[dict]:
     return messages[:-1]
 
 
-def generate_answers(model, tokenizer, template: str, records: list[dict], *, max_new_tokens: int = 24,
-                     batch_size: int = 64) -> list[str]:
-    """Greedy responses to each record's prompt (left-padded batches, the chat template as in SFT)."""
+def _greedy(model, tokenizer, prompts: list[list[int]], stop_ids, *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of token-id ``prompts`` (left-padded batches), decoded without special tokens."""
     import torch
 
-    from lowrank.data import left_pad, tokenize_prompt
-    from lowrank.templates import stop_token_ids
+    from lowrank.data import left_pad
 
-    prompts = [tokenize_prompt(tokenizer, template, prompt_messages(r)) for r in records]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids = stop_token_ids(tokenizer, template)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -376,6 +378,27 @@ def generate_answers(model, tokenizer, template: str, records: list[dict], *, ma
     finally:
         model.train(was_training)
     return responses
+
+
+def generate_answers(model, tokenizer, template: str, records: list[dict], *, max_new_tokens: int = 24,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy responses to each record's prompt (left-padded batches, the chat template as in SFT)."""
+    from lowrank.data import tokenize_prompt
+    from lowrank.templates import stop_token_ids
+
+    prompts = [tokenize_prompt(tokenizer, template, prompt_messages(r)) for r in records]
+    return _greedy(model, tokenizer, prompts, stop_token_ids(tokenizer, template), max_new_tokens=max_new_tokens,
+                   batch_size=batch_size)
+
+
+def practice_answers(model, tokenizer, records: list[dict], *, max_new_tokens: int = 24,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy continuations of each record's ``practice`` prompt, as a pretraining document starts (the
+    tokenizer's BOS, no chat template), each cut at its first line break: the base's own answer."""
+    prompts = [tokenizer(r["practice"])["input_ids"] for r in records]
+    texts = _greedy(model, tokenizer, prompts, tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size)
+    return [text.split("\n", 1)[0] for text in texts]
 
 
 def task_accuracy(model, tokenizer, template: str, records: list[dict], *, max_new_tokens: int = 24,

@@ -149,8 +149,9 @@ def test_table_shows_every_number_as_the_stages_wrote_it(runs):
     assert f"held-out loss {pretrain['initial_eval_loss']:.3f} -> {pretrain['eval_loss']:.3f}" in table
     assert f"held-out loss {sft['initial_eval_loss']:.3f} -> {sft['eval_loss']:.3f}  (8 held-out examples)" in table
     accuracy = {s: _read(out / s / "task_eval.json")["accuracy"] for s in ("pretrain", "sft", "ppo")}
-    assert (f"base {accuracy['pretrain']:.1%},  after SFT {accuracy['sft']:.1%},  after PPO {accuracy['ppo']:.1%}"
-            "  (greedy exact match, 8 held-out problems)") in table
+    practice = _read(out / "pretrain" / "task_eval.json")["practice_accuracy"]
+    assert (f"base {accuracy['pretrain']:.1%} (practice format {practice:.1%}),  after SFT {accuracy['sft']:.1%},  "
+            f"after PPO {accuracy['ppo']:.1%}  (greedy exact match, 8 held-out problems)") in table
     pairs = _read(out / "reward" / "lowrank.json")["data"]["eval_pairs"]
     assert f"pairwise accuracy {reward['eval_accuracy']:.1%} on {pairs} held-out pairs" in table
     step = json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
@@ -182,6 +183,25 @@ def test_task_accuracy_is_measured_on_the_held_out_split(runs):
             assert example["prompt"] == record["instruction"] and example["expected"] == record["output"]
             assert example["correct"] == is_correct(record, example["answer"])
     assert _read(out / "ppo" / "task_eval.json")["adapter"] == str(out / "ppo")
+
+
+def test_the_base_is_also_scored_in_its_practice_format_and_a_base_without_the_skill_is_flagged(runs):
+    from lowrank.cli.pipeline import BASE_SKILL_FLOOR
+    from lowrank.tasks import is_correct
+
+    _, printed = runs["first"]
+    out = runs["out"]
+    held_out = [json.loads(line) for line in (out / "task" / "eval.jsonl").read_text().splitlines()]
+    result = _read(out / "pretrain" / "task_eval.json")
+    assert len(result["practice_examples"]) == 5
+    for example, record in zip(result["practice_examples"], held_out):
+        assert example["prompt"] == record["practice"] and "\n" not in example["answer"]
+        assert example["correct"] == is_correct(record, example["answer"])
+    assert f"in its practice format (the skill without the chat): {result['practice_accuracy']:.1%}" in printed
+    flagged = "warning: the base has not learned the task" in printed
+    assert flagged == (result["practice_accuracy"] < BASE_SKILL_FLOOR)
+    for stage in ("sft", "ppo"):  # adapters are scored in the chat only
+        assert "practice_accuracy" not in _read(out / stage / "task_eval.json")
 
 
 def test_second_run_prints_the_same_table_without_loading_a_model(runs):
@@ -593,3 +613,10 @@ def test_a_recipe_may_not_set_the_prompts_of_a_pairs_stage_after_a_task(tmp_path
 def test_a_pairs_stage_without_a_reward_is_refused_before_training(tmp_path, capsys):
     message = _refused(tmp_path, capsys, "stages:\n  - sft: {}\n  - pairs: {}\n  - reward: {}\n")
     assert "stage 'pairs': no reward" in message
+
+
+def test_base_skill_line_warns_only_below_the_floor():
+    from lowrank.cli.pipeline import BASE_SKILL_FLOOR, base_skill_line
+
+    assert "warning" in base_skill_line(BASE_SKILL_FLOOR / 2) and "pretrain longer" in base_skill_line(0.0)
+    assert "warning" not in base_skill_line(BASE_SKILL_FLOOR) and "95.0%" in base_skill_line(0.95)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowrank.errors import UserError
-from lowrank.tasks import TASKS, VERSION, generate, is_correct, task_accuracy, write_task
+from lowrank.tasks import TASKS, VERSION, generate, is_correct, practice_answers, task_accuracy, write_task
 
 SMALL = {"pretrain": 64, "sft": 40, "eval": 20, "preferences": 30, "prompts": 20}
 
@@ -199,6 +199,37 @@ def test_task_accuracy_runs_a_real_model_and_a_peft_model(sort_files, tiny_spm):
     peft_model.train()
     assert task_accuracy(peft_model, tokenizer, template, records, max_new_tokens=4) == 0.0
     assert peft_model.training  # the caller's mode is restored
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_held_out_problems_carry_their_practice_prompt(name):
+    records = generate(name, seed=2, **SMALL)
+    heads = {line.split(" = ", 1)[0] for doc in records["pretrain"] for line in doc["text"].splitlines()}
+    for record in records["eval"]:
+        if name == "add":
+            a, b = re.findall(r"\d+", record["instruction"])
+            assert record["practice"] == f"{a} + {b} ="
+        else:
+            assert record["practice"] == f"{name}: {record['instruction'].split(': ', 1)[1]} ="
+        assert record["practice"][:-2] not in heads  # held out from the practice text too
+    line = records["pretrain"][0]["text"].splitlines()[0]
+    assert re.fullmatch(r"\d+ \+ \d+ = \d+" if name == "add" else rf"{name}: [a-z ]+ = [a-z ]+", line)
+
+
+def test_practice_answers_continue_the_practice_prompt_up_to_the_line_end(sort_files, tiny_spm):
+    from lowrank.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_spm))
+    records = _read(sort_files["eval"])
+    # As a pretrained base does: the answer, then the next practice problem on a new line.
+    table = {tuple(tokenizer(r["practice"])["input_ids"]): r["output"] + "\nsort: b a = a b" for r in records}
+    answers = practice_answers(_ScriptedModel(tokenizer, table), tokenizer, records, batch_size=8)
+    assert [a.strip() for a in answers] == [r["output"] for r in records]
+    assert all(is_correct(r, a) for r, a in zip(records, answers))
+    # The prompt starts as a pretraining document does, with BOS: one keyed without it is not answered.
+    without_bos = {k[1:]: v for k, v in table.items()}
+    assert not any(is_correct(r, a) for r, a in zip(records, practice_answers(
+        _ScriptedModel(tokenizer, without_bos), tokenizer, records, batch_size=8)))
 
 
 def test_unknown_task_name_is_refused(tmp_path):

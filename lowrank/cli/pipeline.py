@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         if stage.eval_file is not None:
             result = measure_task_accuracy(stage, by_name["task"])
             print(f"  task accuracy on {result['problems']} held-out problems: {result['accuracy']:.1%}", flush=True)
+            if result.get("practice_accuracy") is not None:
+                print(base_skill_line(result["practice_accuracy"]), flush=True)
         record = state["stages"][stage.name]
         seconds = (record.get("seconds") or 0) if action == "eval" else 0
         record.update(status="done", seconds=round(seconds + time.perf_counter() - started, 1))
@@ -218,6 +220,21 @@ def run(args: argparse.Namespace) -> int:
     results = collect_results(stages, state)
     print(format_table(results, source, out, ran))
     return 1 if any(g.get("passed") is False for g in results.get("gguf", [])) else 0
+
+
+# Below this share of held-out problems answered right in the practice format, the base has not learned the
+# task: SFT then teaches the chat format around answers that are wrong, and no RL stage finds a right one
+# to reinforce.
+BASE_SKILL_FLOOR = 0.1
+
+
+def base_skill_line(share: float) -> str:
+    """The base's accuracy in its practice format, with a warning when it is too low for SFT and RL to build on."""
+    line = f"  in its practice format (the skill without the chat): {share:.1%}"
+    if share < BASE_SKILL_FLOOR:
+        line += ("\n  warning: the base has not learned the task; SFT and RL shape a skill the base has, they do not "
+                 "teach one: pretrain longer (pretrain max_steps) or make the task easier (task length)")
+    return line
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -248,6 +265,9 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
     if accuracy:
         labels = {"base": "base", "sft": "after SFT", "ppo": "after PPO", "dpo": "after DPO", "grpo": "after GRPO"}
         parts = [f"{labels[k]} {_num((v or {}).get('accuracy'), '.1%')}" for k, v in accuracy.items()]
+        practice = (accuracy.get("base") or {}).get("practice_accuracy")
+        if practice is not None:
+            parts[0] += f" (practice format {practice:.1%})"
         problems = next((v["problems"] for v in accuracy.values() if v), "?")
         row("task accuracy", ",  ".join(parts) + f"  (greedy exact match, {problems} held-out problems)")
     if "pairs" in results:
