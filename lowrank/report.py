@@ -43,7 +43,7 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
     """
     from lowrank.data import load_records
     from lowrank.models import load_base_model, load_tokenizer
-    from lowrank.tasks import generate_answers, is_correct, practice_answers, prompt_messages
+    from lowrank.task_scoring import generate_answers, is_correct, practice_answers, prompt_messages
     from lowrank.templates import resolve_template
     from lowrank.tiny import resolve_model_name
 
@@ -102,7 +102,7 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
 def sample_prompt(stages: dict[str, Stage]) -> tuple[list[dict], dict | None, str]:
     """(messages, the task record or None, where it comes from) of the sample conversation."""
     from lowrank.data import load_prompts, load_records
-    from lowrank.tasks import prompt_messages
+    from lowrank.task_scoring import prompt_messages
 
     if "task" in stages:
         record = load_records(str(stages["task"].dir / "eval.jsonl"))[0]
@@ -140,7 +140,7 @@ def run_verify(stage: Stage, stages: dict[str, Stage], on_report=None) -> dict:
     """Check every exported GGUF against the merged model and answer one prompt with the Q4_K_M file
     (else the smallest); write gguf/verify.json and return it. ``on_report`` gets each VerifyReport."""
     from lowrank.export.verify import load_hf_model, verify_gguf
-    from lowrank.tasks import is_correct
+    from lowrank.task_scoring import is_correct
 
     merged = stages["merge"].dir
     record = runrecord.read_optional(merged)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lowrank.errors import UserError
-from lowrank.tasks import normalise_answer
+from lowrank.task_scoring import normalise_answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def _check_answers(answer: Sequence) -> None:
 
 
 def exact(prompts: list[str], completions: list[str], answer: list, **kwargs) -> list[float]:
-    """1.0 where the completion is the row's answer up to whitespace (lowrank.tasks.is_correct), else 0.0."""
+    """1.0 where the completion is the row's answer up to whitespace (lowrank.task_scoring.is_correct), else 0.0."""
     _check_answers(answer)
     return [float(normalise_answer(c) == normalise_answer(str(a))) for c, a in zip(completions, answer)]
 

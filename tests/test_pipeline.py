@@ -171,7 +171,7 @@ def test_table_shows_every_number_as_the_stages_wrote_it(runs):
 
 
 def test_task_accuracy_is_measured_on_the_held_out_split(runs):
-    from lowrank.tasks import is_correct
+    from lowrank.task_scoring import is_correct
 
     out = runs["out"]
     held_out = [json.loads(line) for line in (out / "task" / "eval.jsonl").read_text().splitlines()]
@@ -187,7 +187,7 @@ def test_task_accuracy_is_measured_on_the_held_out_split(runs):
 
 def test_the_base_is_also_scored_in_its_practice_format_and_a_base_without_the_skill_is_flagged(runs):
     from lowrank.cli.pipeline import BASE_SKILL_FLOOR
-    from lowrank.tasks import is_correct
+    from lowrank.task_scoring import is_correct
 
     _, printed = runs["first"]
     out = runs["out"]
@@ -618,5 +618,5 @@ def test_a_pairs_stage_without_a_reward_is_refused_before_training(tmp_path, cap
 def test_base_skill_line_warns_only_below_the_floor():
     from lowrank.cli.pipeline import BASE_SKILL_FLOOR, base_skill_line
 
-    assert "warning" in base_skill_line(BASE_SKILL_FLOOR / 2) and "pretrain longer" in base_skill_line(0.0)
+    assert "warning" in base_skill_line(BASE_SKILL_FLOOR / 2) and "a base that has it" in base_skill_line(0.0)
     assert "warning" not in base_skill_line(BASE_SKILL_FLOOR) and "95.0%" in base_skill_line(0.95)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lowrank.errors import UserError
-from lowrank.tasks import TASKS, VERSION, generate, is_correct, practice_answers, task_accuracy, write_task
+from lowrank.task_scoring import is_correct, practice_answers, task_accuracy
+from lowrank.tasks import TASKS, VERSION, generate, write_task
 
 SMALL = {"pretrain": 64, "sft": 40, "eval": 20, "preferences": 30, "prompts": 20}
 

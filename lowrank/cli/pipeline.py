@@ -232,8 +232,8 @@ def base_skill_line(share: float) -> str:
     """The base's accuracy in its practice format, with a warning when it is too low for SFT and RL to build on."""
     line = f"  in its practice format (the skill without the chat): {share:.1%}"
     if share < BASE_SKILL_FLOOR:
-        line += ("\n  warning: the base has not learned the task; SFT and RL shape a skill the base has, they do not "
-                 "teach one: pretrain longer (pretrain max_steps) or make the task easier (task length)")
+        line += ("\n  warning: the base has not learned the task, and SFT and RL shape a skill the base has, they do "
+                 "not teach one: give them a base that has it (more pretraining, a larger model, an easier task length)")
     return line
 
 
