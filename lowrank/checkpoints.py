@@ -4,7 +4,9 @@ A checkpoint is OUTPUT_DIR/checkpoints/step-N/state.pt: the trainable weights, t
 scheduler, every process's RNG state and the stage's own ``extra`` (its data position). It holds
 tensors and plain numbers only and is read with ``torch.load(weights_only=True)``, so a pickled
 payload in a shared run dir is refused, never run. Each is written to a temp dir and renamed, after
-a free-space check; the newest two are kept.
+a free-space check; the newest two are kept. Under FSDP the adapter and optimizer state are gathered
+whole (lowrank.fsdp) before they are written, so a checkpoint is the same file however many processes
+wrote it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank import runrecord
+from lowrank import fsdp, runrecord
 from lowrank.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,10 +95,15 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, sch
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        # Under FSDP each process holds a shard: every process takes part in gathering them whole.
+        sharded_trainable = fsdp.gathered_trainable_state(accelerator, model)
+        sharded_optimizer = fsdp.full_optimizer_state(accelerator, model, optimizer)
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            state = {"step": step, "extra": extra or {}, "trainable": trainable_state(unwrapped),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            state = {"step": step, "extra": extra or {},
+                     "trainable": sharded_trainable if sharded_trainable is not None else trainable_state(unwrapped),
+                     "optimizer": sharded_optimizer if sharded_optimizer is not None else optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict()}
             check_free_space(tmp, tensor_bytes(state), "checkpoint")
             torch.save(state, tmp / "state.pt")
     except BaseException:  # a full disk, a kill: the half-written checkpoint goes; the last good one stays
@@ -162,13 +169,15 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> tup
     if missing:
         raise UserError(f"{Path(path) / 'state.pt'}: not a lowrank checkpoint (no {missing[0]!r})")
     params = dict(accelerator.unwrap_model(model).named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            if name not in params:
-                raise UserError(f"{path}: checkpoint has parameter {name} the model lacks; "
-                                f"was it written with another --lora-r or target modules?")
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
+    for name in state["trainable"]:
+        if name not in params:
+            raise UserError(f"{path}: checkpoint has parameter {name} the model lacks; "
+                            f"was it written with another --lora-r or target modules?")
+    if not fsdp.load_full_state(accelerator, model, optimizer, state["trainable"], state["optimizer"]):
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = Path(path) / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():

@@ -33,20 +33,13 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_fsdp_settings(save_every: int, resume: bool, optim_bits: int) -> None:
+def check_fsdp_settings(optim_bits: int) -> None:
     """Refuse the settings a stage cannot honour under FSDP, before anything loads.
 
-    Checkpoints hold the whole optimizer state as one process sees it; under FSDP each process holds
-    only its shard, so a checkpoint would be wrong. bitsandbytes' paged optimizers run their kernels
-    on raw tensor pointers, which FSDP2's sharded DTensor parameters do not expose, and peft reports
-    paged 8-bit AdamW failing at checkpoints under FSDP-QLoRA: the optimizer is torch's AdamW (32-bit),
-    whose state FSDP shards over the GPUs anyway.
+    bitsandbytes' paged optimizers run their kernels on raw tensor pointers, which FSDP2's sharded
+    DTensor parameters do not expose, and peft reports paged 8-bit AdamW failing at checkpoints under
+    FSDP-QLoRA: the optimizer is torch's AdamW (32-bit), whose state FSDP shards over the GPUs anyway.
     """
-    if resume:
-        raise UserError("--resume is not supported under FSDP (no checkpoints are written there)")
-    if save_every > 0:
-        raise UserError(f"--save-every {save_every}: checkpoints are not written under FSDP (each process holds "
-                        "only its shard of the optimizer state); pass --save-every 0")
     if optim_bits != 32:
         raise UserError(f"--optim-bits {optim_bits}: under FSDP the optimizer is torch's 32-bit AdamW, sharded over "
                         "the GPUs (bitsandbytes' paged 8-bit AdamW cannot step sharded parameters); pass --optim-bits 32")
@@ -81,3 +74,33 @@ def gathered_trainable_state(accelerator, model) -> dict[str, torch.Tensor] | No
             whole = param.full_tensor() if hasattr(param, "full_tensor") else param
             state[name] = whole.detach().cpu()
     return state
+
+
+def _optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+
+
+def full_optimizer_state(accelerator, model, optimizer) -> dict | None:
+    """Under FSDP, the optimizer state whole (every shard gathered, keyed by parameter name, on the CPU) as
+    a checkpoint holds it, so that a run resumes on any number of processes; None otherwise.
+
+    Every process must call it (torch.distributed.checkpoint gathers the shards); each gets the whole state.
+    """
+    if not is_fsdp(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _optimizer(optimizer), options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_state(accelerator, model, optimizer, trainable: dict[str, torch.Tensor], optimizer_state: dict) -> bool:
+    """Under FSDP, put a checkpoint's whole adapter and optimizer state into this process's shards and
+    return True; False (nothing done) otherwise. Every process must call it, each with the whole state."""
+    if not is_fsdp(accelerator):
+        return False
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in a checkpoint
+    set_model_state_dict(model, trainable, options=options)
+    set_optimizer_state_dict(model, _optimizer(optimizer), optimizer_state, options=options)
+    return True

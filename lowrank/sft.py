@@ -111,7 +111,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[dict], None] | None = None) 
     model_path = resolve_model_name(config.model)
     check_architecture(model_path)
     if sharded:
-        fsdp.check_fsdp_settings(config.save_every, config.resume, config.optim_bits)
+        fsdp.check_fsdp_settings(config.optim_bits)
         check_fsdp_base(model_path, config.quant, compute_dtype(accelerator.device))
     plan.lora_targets(plan.architecture(model_path), config.target_modules)  # names peft would not find
     tokenizer = load_tokenizer(model_path)

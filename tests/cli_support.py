@@ -40,14 +40,15 @@ KILL_IN_CHECKPOINT = ("import torch\nfrom lowrank import train\nreal = torch.sav
 
 
 def launch_two_processes(work_dir, argv: list[str], timeout: int = 240, *, record: bool = False,
-                         config_file=None, expect_code: int = 0) -> subprocess.CompletedProcess:
+                         config_file=None, expect_code: int = 0, patch: str = "") -> subprocess.CompletedProcess:
     """``lowrank argv`` under ``accelerate launch`` with 2 CPU processes (DDP over gloo); asserts it exited
     ``expect_code``.
 
     With ``record`` each process records its optimizer steps (:func:`record_steps`) in
     ``work_dir/rank0.pt`` and ``work_dir/rank1.pt``; :func:`recorded` reads them. With ``config_file`` (an
     accelerate config such as recipes/accelerate/fsdp-qlora.yaml) the launch reads it instead of the DDP
-    flags; an FSDP config then runs FSDP on the CPU processes (:func:`fsdp_on_cpu`).
+    flags; an FSDP config then runs FSDP on the CPU processes (:func:`fsdp_on_cpu`). ``patch`` (Python source)
+    runs in each process before lowrank does.
     """
     import os
 
@@ -55,7 +56,7 @@ def launch_two_processes(work_dir, argv: list[str], timeout: int = 240, *, recor
     support = f"import os\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport cli_support\n"
     recording = f"cli_support.record_steps({str(work_dir)!r} + f\"/rank{{os.environ['RANK']}}.pt\")\n" if record else ""
     fsdp = "cli_support.fsdp_on_cpu()\n" if config_file else ""
-    script.write_text(f"import sys\n{support}{recording}{fsdp}from lowrank.cli import main\nsys.exit(main())\n")
+    script.write_text(f"import sys\n{support}{recording}{fsdp}{patch}\nfrom lowrank.cli import main\nsys.exit(main())\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     how = ["--config_file", str(config_file)] if config_file else ["--mixed_precision", "no", "--multi_gpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--num_machines", "1",

@@ -67,6 +67,41 @@ def test_fsdp_on_two_cpu_processes_trains_the_adapter_one_process_would(tiny_spm
     assert torch.equal(b.detach(), sharded["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
+# Each process SIGKILLs itself once its checkpoint of step 2 is complete (both have written it then).
+_KILL_AFTER_STEP_2 = ("import os, signal\nfrom lowrank import checkpoints\nreal = checkpoints.save_checkpoint\n"
+                      "def save(accelerator, out_dir, step, *args, **kwargs):\n"
+                      "    path = real(accelerator, out_dir, step, *args, **kwargs)\n"
+                      "    if step == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n    return path\n"
+                      "checkpoints.save_checkpoint = save\n")
+
+
+def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_adapter_of_an_unbroken_run(tiny_spm, tmp_path):
+    """Under FSDP each process holds a shard of the adapter and of AdamW's state; a checkpoint gathers both
+    whole, and --resume puts them back into the shards, so the resumed run ends where an unbroken one does."""
+    import torch
+
+    argv = ["sft", *_flags(tiny_spm, "--quant", "none", save_every=True), "--max-steps", "4", "--save-every", "2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    launch_two_processes(tmp_path / "a", [*argv, "--output-dir", str(straight)], config_file=FSDP_CONFIG, timeout=300)
+    launch_two_processes(tmp_path / "b", [*argv, "--output-dir", str(broken)], config_file=FSDP_CONFIG, timeout=300,
+                         patch=_KILL_AFTER_STEP_2, expect_code=1)
+    assert not (broken / "lowrank.json").exists() and (broken / "checkpoints" / "step-2" / "state.pt").is_file()
+    state = torch.load(broken / "checkpoints" / "step-2" / "state.pt", weights_only=True)
+    lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert state["trainable"][lora_a].shape == (4, 64)  # whole, not one process's half of the rows
+    moments = state["optimizer"]["state"][lora_a]
+    assert moments["exp_avg"].shape == (4, 64) and moments["step"].item() == 2
+
+    launch_two_processes(tmp_path / "b", [*argv, "--output-dir", str(broken), "--resume"], config_file=FSDP_CONFIG,
+                         timeout=300)
+    assert json.loads((broken / "lowrank.json").read_text())["metrics"]["steps"] == 4
+    resumed, unbroken = _adapter(broken), _adapter(straight)
+    assert resumed.keys() == unbroken.keys()
+    for name in unbroken:
+        assert torch.allclose(resumed[name], unbroken[name], atol=1e-6), name
+
+
 def test_fsdp_qlora_on_two_cpu_processes_trains_on_the_nf4_base(tiny_spm, tmp_path):
     """QLoRA under FSDP: the nf4 weights are stored in the compute dtype (fp32 on the CPU), which is what
     lets FSDP shard them, and the run trains and writes an adapter peft loads on the 4-bit base."""
@@ -176,12 +211,6 @@ def test_prequantized_int8_base_under_fsdp_is_refused(tiny_spm, tmp_path, capsys
     base = quantized_copy(tiny_spm, tmp_path / "base-bnb-8bit", quant_method="bitsandbytes", load_in_8bit=True)
     line = _sft_error([*_flags(base, "--quant", "none"), "--output-dir", str(tmp_path / "out")], capsys)
     assert "an 8-bit bitsandbytes checkpoint" in line and "cannot be sharded by FSDP" in line
-
-
-def test_checkpoints_under_fsdp_are_refused(tiny_spm, tmp_path, capsys, as_if_fsdp):
-    argv = _flags(tiny_spm, "--quant", "none", save_every=True)  # --save-every defaults to 50
-    line = _sft_error([*argv, "--output-dir", str(tmp_path / "out")], capsys)
-    assert "--save-every 50: checkpoints are not written under FSDP" in line and "--save-every 0" in line
 
 
 def test_paged_8bit_optimizer_under_fsdp_is_refused(tiny_spm, tmp_path, capsys, as_if_fsdp):
