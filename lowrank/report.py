@@ -93,8 +93,31 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
             model, tokenizer, template, [prompt_messages(r) for r in records], policy="default", reference="reference",
             max_new_tokens=task.config.eval_max_new_tokens, stop_ids=stop_token_ids(tokenizer, template),
             batch_size=task.config.eval_batch_size)
+    reward = getattr(stage.config, "reward_adapter", None) if reference else None
+    if reward:
+        result["reward_score"] = _held_out_scores(model, tokenizer, template, records, answers, reward, model_id, quant,
+                                                  task.config)
     write_json(stage.eval_file, result)
     return result
+
+
+def _held_out_scores(model, tokenizer, template: str, records: list[dict], answers: list[str], reward: str,
+                     model_id: str, quant: str, task_config) -> dict:
+    """The reward model's mean score of the policy's greedy answers to the held-out prompts, and of the
+    reference's (SFT's) answers to the same prompts: whether RL raised what its reward measures, free of
+    the prompt-to-prompt spread that a training step's mean score carries."""
+    from lowrank.scoring import score_texts, using_adapter
+    from lowrank.task_scoring import generate_answers, prompt_messages
+
+    with using_adapter(model, "reference"):
+        reference_answers = generate_answers(model, tokenizer, template, records,
+                                             max_new_tokens=task_config.eval_max_new_tokens,
+                                             batch_size=task_config.eval_batch_size)
+    prompts = [prompt_messages(r) for r in records]
+    scores = score_texts(reward, model_id, list(zip(prompts + prompts, answers + reference_answers)), quant=quant,
+                         batch_size=task_config.eval_batch_size)
+    n = len(records)
+    return {"policy": sum(scores[:n]) / n, "reference": sum(scores[n:]) / n, "reward_adapter": str(reward)}
 
 
 # --- the verify stage ------------------------------------------------------------------------------
@@ -216,9 +239,10 @@ def collect_results(stages: list[Stage], state: dict) -> dict:
         records = _metrics_records(by_name[name].dir)
         scores, kls = [r[key] for r in records if key in r], [r["kl"] for r in records if "kl" in r]
         window = max(1, len(scores) // 4)  # one rollout batch's reward is noisy: average a few steps
+        held_out = results["accuracy"].get(name) or {}
         results[name] = {"score": [_mean(scores[:window]), _mean(scores[-window:])], "kl": _mean(kls[-window:]),
-                         "window": window, "steps": len(scores),
-                         "held_out_kl": ((results["accuracy"].get(name) or {}).get("kl_to_reference"))}
+                         "window": window, "steps": len(scores), "held_out_kl": held_out.get("kl_to_reference"),
+                         "held_out_score": held_out.get("reward_score")}
         if name == "ppo" and "task" not in by_name:  # the shipped preferences reward "please": how often rollouts say it
             def rate(chunk):
                 texts = [s["response"] for r in chunk for s in r.get("samples", [])]

@@ -204,6 +204,34 @@ def test_the_base_is_also_scored_in_its_practice_format_and_a_base_without_the_s
         assert "practice_accuracy" not in _read(out / stage / "task_eval.json")
 
 
+def test_ppo_is_scored_by_the_reward_model_on_the_held_out_prompts_against_sft(runs):
+    """The reward model's mean score of PPO's and of SFT's greedy answers to the same held-out prompts:
+    recomputed here from the adapters, and shown in the table."""
+    from peft import PeftModel
+
+    from lowrank.models import load_base_model, load_tokenizer
+    from lowrank.runrecord import read
+    from lowrank.scoring import score_texts
+    from lowrank.task_scoring import generate_answers, prompt_messages
+
+    out = runs["out"]
+    records = [json.loads(line) for line in (out / "task" / "eval.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(str(out / "pretrain"))
+    template = read(out / "ppo").chat_template.jinja
+    measured = _read(out / "ppo" / "task_eval.json")["reward_score"]
+    assert measured["reward_adapter"] == str(out / "reward")
+    prompts = [prompt_messages(r) for r in records]
+    for role, adapter in (("policy", out / "ppo"), ("reference", out / "sft")):
+        model = PeftModel.from_pretrained(load_base_model(str(out / "pretrain"), "none", gradient_checkpointing=False),
+                                          str(adapter))
+        answers = generate_answers(model, tokenizer, template, records, max_new_tokens=8)
+        scores = score_texts(out / "reward", str(out / "pretrain"), list(zip(prompts, answers)), quant="none")
+        assert measured[role] == pytest.approx(sum(scores) / len(scores), abs=1e-4), role
+    table = "\n".join(_table(runs["first"][1]))
+    assert (f"reward-model score of the greedy answers to the held-out prompts: SFT {measured['reference']:.3f}, "
+            f"PPO {measured['policy']:.3f}") in table
+
+
 def test_second_run_prints_the_same_table_without_loading_a_model(runs):
     code, printed, calls = runs["again"]
     assert code == 0 and calls == []

@@ -283,11 +283,18 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
     def held_out_kl(r: dict) -> str:
         return f"; KL to SFT on held-out prompts {_num(r['held_out_kl'])} nats" if r.get("held_out_kl") is not None else ""
 
+    def held_out_score(r: dict, label: str) -> None:
+        if r.get("held_out_score"):
+            h = r["held_out_score"]
+            row("", f"reward-model score of the greedy answers to the held-out prompts: SFT {_num(h['reference'])}, "
+                    f"{label} {_num(h['policy'])}")
+
     if "ppo" in results:
         p = results["ppo"]
         row("PPO", f"mean reward {_num(p['score'][0])} -> {_num(p['score'][1])} (first / last {p['window']} of "
                    f"{p['steps']} steps), KL to the reference {_num(p['kl'])} nats (last {p['window']})"
                    + held_out_kl(p))
+        held_out_score(p, "PPO")
         if p.get("property_rate") and None not in p["property_rate"]:
             row("", "responses with \"please\" (what the shipped preferences reward) "
                     f"{p['property_rate'][0]:.0%} -> {p['property_rate'][1]:.0%}")
@@ -300,6 +307,7 @@ def format_table(results: dict, source: str, out: Path, ran: bool) -> str:
         row("GRPO", f"mean reward {_num(g['score'][0])} -> {_num(g['score'][1])} (first / last {g['window']} of "
                     f"{g['steps']} steps), KL to the reference {_num(g['kl'])} nats (last {g['window']})"
                     + held_out_kl(g))
+        held_out_score(g, "GRPO")
     gguf = results.get("gguf", [])
     width = max((len(Path(g["path"]).name) for g in gguf), default=0)
     for i, g in enumerate(gguf):
