@@ -81,16 +81,18 @@ def _optimizer(optimizer):
 
 
 def full_optimizer_state(accelerator, model, optimizer) -> dict | None:
-    """Under FSDP, the optimizer state whole (every shard gathered, keyed by parameter name, on the CPU) as
-    a checkpoint holds it, so that a run resumes on any number of processes; None otherwise.
+    """Under FSDP, the optimizer state whole (every shard gathered, keyed by parameter name) as a checkpoint
+    holds it, so that a run resumes on any number of processes; None otherwise.
 
-    Every process must call it (torch.distributed.checkpoint gathers the shards); each gets the whole state.
+    Every process must call it (torch.distributed.checkpoint gathers the shards); the main process gets the
+    whole state in CPU memory, the others an empty one, so no GPU holds a second, whole copy.
     """
     if not is_fsdp(accelerator):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, _optimizer(optimizer), options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, _optimizer(optimizer), options=options)
 
 
 def load_full_state(accelerator, model, optimizer, trainable: dict[str, torch.Tensor], optimizer_state: dict) -> bool:
