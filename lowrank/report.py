@@ -36,8 +36,8 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
     """Greedy exact-match accuracy on the task's held-out problems of the model ``stage`` made.
 
     sft/ppo/dpo/grpo: the base with the stage's adapter, in the template its lowrank.json records;
-    pretrain/task: the plain base (Stage.evaluates), in the template SFT trains it in, and also in the
-    task's practice format (``practice_accuracy``: whether the base has the skill at all). Written to
+    pretrain/task: the plain base (Stage.evaluates), in the template SFT trains it in; a pretrained base
+    also in the task's practice format (``practice_accuracy``: whether it has the skill at all). Written to
     ``stage.eval_file`` and returned. For ppo/dpo/grpo it also records ``kl_to_reference``, the KL
     of the stage's policy to the SFT adapter on the same held-out prompts (rollout.kl_to_reference).
     """
@@ -75,7 +75,9 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
         "examples": [{"prompt": prompt_messages(r)[-1]["content"], "answer": a, "expected": r["output"], "correct": c}
                      for r, a, c in list(zip(records, answers, correct))[:EXAMPLES_KEPT]],
     }
-    if adapter is None and all("practice" in r for r in records):  # task files written before it have none
+    # Only a base pretrained on the practice text is asked in its format: another base (a task stage with no
+    # pretrain stage) never saw it. Task files written before the practice prompts have none.
+    if stage.name == "pretrain" and all("practice" in r for r in records):
         practice = practice_answers(model, tokenizer, records, max_new_tokens=task.config.eval_max_new_tokens,
                                     batch_size=task.config.eval_batch_size)
         right = [is_correct(r, a) for r, a in zip(records, practice)]

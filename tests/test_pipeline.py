@@ -590,6 +590,10 @@ def test_dpo_and_grpo_stages_start_from_sft_and_report_accuracy_and_kl(tmp_path)
             in table)
     steps = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert f"mean reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} (first / last 1 of 2 steps)" in table
+    # No pretrain stage: the base never saw the practice format, so it is scored in the chat only; and GRPO
+    # scored with the checker has no reward model to score its held-out answers.
+    assert "practice_accuracy" not in _read(out / "task" / "task_eval.json") and "practice format" not in printed
+    assert "reward-model score of the greedy answers" not in table
 
 
 def test_grpo_stage_reads_the_reward_model_of_a_reward_stage_only_when_weighed_in(tmp_path):
