@@ -163,19 +163,6 @@ def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """The tensor entries of a safetensors file's JSON header, and the offset its data starts at.
-
-    Read here rather than through ``safetensors.safe_open``, whose "pt" framework imports torch
-    (over a second of start-up) and whose "numpy" one copies each tensor out of the file.
-    """
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
 def read_source(model_dir: str | Path) -> SourceModel:
     """Check the dir and list its tensors with GGUF names, from the safetensors headers only."""
     model_dir = Path(model_dir)
@@ -185,8 +172,9 @@ def read_source(model_dir: str | Path) -> SourceModel:
         check_gemma(config, str(model_dir / "config.json"))
     found: list[SourceTensor] = []
     for f in _safetensors_files(model_dir):
-        check_safetensors(f)
-        header, data_start = _safetensors_header(f)
+        # The header as check_safetensors parses it: not through safetensors.safe_open, whose "pt" framework
+        # imports torch (over a second of start-up) and whose "numpy" one copies each tensor out of the file.
+        header, data_start = check_safetensors(f)
         for hf_name, entry in header.items():
             if table.is_skipped(hf_name):
                 continue

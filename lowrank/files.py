@@ -34,8 +34,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def check_safetensors(path: str | Path) -> None:
-    """Raise UserError unless ``path`` is a complete safetensors file (header and every tensor's bytes)."""
+def check_safetensors(path: str | Path) -> tuple[dict, int]:
+    """Raise UserError unless ``path`` is a complete safetensors file (header and every tensor's bytes).
+
+    Returns its tensor entries (the JSON header without ``__metadata__``) and the offset its data starts at.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -66,6 +69,8 @@ def check_safetensors(path: str | Path) -> None:
     needed = 8 + length + max(ends, default=0)
     if needed > size:
         raise UserError(f"{path}: truncated safetensors file: {size} bytes, its header describes {needed}")
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 def check_weights_dir(directory: str | Path) -> None:
