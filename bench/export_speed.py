@@ -201,7 +201,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         if (model / "config.json").exists():
-            from lowrank.export.gguf import read_source
+            from lowrank.export.source import read_source
 
             n_params = read_source(model).n_params
             print(f"model: {n_params / 1e9:.2f} B parameters, fp16, reused from {model}")

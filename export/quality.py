@@ -118,7 +118,8 @@ def scratch_dir(next_to: Path) -> Iterator[Path]:
 
 def write_float_reference(model_dir: Path, path: Path) -> Path:
     """An F16 GGUF of the HF model in ``model_dir`` at ``path`` (when no float GGUF was given)."""
-    from lowrank.export.gguf import TYPES, read_source, write_direct
+    from lowrank.export.gguf import TYPES, write_direct
+    from lowrank.export.source import read_source
     from lowrank.export.vocab import load_gguf_vocab
 
     source = read_source(model_dir)

@@ -136,7 +136,8 @@ def export_merged(config: ExportConfig, model_dir: Path, *, lora: LoraExport | N
     against each merged file. Callbacks as in `export_model`.
     """
     from lowrank.export.fit import estimate_fit, parse_size
-    from lowrank.export.gguf import export_gguf, parse_types, read_config
+    from lowrank.export.gguf import export_gguf, parse_types
+    from lowrank.export.source import read_config
     from lowrank.models import load_tokenizer
 
     parse_types(config.type)  # fail on a bad type before any work

@@ -155,7 +155,8 @@ def test_exported_q_files_hold_gguf_py_bytes_and_q8_0_runs_in_llama_cpp(tiny_bpe
     file and gives finite logits."""
     import gguf
 
-    from lowrank.export.gguf import export_gguf, load_tensor, read_source
+    from lowrank.export.gguf import export_gguf
+    from lowrank.export.source import load_tensor, read_source
     from lowrank.export.llama import gguf_logits, load_llama
 
     paths = export_gguf(tiny_bpe, tmp_path, ["q8_0", "q4_0", "q5_0"], name="m")
