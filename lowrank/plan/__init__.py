@@ -17,10 +17,10 @@ import functools
 import json
 import logging
 
-from lowrank.plan.estimates import (BACKWARD_BYTES_PER_TOKEN, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES,
-                                    DEFAULT_CARD_BYTES, FORWARD_INTERMEDIATE_TENSORS, GRPO_HEAD_LOGIT_BYTES,
-                                    LOSS_LOGIT_BYTES, SCORING_LOGIT_BYTES, STAGE_DEFAULTS, STAGES, GiB, MiB, Plan,
-                                    estimate)
+from lowrank.plan.activations import BACKWARD_BYTES_PER_TOKEN, FORWARD_INTERMEDIATE_TENSORS
+from lowrank.plan.estimates import (CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, DEFAULT_CARD_BYTES,
+                                    GRPO_HEAD_LOGIT_BYTES, LOSS_LOGIT_BYTES, SCORING_LOGIT_BYTES, STAGE_DEFAULTS,
+                                    STAGES, GiB, MiB, Plan, estimate)
 from lowrank.plan.fit import format_plan, largest_tokens_per_step
 from lowrank.plan.structure import (OPTIM_8BIT_MIN_NUMEL, PAGED_MIN_NUMEL, SHAPES, Architecture, architecture,
                                     int8_bytes, lora_targets, lora_tensors, nf4_bytes, optimizer_bytes, weight_bytes)

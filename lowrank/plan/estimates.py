@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 from lowrank.errors import UserError
 from lowrank.fast_rollout import check as check_fast_rollout
+from lowrank.plan.activations import (FORWARD_INTERMEDIATE_TENSORS, backward_extra_per_token,
+                                      layer_saved_per_token)
 from lowrank.plan.sharding import check_gpus, per_card
-from lowrank.plan.structure import (Architecture, as_architecture, lora_targets, lora_tensors, optimizer_bytes,
-                                    weight_bytes)
+from lowrank.plan.structure import as_architecture, lora_targets, lora_tensors, optimizer_bytes, weight_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -42,67 +43,9 @@ CUDA_CONTEXT_BYTES = 700 * MiB
 # Inside the allocator: one cuBLAS workspace per stream that runs matmuls (the main thread and the
 # autograd thread), 32 MiB each on Hopper.
 CUBLAS_WORKSPACE_BYTES = 64 * MiB
-# Backward through one decoder layer holds, beyond the tensors its forward pass saved, the gradients
-# in flight: per token, bytes per hidden unit and per intermediate unit, fitted on H200 runs
-# (bf16 stream: llama2-7b; fp32 stream: llama2-7b, llama3-8b and tinyllama-1b, where they come to
-# three hidden-size and one intermediate-size fp32 tensor).
-BACKWARD_BYTES_PER_TOKEN = {2: (12, 6), 4: (12, 4)}  # stream bytes -> (per hidden unit, per intermediate unit)
-# A forward pass without gradients holds about 4 intermediate-size tensors of one layer at once.
-FORWARD_INTERMEDIATE_TENSORS = 4
 # Chunked loss: per logit of a chunk, bf16 logits (2) + fp32 copy (4) + log-softmax (4) in the
 # forward pass; + its gradient (4) in backward, minus the fp32 copy, plus a bf16 gradient (2): 14.
 LOSS_LOGIT_BYTES = 14
-
-
-# --------------------------------------------------------------------------------------------
-# Activations (bytes per token)
-# --------------------------------------------------------------------------------------------
-
-def _layer_saved_per_token(arch: Architecture, targets, *, stream: int, dropout: bool, checkpointed: bool,
-                           seq: int, r: int, int8: bool = False) -> int:
-    """Bytes per token that autograd keeps for one decoder layer's backward (LLaMA / Mistral / Qwen2 layer).
-
-    ``stream``: bytes per value of the residual stream (4 when fp32 norm weights promote it).
-    Rules (from the ops' saved tensors): a frozen nf4 or bf16 base linear saves nothing of its input
-    (an int8 one, bitsandbytes' MatMul8bitLt, saves it); a LoRA saves its fp32 input (a dropout
-    output and a uint8 mask, or with no dropout the input itself, cast to fp32 per layer when the
-    stream is bf16) and its r-wide A output; an RMSNorm
-    saves its input as fp32; SiLU saves its input, the gate product both factors; attention (sdpa,
-    memory-efficient kernel with a boolean block mask made additive) saves q, k and v with grouped
-    k/v repeated to every head, its output, the log-sum-exp and the additive mask.
-    """
-    h, inter, heads = arch.hidden, arch.intermediate, arch.heads
-    q = heads * arch.head_dim
-    adapted = {n.rsplit(".", 1)[-1] for n, _, _ in targets if ".layers.0." in n}
-
-    def lora(names, width, input_saved_anyway):
-        hits = sum(n in adapted for n in names)
-        if not hits:
-            return 0
-        if dropout:
-            inputs = 5 * width * hits  # an fp32 dropout output and a uint8 mask per adapted layer
-        elif stream == 4:
-            inputs = 0 if input_saved_anyway else 4 * width  # the fp32 input itself, shared
-        else:
-            inputs = 4 * width * hits  # an fp32 cast per adapted layer
-        return inputs + 4 * r * hits
-
-    # input norm (its fp32 input is the checkpoint itself when the stream is fp32), post-attention norm, rsqrt
-    norms = (0 if (checkpointed and stream == 4) else 4 * h) + 4 * h + 8
-    attention = 4 * q * stream + 4 * heads + seq * stream  # q, k, v (repeated), output; log-sum-exp; mask row
-    mlp = 3 * inter * stream  # gate (SiLU input), SiLU output and up (the product's factors)
-    adapters = (lora(("q_proj", "k_proj", "v_proj"), h, False) + lora(("o_proj",), q, True)
-                + lora(("gate_proj", "up_proj"), h, False) + lora(("down_proj",), inter, False))
-    if int8:  # the inputs of q/k/v, gate/up and down, unless a LoRA keeps that very tensor (sdpa keeps o's)
-        shared = stream == 4 and not dropout
-        adapters += sum(width * stream for name, width in (("q_proj", h), ("gate_proj", h), ("down_proj", inter))
-                        if not (shared and name in adapted))
-    return norms + attention + mlp + adapters
-
-
-def _backward_extra_per_token(arch: Architecture, stream: int) -> int:
-    per_hidden, per_inter = BACKWARD_BYTES_PER_TOKEN[4 if stream == 4 else 2]
-    return per_hidden * arch.hidden + per_inter * arch.intermediate
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +209,7 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
     # and the reward model do the same; their plans were calibrated without this term.)
     accumulated = {"gradients (accumulated)": 4 * trainable if stage == "dpo" and settings["accumulation"] > 1 else 0}
 
-    saved = _layer_saved_per_token(arch, targets, stream=stream, dropout=dropout, checkpointed=checkpointed,
+    saved = layer_saved_per_token(arch, targets, stream=stream, dropout=dropout, checkpointed=checkpointed,
                                    seq=seq, r=lora_r, int8=quant == "int8")
     mask = rows * seq * seq  # boolean block-causal (packed) or padding mask, (rows, 1, seq, seq)
     if checkpointed:
@@ -276,7 +219,7 @@ def estimate(model, *, stage: str = "sft", quant: str = "auto", lora_r: int = 16
         stored = {"activations (all layers)": tokens * saved * layers}
         layer = {}
     backward = {**static, **accumulated, **stored, "attention mask": mask, **layer,
-                "gradients in flight": tokens * (h * stream + _backward_extra_per_token(arch, stream))
+                "gradients in flight": tokens * (h * stream + backward_extra_per_token(arch, stream))
                 + 4 * trainable // layers}
     phases = {"backward": backward}
     if stage in ("sft", "dpo"):  # lowrank's chunked LM head on the loss (DPO: response) positions only
@@ -322,7 +265,7 @@ def _estimate_ppo(arch, static, outside, targets, settings, *, r, checkpointed, 
     scoring = {**static, **grads, "hidden states": tokens * h * stream,
                "rollout logits": max(logits, tokens * FORWARD_INTERMEDIATE_TENSORS * inter * stream)}
     mb_tokens = minibatch * seq
-    saved = _layer_saved_per_token(arch, targets, stream=stream, dropout=False, checkpointed=checkpointed,
+    saved = layer_saved_per_token(arch, targets, stream=stream, dropout=False, checkpointed=checkpointed,
                                    seq=seq, r=r, int8=settings["quant"] == "int8")
     if checkpointed:
         stored = {"checkpoints (layer inputs)": mb_tokens * h * (2 + (layers - 1) * stream),
@@ -330,7 +273,7 @@ def _estimate_ppo(arch, static, outside, targets, settings, *, r, checkpointed, 
     else:
         stored = {"activations (all layers)": mb_tokens * saved * layers}
     update = {**static, **stored, "attention mask": minibatch * seq * seq,
-              "gradients in flight": mb_tokens * (h * stream + _backward_extra_per_token(arch, stream))
+              "gradients in flight": mb_tokens * (h * stream + backward_extra_per_token(arch, stream))
               + 4 * sum(trainable) // layers,
               "policy logits": minibatch * new * vocab * 4 + 2 * mb_tokens * h * 4}
     phases = {"rollout generation": generation, "scoring": scoring, "PPO update": update}
@@ -391,7 +334,7 @@ def _estimate_grpo(arch, static, outside, targets, settings, *, r, checkpointed,
                                    tokens * FORWARD_INTERMEDIATE_TENSORS * inter * stream)}
     trainable = sum(adapter)
     accumulated = {"gradients (accumulated)": 4 * trainable if minibatch > micro else 0}
-    saved = _layer_saved_per_token(arch, targets, stream=stream, dropout=False, checkpointed=checkpointed,
+    saved = layer_saved_per_token(arch, targets, stream=stream, dropout=False, checkpointed=checkpointed,
                                    seq=seq, r=r, int8=settings["quant"] == "int8")
     if checkpointed:
         stored = {"checkpoints (layer inputs)": tokens * h * (2 + (layers - 1) * stream)}
@@ -404,7 +347,7 @@ def _estimate_grpo(arch, static, outside, targets, settings, *, r, checkpointed,
         "completion logits, log-softmax, entropy": micro * new * vocab * GRPO_HEAD_LOGIT_BYTES}
     phases["update: backward"] = {
         **static, **accumulated, **stored, "attention mask": mask, **layer,
-        "gradients in flight": tokens * (h * stream + _backward_extra_per_token(arch, stream))
+        "gradients in flight": tokens * (h * stream + backward_extra_per_token(arch, stream))
         + 4 * trainable // layers}
     phases["optimizer step"] = {**static, "gradients": 4 * trainable,
                                 "optimizer temporaries": 0 if settings["paged_optimizer"] else 8 * trainable}
