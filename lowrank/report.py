@@ -97,14 +97,14 @@ def measure_task_accuracy(stage: Stage, task: Stage) -> dict:
             batch_size=task.config.eval_batch_size)
     reward = getattr(stage.config, "reward_adapter", None) if reference else None
     if reward:
-        result["reward_score"] = _held_out_scores(model, tokenizer, template, records, answers, reward, model_id, quant,
+        result["reward_score"] = _held_out_scores(model, tokenizer, template, records, answers, reward, model_id,
                                                   task.config)
     write_json(stage.eval_file, result)
     return result
 
 
 def _held_out_scores(model, tokenizer, template: str, records: list[dict], answers: list[str], reward: str,
-                     model_id: str, quant: str, task_config) -> dict:
+                     model_id: str, task_config) -> dict:
     """The reward model's mean score of the policy's greedy answers to the held-out prompts, and of the
     reference's (SFT's) answers to the same prompts: whether RL raised what its reward measures, free of
     the prompt-to-prompt spread that a training step's mean score carries."""
@@ -116,8 +116,9 @@ def _held_out_scores(model, tokenizer, template: str, records: list[dict], answe
                                              max_new_tokens=task_config.eval_max_new_tokens,
                                              batch_size=task_config.eval_batch_size)
     prompts = [prompt_messages(r) for r in records]
-    scores = score_texts(reward, model_id, list(zip(prompts + prompts, answers + reference_answers)), quant=quant,
-                         batch_size=task_config.eval_batch_size)
+    # Into the model already loaded (its base with the policy and reference adapters), not a second base.
+    scores = score_texts(reward, model_id, list(zip(prompts + prompts, answers + reference_answers)),
+                         batch_size=task_config.eval_batch_size, model=model)
     n = len(records)
     return {"policy": sum(scores[:n]) / n, "reference": sum(scores[n:]) / n, "reward_adapter": str(reward)}
 

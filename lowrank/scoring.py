@@ -180,12 +180,14 @@ def load_reward_adapter(model, reward_dir: str | Path, adapter_name: str = "rewa
 
 
 def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str | list[dict], str]], *,
-                quant: str | None = None, batch_size: int = 8) -> list[float]:
+                quant: str | None = None, batch_size: int = 8, model=None) -> list[float]:
     """Scores of (prompt, response) pairs under a saved reward adapter; what `lowrank score` prints.
 
     ``prompt`` is a user message or a list of messages; the conversation is rendered with the
     template recorded in the adapter's lowrank.json, as in training. ``base`` defaults to the
-    recorded base, ``quant`` to the quantization it was trained with.
+    recorded base, ``quant`` to the quantization it was trained with. ``model``: that base already
+    loaded (a PeftModel holding other adapters, or a bare transformers model) to load the reward
+    adapter into, instead of loading the base again.
     """
     from lowrank.data import tokenize_conversation
     from lowrank.models import load_base_model, load_tokenizer
@@ -207,9 +209,10 @@ def score_texts(reward_dir: str | Path, base: str | None, pairs: list[tuple[str 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages.append({"role": "assistant", "content": response})
         sequences.append(tokenize_conversation(tokenizer, template, messages, max_length)["input_ids"])
-    quant = quant or meta.quant
-    model = load_reward_adapter(load_base_model(model_path, quant, gradient_checkpointing=False), reward_dir)
-    names = [model.active_adapter]
+    if model is None:
+        model = load_base_model(model_path, quant or meta.quant, gradient_checkpointing=False)
+    model = load_reward_adapter(model, reward_dir, adapter_name="reward")
+    names = ["reward"]
     for number, member in enumerate(ensemble_members(reward_dir, meta), 2):  # an ensemble: the mean of its scores
         names.append(f"member_{number}")
         load_reward_adapter(model, member, adapter_name=names[-1])
