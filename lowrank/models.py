@@ -223,7 +223,8 @@ def load_base_model(model: str, quant: str = "auto", *, gradient_checkpointing: 
     with frozen base weights and LoRA inputs without the ``enable_input_require_grads`` trick the
     reentrant one needs.
 
-    ``fsdp``: the base is for FSDP to shard (:func:`check_fsdp_base` refuses one it cannot): nf4 weights
+    ``fsdp``: the base is for FSDP to shard (the caller has refused one it cannot with :func:`check_fsdp_base`,
+    as sft does before it touches its output dir): nf4 weights
     are stored in the compute dtype; a base that is not quantized loads on the CPU, where, with
     ``fsdp_cpu_ram_efficient_loading``, transformers reads the weights on the first process only, and
     accelerate moves each process's shard to its GPU and broadcasts the first process's values. A
@@ -240,8 +241,6 @@ def load_base_model(model: str, quant: str = "auto", *, gradient_checkpointing: 
     device = str(device) if device is not None else ("cuda" if _cuda_available() else "cpu")
     quant = resolve_quant(quant, cuda=device.startswith("cuda"))
     dtype = compute_dtype(device)
-    if fsdp:
-        check_fsdp_base(model, quant, dtype)
     quant_config = quantization_config(quant, dtype, fsdp=fsdp)
     kwargs = {"dtype": dtype} if fsdp and quant_config is None else {"dtype": dtype, "device_map": {"": device}}
     if quant_config is not None:
