@@ -178,6 +178,38 @@ def test_exported_q_files_hold_gguf_py_bytes_and_q8_0_runs_in_llama_cpp(tiny_bpe
     assert logits.shape[0] == 4 and np.isfinite(logits).all()
 
 
+def test_load_tensor_gives_the_shards_values_as_llama_cpp_keeps_them(tiny_bpe):
+    from safetensors.numpy import load_file
+
+    from lowrank.export import tensors as table
+    from lowrank.export.source import load_tensor, read_source
+
+    source = read_source(tiny_bpe)
+    stored = {}
+    for shard in sorted(tiny_bpe.glob("*.safetensors")):
+        stored.update(load_file(shard))
+    for tensor in source.tensors:
+        got = load_tensor(source, tensor)
+        want = table.llama_cpp_values(stored[tensor.hf_name], tensor.hf_name, source.config)
+        np.testing.assert_array_equal(got, want, err_msg=tensor.hf_name)
+
+
+def test_shard_truncated_after_its_header_was_read_is_a_one_line_error(tiny_bpe, tmp_path):
+    import shutil
+
+    from lowrank.errors import UserError
+    from lowrank.export.source import load_tensor, read_source
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bpe, model)
+    source = read_source(model)
+    last = max(source.tensors, key=lambda t: (str(t.file), t.offset) if t.file else ("", -1))
+    with open(last.file, "r+b") as f:  # another process cuts the file between the header check and the read
+        f.truncate(last.offset + 8)
+    with pytest.raises(UserError, match=rf"{last.file.name}: truncated while reading tensor {last.hf_name}"):
+        load_tensor(source, last)
+
+
 # ----------------------------------------------------------------------------- TensorWriter
 
 
