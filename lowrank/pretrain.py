@@ -47,7 +47,7 @@ class PretrainConfig(EpochFields, WeightDecayField, SchedulerField, TrainingFiel
     model = restate(help="model to train: Hugging Face dir or hub id, or 'tiny' / 'tiny-bpe' (random weights)")
     output_dir = restate(help="where the trained model (a Hugging Face dir) and metrics.jsonl go")
     seed = restate(help="seed of the split and the data order")
-    learning_rate = 3e-3
+    learning_rate = 1e-3  # the tiny bases: 3e-3 learned sort but not reverse (3.5% against 78% at 1e-3)
     warmup_steps = 20
     epochs = restate(help="passes over the training text (when max_steps is 0)")
     max_length = restate(256, help="tokens per document (longer ones are cut) and per packed row")

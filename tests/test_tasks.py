@@ -213,8 +213,10 @@ def test_held_out_problems_carry_their_practice_prompt(name):
         else:
             assert record["practice"] == f"{name}: {record['instruction'].split(': ', 1)[1]} ="
         assert record["practice"][:-2] not in heads  # held out from the practice text too
-    line = records["pretrain"][0]["text"].splitlines()[0]
-    assert re.fullmatch(r"\d+ \+ \d+ = \d+" if name == "add" else rf"{name}: [a-z ]+ = [a-z ]+", line)
+    # One problem a document: packed with an attention mask between documents, each problem is seen alone.
+    assert len(records["pretrain"]) == SMALL["pretrain"]
+    for doc in records["pretrain"]:
+        assert re.fullmatch(r"\d+ \+ \d+ = \d+" if name == "add" else rf"{name}: [a-z ]+ = [a-z ]+", doc["text"])
 
 
 def test_practice_answers_continue_the_practice_prompt_up_to_the_line_end(sort_files, tiny_spm):
