@@ -16,6 +16,10 @@ pair), and a pairs file (prompt, chosen, rejected) gets the policy's wrong answe
 own rejected ones wherever the policy errs. One pair per prompt keeps each chosen text to one
 pair, as in the pairs files the reward stage is usually given.
 
+The policy is an SFT adapter, or a PPO, GRPO or DPO one: a reward model trained on the pairs of
+the policy RL produced learns the mistakes that policy makes, which the SFT policy's pairs never
+showed it (another round of the loop).
+
 Sampled text is stripped at both ends before it is scored or written: the chat template's own
 spacing before the end-of-turn marker (llama2's ``" </s>"``) comes back in the decoded answer, and
 training renders every response with that spacing again; a rejected answer that kept it would
@@ -46,6 +50,10 @@ from lowrank.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
+# Stages whose adapter can be the answering policy: SFT's for the first round, an RL or preference stage's
+# for the next (InstructGPT collected comparisons of its current policies' outputs, not only of SFT's).
+POLICY_STAGES = ("sft", "ppo", "grpo", "dpo")
+
 PAIRS_FILE = "pairs.jsonl"
 
 
@@ -53,7 +61,8 @@ PAIRS_FILE = "pairs.jsonl"
 class PairsConfig(SamplingFields, RewardFunctionFields, BaseModelFields):
     """Every knob of `lowrank pairs`."""
 
-    sft_adapter: str = field(default="", metadata={"help": "SFT adapter dir: the policy whose answers are ranked "
+    sft_adapter: str = field(default="", metadata={"help": "the policy whose answers are ranked: an SFT adapter dir, "
+                                                           "or a PPO, GRPO or DPO one for another round of pairs "
                                                            "(default: the base itself)"})
     prompts: str = field(default="", metadata={"help": "prompts (prompt + fields) or pairs (prompt, chosen, rejected): "
                                                        "JSON/JSONL file or hub dataset"})
@@ -156,7 +165,7 @@ def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = No
     check_config(config)
     weights = check_weights(config.rewards, [float(w) for w in config.reward_weights])
     functions = [load_reward_function(spec) for spec in config.rewards]
-    model_path, tokenizer, (template_name, template), _, _ = load_policy_inputs(config, log)
+    model_path, tokenizer, (template_name, template), _, _ = load_policy_inputs(config, log, POLICY_STAGES)
     rows = load_prompt_rows(config.prompts, config.prompt_field)
     ids = tokenize_prompts(tokenizer, template, [row.prompt_messages for row in rows], source=config.prompts,
                            max_new_tokens=config.max_new_tokens, context=context_length(model_path))

@@ -233,11 +233,12 @@ def check_reward_accuracy(reward_meta: runrecord.RunRecord, adapter: str | Path,
         log.warning("WARNING: %s. Pass --refuse-weak-reward to stop instead.", message)
 
 
-def load_policy_inputs(config, log):
+def load_policy_inputs(config, log, policy_stages: tuple[str, ...] = ("sft",)):
     """What PPO and GRPO check and resolve alike before anything loads, from their shared fields
     (model, sft_adapter, reward_adapter, quant, min_reward_accuracy, refuse_weak_reward).
 
-    Each adapter dir must exist and be trained on ``config.model``; a reward adapter's recorded
+    Each adapter dir must exist and be trained on ``config.model``; the policy adapter (``sft_adapter``)
+    must come from one of ``policy_stages``; a reward adapter's recorded
     accuracy is checked. The chat template is the SFT adapter's (else the reward adapter's, else
     the tokenizer's) and ``config.quant`` "auto" becomes what the adapters were trained on.
     Returns (model path, tokenizer, (template name, jinja), SFT lowrank.json or None, reward's or None).
@@ -251,7 +252,8 @@ def load_policy_inputs(config, log):
         if not Path(config.sft_adapter).is_dir():
             raise UserError(f"SFT adapter directory {config.sft_adapter} does not exist; give the output dir of "
                             "`lowrank sft` (or leave --sft-adapter out to start from the base)")
-        sft_meta = runrecord.read_adapter(config.sft_adapter, stage="sft", what="SFT adapter", base=config.model)
+        sft_meta = runrecord.read_adapter(config.sft_adapter, stage=policy_stages, what="SFT adapter",
+                                          base=config.model)
     reward_adapter = getattr(config, "reward_adapter", "")  # `lowrank pairs` has none
     if reward_adapter:
         if not Path(reward_adapter).is_dir():

@@ -146,18 +146,21 @@ def read(directory: str | Path, *, stage: str | None = None) -> RunRecord:
     return record
 
 
-def read_adapter(adapter_dir: str | Path, *, stage: str | None = None, what: str = "adapter",
+def read_adapter(adapter_dir: str | Path, *, stage: str | tuple[str, ...] | None = None, what: str = "adapter",
                  base: str | None = None) -> RunRecord:
-    """The record of a finished lowrank adapter (of ``stage``), checked against ``base`` when given."""
+    """The record of a finished lowrank adapter (of ``stage``, or of one of the stages a tuple names),
+    checked against ``base`` when given."""
     adapter_dir = Path(adapter_dir)
+    stages = (stage,) if isinstance(stage, str) else stage
     if not adapter_dir.is_dir():
         raise UserError(f"{what} directory {adapter_dir} does not exist")
     if not (adapter_dir / "adapter_config.json").is_file() or not exists(adapter_dir):
         raise UserError(f"{adapter_dir}: not a finished lowrank adapter (adapter_config.json or {RECORD_FILE} "
-                        f"missing); give the output dir of a completed `lowrank {stage or 'sft'}` run")
+                        f"missing); give the output dir of a completed `lowrank {stages[0] if stages else 'sft'}` run")
     record = read_optional(adapter_dir)
-    if stage is not None and record.stage != stage:
-        raise UserError(f"{adapter_dir}: a '{record.stage}' adapter, expected a '{stage}' adapter")
+    if stages is not None and record.stage not in stages:
+        expected = " or ".join(f"'{s}'" for s in stages)
+        raise UserError(f"{adapter_dir}: a '{record.stage}' adapter, expected a {expected} adapter")
     if base is not None:
         check_base(record, adapter_dir, base=base)
     return record

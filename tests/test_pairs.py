@@ -8,6 +8,7 @@ about a third of its answers, against a user's reward function that wants "blue"
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,30 @@ def test_prompts_that_give_no_pair_are_refused(task, tmp_path):
         make_pairs(_config(task, tmp_path / "out", prompts=str(tmp_path / "prompts.jsonl"),
                            rewards=[f"{tmp_path / 'flat.py'}:flat"]))
     assert not (tmp_path / "out" / "pairs.jsonl").exists() and not (tmp_path / "out" / "lowrank.json").exists()
+
+
+def _as_stage(adapter: Path, stage: str, dest: Path) -> Path:
+    """A copy of ``adapter`` whose lowrank.json says another stage made it (the weights stay the SFT ones)."""
+    import dataclasses
+    import shutil
+
+    from lowrank import runrecord
+
+    shutil.copytree(adapter, dest)
+    runrecord.write(dest, dataclasses.replace(runrecord.read_optional(dest), stage=stage))
+    return dest
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo"])
+def test_an_rl_policy_answers_for_another_round_of_pairs(task, made, tmp_path, stage):
+    # The same weights under a PPO, GRPO or DPO record give the same samples, so the same pairs as the SFT run's.
+    policy = _as_stage(Path(task["sft"]), stage, tmp_path / stage)
+    out = make_pairs(_config(task, tmp_path / "out", sft_adapter=str(policy)))
+    assert [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()] == made[1]
+
+
+def test_a_reward_adapter_as_the_policy_is_refused(task, tmp_path):
+    policy = _as_stage(Path(task["sft"]), "reward", tmp_path / "reward")
+    with pytest.raises(UserError, match="a 'reward' adapter, expected a 'sft' or 'ppo' or 'grpo' or 'dpo' adapter"):
+        make_pairs(_config(task, tmp_path / "out", sft_adapter=str(policy)))
+    assert not (tmp_path / "out").exists()
