@@ -79,7 +79,9 @@ def generate_answers(model, tokenizer, template: str, records: list[dict], *, ma
 def practice_answers(model, tokenizer, records: list[dict], *, max_new_tokens: int = 24,
                      batch_size: int = 64) -> list[str]:
     """Greedy continuations of each record's ``practice`` prompt, as a pretraining document starts (the
-    tokenizer's BOS, no chat template), each cut at its first line break: the base's own answer."""
+    tokenizer's BOS, no chat template), each cut at its first line break: the base's own answer (a base
+    pretrained on documents of one problem ends there with EOS; one that saw several a document, as task
+    files before version 7 had, goes on to the next problem)."""
     prompts = [tokenizer(r["practice"])["input_ids"] for r in records]
     texts = _greedy(model, tokenizer, prompts, tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
                     batch_size=batch_size)

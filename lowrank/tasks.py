@@ -117,7 +117,7 @@ def _wrong_sequence(problem: Problem, rng: random.Random) -> str:
             wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
         elif kind == "input":
             wrong = list(problem.items)
-        else:  # the answer, then the start of another practice line (what a base model does)
+        else:  # the answer, then the start of another practice line: a policy that runs on past its answer
             return problem.answer + "\n" + problem.practice.split(" = ", 1)[0]
         if ordered and kind in ("near", "insert"):
             wrong.sort()

@@ -224,7 +224,7 @@ def test_practice_answers_continue_the_practice_prompt_up_to_the_line_end(sort_f
 
     tokenizer = load_tokenizer(str(tiny_spm))
     records = _read(sort_files["eval"])
-    # As a pretrained base does: the answer, then the next practice problem on a new line.
+    # As a base pretrained on several problems a document does: the answer, then the next problem on a new line.
     table = {tuple(tokenizer(r["practice"])["input_ids"]): r["output"] + "\nsort: b a = a b" for r in records}
     answers = practice_answers(_ScriptedModel(tokenizer, table), tokenizer, records, batch_size=8)
     assert [a.strip() for a in answers] == [r["output"] for r in records]
