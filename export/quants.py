@@ -10,11 +10,13 @@ kernels, so chunks run in parallel); every step that rounds is an IEEE float32 o
 (add, multiply, divide, float16/int conversion) in the same order as gguf-py, so the bytes
 are the same. tests/test_export_quants.py checks that on random, zero, tied and extreme data.
 
-Q8_0, the type a plain export writes most, is numpy only, so that exporting it never imports
-torch (over a second of start-up): it avoids numpy's two slow spots, float16 -> float32 casts
-(~2 ns a weight) and reductions over 32-element rows (~1 ns), by widening float16 through its
-bits and taking block maxima on the magnitude bits (see :func:`_q8_0`). Q4_0 and Q5_0 use
-torch kernels, which widen float16 and reduce over short rows about 10x faster than numpy's.
+Q8_0, the type a plain export writes most, never imports torch (over a second of start-up). It
+runs in export/_q8.c, one pass a weight in C, where the install could compile it; otherwise in
+numpy (:func:`_q8_0_numpy`, about twice the time), which avoids numpy's two slow spots, float16
+-> float32 casts (~2 ns a weight) and reductions over 32-element rows (~1 ns), by widening float16
+through its bits and taking block maxima on the magnitude bits. Both write gguf-py's bytes. Q4_0
+and Q5_0 use torch kernels, which widen float16 and reduce over short rows about 10x faster than
+numpy's.
 
 Block layouts (ggml-common.h), 32 weights per block, scale ``d`` stored as float16:
 - Q8_0 (34 bytes): d, 32 x int8 q.  d = amax / 127; q = round_half_away(x * (1 / d)).
@@ -37,6 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+
+try:  # export/_q8.c, compiled when lowrank is installed on a machine with a C compiler
+    from lowrank.export import _q8
+except ImportError:
+    _q8 = None
 
 BLOCK = 32
 BLOCKS_PER_CHUNK = 4096  # 128K weights: the 512 KiB float32 scratch buffers stay in a core's L2
@@ -145,7 +152,19 @@ def _block_max(magnitudes: np.ndarray, n: int) -> np.ndarray:
 
 
 def _q8_0(src: np.ndarray, out: np.ndarray) -> None:
-    """src: (n, 32) float16 or float32 numpy blocks -> out: (n, 34) uint8.
+    """src: (n, 32) float16 or float32 numpy blocks -> out: (n, 34) uint8: the C kernel when it was built,
+    else :func:`_q8_0_numpy`."""
+    if _q8 is None:
+        _q8_0_numpy(src, out)
+        return
+    d = np.empty(len(src), np.float32)
+    _q8.q8_0(src, out, d, src.dtype == np.float16)
+    with np.errstate(over="ignore"):  # d beyond float16 becomes inf, as in gguf-py
+        out[:, 0:2].view(np.float16)[:, 0] = d  # float32 -> float16 rounds to nearest even, as gguf-py's astype
+
+
+def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
+    """src: (n, 32) float16 or float32 numpy blocks -> out: (n, 34) uint8, in numpy.
 
     Exact tricks (no rounding step differs from gguf-py's float32 arithmetic):
     - max |x| of a block is the max of its bits with the sign masked off, read back as a float: for finite

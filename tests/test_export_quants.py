@@ -9,19 +9,42 @@ import pytest
 from lowrank.export import quants
 from lowrank.export.stream import TensorWriter
 
-TYPES = list(quants.KERNELS)  # Q8_0, Q4_0, Q5_0
+# Q8_0 twice: the C kernel (export/_q8.c) and the numpy one an install without a C compiler uses.
+TYPES = ["Q8_0", "Q8_0 numpy", "Q4_0", "Q5_0"]
+assert {name.split()[0] for name in TYPES} == set(quants.KERNELS)
 
 
 def reference(array: np.ndarray, name: str) -> np.ndarray:
     import gguf
 
-    return gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType[name])
+    return gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType[name.split()[0]])
 
 
 def fast(array: np.ndarray, name: str, threads: int | None = None) -> np.ndarray:
     import gguf
 
-    return quants.quantize(array, gguf.GGMLQuantizationType[name], threads=threads)
+    kernel = quants._q8
+    if name.endswith(" numpy"):
+        quants._q8 = None
+    try:
+        return quants.quantize(array, gguf.GGMLQuantizationType[name.split()[0]], threads=threads)
+    finally:
+        quants._q8 = kernel
+
+
+def test_the_c_kernel_was_built():
+    # `pip install -e .` compiles export/_q8.c where a C compiler is (setup.py); without it Q8_0 export is slower.
+    assert quants._q8 is not None, "export/_q8.c was not compiled: reinstall with a C compiler (pip install -e .)"
+
+
+def test_the_c_kernel_refuses_buffers_of_different_block_counts():
+    src = np.zeros(64, np.float16)
+    with pytest.raises(ValueError, match="same number of blocks"):
+        quants._q8.q8_0(src, np.empty(3 * 34, np.uint8), np.empty(2, np.float32), True)
+    with pytest.raises(ValueError, match="same number of blocks"):
+        quants._q8.q8_0(src, np.empty(2 * 34, np.uint8), np.empty(2, np.float32), False)  # as float32: 1 block
+    with pytest.raises(TypeError):
+        quants._q8.q8_0(src, np.empty(2 * 34, np.uint8).tobytes(), np.empty(2, np.float32), True)  # read-only out
 
 
 def special_blocks() -> np.ndarray:
