@@ -42,11 +42,17 @@ static void quantize_block(const float *x, float amax, uint8_t *q, float *scale)
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     const float half_down = 0.49999997f; /* nextafterf(0.5f, 0.0f) */
+    *scale = d;
+    if (isinf(id)) {
+        /* A float32 block of subnormals: 1 / d overflows and every q would be inf or NaN, which no
+         * integer holds (converting one is undefined in C). gguf-py's cast writes 0 bytes. */
+        memset(q, 0, BLOCK);
+        return;
+    }
     for (int j = 0; j < BLOCK; j++) {
         float v = x[j] * id;
         q[j] = (uint8_t)(int8_t)(int32_t)(v + copysignf(half_down, v));
     }
-    *scale = d;
 }
 
 /* Every block of src. */

@@ -66,11 +66,15 @@ def special_blocks() -> np.ndarray:
         np.r_[6e-8, -6e-8, np.zeros(30)],  # float16 subnormals: d becomes a float16 subnormal or 0
         rng.standard_normal(32) * 1e-30,  # float32 tiny (1 / d still finite)
         rng.standard_normal(32) * 1e30,  # float32 huge: d overflows float16 to inf, as in gguf-py
+        rng.standard_normal(32) * 1e-39,  # float32 subnormal: 1 / d overflows to inf, q is inf or NaN, written 0
+        np.r_[1e-44, np.zeros(31)],
     ]
     return np.stack(rows).astype(np.float32)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # gguf-py, on the 1e30 block
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")  # the subnormal blocks: 1 / d
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # and q = 0 * inf
 @pytest.mark.parametrize("name", TYPES)
 def test_special_blocks_match_gguf_py(name):
     x = special_blocks()
