@@ -66,7 +66,7 @@ def reward_lora_config(model, *, r: int, alpha: int, dropout: float, sft_adapter
     """
     import re
 
-    if sft_adapter is not None:
+    if sft_adapter:  # "" (an empty flag or YAML value) is none, as in lowrank.reward
         config = read_sft_lora_config(sft_adapter)
         config.inference_mode = False
         targets = config.target_modules

@@ -432,6 +432,18 @@ def test_sft_adapter_with_a_regex_target_resolves_to_the_layers_without_the_lm_h
     assert config.r == 2 and config.modules_to_save == [SCORE_HEAD]
 
 
+def test_an_empty_sft_adapter_is_a_fresh_lora_as_none_is(tiny_spm):
+    # `sft_adapter: ""` in a YAML config (or an empty flag) once went looking for "/adapter_config.json".
+    from lowrank.models import load_base_model
+    from lowrank.reward_lora import reward_lora_config
+
+    base = load_base_model(str(tiny_spm), "none", gradient_checkpointing=False)
+    add_score_head(base)
+    fresh = reward_lora_config(base, r=8, alpha=16, dropout=0.0, sft_adapter=None)
+    empty = reward_lora_config(base, r=8, alpha=16, dropout=0.0, sft_adapter="")
+    assert empty.to_dict() == fresh.to_dict() and empty.r == 8
+
+
 def test_sft_adapter_with_only_an_lm_head_lora_is_refused(tiny_spm, small_pairs_file, tmp_path, capsys):
     sft = make_sft_adapter(tiny_spm, tmp_path / "sft", targets=("lm_head",))
     message = run_reward_expecting_error(tiny_spm, small_pairs_file, tmp_path / "out", capsys, "--sft-adapter", str(sft))
