@@ -47,12 +47,9 @@ from lowrank.errors import UserError
 from lowrank.fields import (QUANT_OF_SFT_ADAPTER, BaseModelFields, RewardFunctionFields, SamplingFields, restate,
                             stage_config)
 from lowrank.metrics import MetricsLog
+from lowrank.pipeline import POLICY_STAGES
 
 log = logging.getLogger(__name__)
-
-# Stages whose adapter can be the answering policy: SFT's for the first round, an RL or preference stage's
-# for the next (InstructGPT collected comparisons of its current policies' outputs, not only of SFT's).
-POLICY_STAGES = ("sft", "ppo", "grpo", "dpo")
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -165,6 +162,8 @@ def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = No
     check_config(config)
     weights = check_weights(config.rewards, [float(w) for w in config.reward_weights])
     functions = [load_reward_function(spec) for spec in config.rewards]
+    # Any stage that makes a policy adapter can answer: SFT's for the first round, an RL or preference
+    # stage's for the next (InstructGPT collected comparisons of its current policies' outputs, not only of SFT's).
     model_path, tokenizer, (template_name, template), _, _ = load_policy_inputs(config, log, POLICY_STAGES)
     rows = load_prompt_rows(config.prompts, config.prompt_field)
     ids = tokenize_prompts(tokenizer, template, [row.prompt_messages for row in rows], source=config.prompts,

@@ -209,6 +209,6 @@ def test_an_rl_policy_answers_for_another_round_of_pairs(task, made, tmp_path, s
 
 def test_a_reward_adapter_as_the_policy_is_refused(task, tmp_path):
     policy = _as_stage(Path(task["sft"]), "reward", tmp_path / "reward")
-    with pytest.raises(UserError, match="a 'reward' adapter, expected a 'sft' or 'ppo' or 'grpo' or 'dpo' adapter"):
+    with pytest.raises(UserError, match="a 'reward' adapter, expected a 'sft' or 'ppo' or 'dpo' or 'grpo' adapter"):
         make_pairs(_config(task, tmp_path / "out", sft_adapter=str(policy)))
     assert not (tmp_path / "out").exists()
