@@ -47,7 +47,6 @@ from lowrank.errors import UserError
 from lowrank.fields import (QUANT_OF_SFT_ADAPTER, BaseModelFields, RewardFunctionFields, SamplingFields, restate,
                             stage_config)
 from lowrank.metrics import MetricsLog
-from lowrank.pipeline import POLICY_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def make_pairs(config: PairsConfig, on_batch: Callable[[dict], None] | None = No
     functions = [load_reward_function(spec) for spec in config.rewards]
     # Any stage that makes a policy adapter can answer: SFT's for the first round, an RL or preference
     # stage's for the next (InstructGPT collected comparisons of its current policies' outputs, not only of SFT's).
-    model_path, tokenizer, (template_name, template), _, _ = load_policy_inputs(config, log, POLICY_STAGES)
+    model_path, tokenizer, (template_name, template), _, _ = load_policy_inputs(config, log, runrecord.POLICY_STAGES)
     rows = load_prompt_rows(config.prompts, config.prompt_field)
     ids = tokenize_prompts(tokenizer, template, [row.prompt_messages for row in rows], source=config.prompts,
                            max_new_tokens=config.max_new_tokens, context=context_length(model_path))

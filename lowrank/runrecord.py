@@ -28,6 +28,7 @@ from typing import Any
 from lowrank.errors import UserError
 
 RECORD_FILE = "lowrank.json"
+POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")  # the stages whose adapter is a policy (a chat model to sample)
 _CORE_KEYS = ("stage", "base", "chat_template", "data", "config", "seed", "metrics")
 
 

@@ -55,9 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from lowrank.errors import UserError
+from lowrank.runrecord import POLICY_STAGES  # merge takes the last of these a recipe lists
 
 STAGES = ("task", "pretrain", "sft", "pairs", "reward", "ppo", "dpo", "grpo", "merge", "export", "verify")
-POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")  # stages that make a policy adapter: merge takes the last listed
 RL_STAGES = ("ppo", "dpo", "grpo")  # each starts from the SFT adapter, which is also its reference
 DEFAULT_STAGES = ("sft", "reward", "ppo", "merge", "export", "verify")  # without a recipe: shipped data
 STAGE_DIRS = {"task": "task", "pretrain": "pretrain", "sft": "sft", "pairs": "pairs", "reward": "reward", "ppo": "ppo", "dpo": "dpo",
