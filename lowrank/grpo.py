@@ -48,7 +48,7 @@ from lowrank.grpo_step import Prompts, grpo_step
 from lowrank.metrics import MetricsLog
 from lowrank.roles import POLICY
 from lowrank.rollout import (context_length, length_alarm, load_policy_inputs, seeded_prompt_order, signal_alarm,
-                             tokenize_prompts)
+                             step_size_alarm, tokenize_prompts, warn_new_alarms)
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
     generator = torch.Generator()
     lengths = [r["response_length"] for r in metrics_log.records if "response_length" in r]
     zero_std = [r["zero_std_groups"] for r in metrics_log.records if "zero_std_groups" in r]
-    last_alarms: set[str] = set()
+    step_sizes = [r["approx_kl"] for r in metrics_log.records if "approx_kl" in r]
+    alarms: set[str] = set()
     for step in range(start + 1, config.steps + 1):
         seed = (config.seed * 100003 + step) * 64 + accelerator.process_index
         torch.manual_seed(seed)  # sampling is reproducible per step and process, also on resume
@@ -233,10 +234,10 @@ def train_grpo(config: GRPOConfig, on_step: Callable[[dict], None] | None = None
         record = {"step": step, "max_steps": config.steps, **record, "samples": shown}
         lengths.append(record["response_length"])
         zero_std.append(record["zero_std_groups"])
-        alarms = {a for a in (length_alarm(lengths, config.max_new_tokens), signal_alarm(zero_std)) if a}
-        for alarm in sorted(alarms - last_alarms) if accelerator.is_main_process else ():
-            log.warning("step %d: %s", step, alarm)
-        last_alarms = alarms
+        step_sizes.append(record["approx_kl"])
+        found = {"length": length_alarm(lengths, config.max_new_tokens), "signal": signal_alarm(zero_std),
+                 "step size": step_size_alarm(step_sizes)}
+        alarms = warn_new_alarms(log if accelerator.is_main_process else None, step, found, alarms)
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
             checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler)

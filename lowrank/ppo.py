@@ -33,7 +33,8 @@ from lowrank.fields import RLFields, restate, stage_config
 from lowrank.metrics import MetricsLog
 from lowrank.ppo_step import collect_rollout, make_kl_controller, ppo_step, samples_for_log
 from lowrank.roles import POLICY, VALUE
-from lowrank.rollout import context_length, length_alarm, load_policy_inputs, seeded_prompt_order, tokenize_prompts
+from lowrank.rollout import (context_length, length_alarm, load_policy_inputs, seeded_prompt_order, step_size_alarm,
+                             tokenize_prompts, warn_new_alarms)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,9 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
     for _ in range(start * per_step):  # replay the prompt stream up to the resumed step
         next(order)
     generator = torch.Generator()
-    lengths, last_alarm = [r["response_length"] for r in metrics_log.records if "response_length" in r], None
+    lengths = [r["response_length"] for r in metrics_log.records if "response_length" in r]
+    step_sizes = [r["approx_kl"] for r in metrics_log.records if "approx_kl" in r]
+    alarms: set[str] = set()
     for step in range(start + 1, config.steps + 1):
         seed = config.seed * 100003 + step
         if accelerator.num_processes > 1:
@@ -186,10 +189,10 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         record = {"step": step, "max_steps": config.steps, **record,
                   "samples": samples_for_log(tokenizer, rollout, config.log_samples)}
         lengths.append(record["response_length"])
-        alarm = length_alarm(lengths, config.max_new_tokens)
-        if alarm and alarm != last_alarm and accelerator.is_main_process:
-            log.warning("step %d: %s", step, alarm)
-        last_alarm = alarm
+        if train_policy:  # a value warm-up step measures the policy loss without moving the policy
+            step_sizes.append(record["approx_kl"])
+        found = {"length": length_alarm(lengths, config.max_new_tokens), "step size": step_size_alarm(step_sizes)}
+        alarms = warn_new_alarms(log if accelerator.is_main_process else None, step, found, alarms)
         metrics_log.log(record)
         if config.save_every and step % config.save_every == 0 and step < config.steps:
             checkpoints.save_checkpoint(accelerator, out_dir, step, model, optimizer, scheduler,

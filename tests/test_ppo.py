@@ -414,3 +414,94 @@ def test_missing_sft_adapter_is_refused(task, tmp_path, capsys):
     code, err = _run_cli(task, tmp_path, capsys, **{"--sft-adapter": str(tmp_path / "no_such_sft")})
     assert code == 2 and len(err) == 1
     assert "SFT adapter directory" in err[0] and "no_such_sft" in err[0]
+
+
+def test_a_learning_rate_that_moves_the_policy_too_far_is_named_in_the_log_once(task, tmp_path, caplog):
+    """At 3e-3 every update moves the policy far past PPO's clip: the run says so in the first step
+    where 3 steps after the first are known (step 4), and not again while it stays there."""
+    import logging
+
+    from lowrank.ppo import train_ppo
+    from lowrank.rollout import STEP_SIZE_LIMIT
+
+    with caplog.at_level(logging.WARNING, logger="lowrank.ppo"):
+        out = train_ppo(_config(task, tmp_path / "out", learning_rate=3e-3, steps=5))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warnings = [r.getMessage() for r in caplog.records if "lower --learning-rate" in r.getMessage()]
+    assert sum(r["approx_kl"] for r in records[-3:]) / 3 > STEP_SIZE_LIMIT, records  # the alarm is real
+    assert len(warnings) == 1 and warnings[0].startswith("step 4:"), warnings
+
+
+def test_the_step_size_alarm_is_quiet_at_a_learning_rate_ppo_can_bound(task, trained, caplog):
+    """The module's run (1e-4) stays under the limit in every 3 steps after the first (one step reached
+    0.04), so the warning does not cry wolf."""
+    from lowrank.rollout import step_size_alarm
+
+    _, records = trained
+    kls = [r["approx_kl"] for r in records]
+    assert all(step_size_alarm(kls[:n]) is None for n in range(1, len(kls) + 1)), kls
+
+
+def _weak_reward(task, tmp_path, accuracy: float):
+    """The module's reward adapter, recorded as ranking ``accuracy`` of its held-out pairs right."""
+    import shutil
+
+    weak = tmp_path / "weak_reward"
+    shutil.copytree(task["reward"], weak)
+    meta = json.loads((weak / "lowrank.json").read_text())
+    meta["metrics"]["eval_accuracy"] = accuracy
+    (weak / "lowrank.json").write_text(json.dumps(meta))
+    return weak
+
+
+def test_weak_reward_adapter_is_refused_when_asked(task, tmp_path, capsys):
+    weak = _weak_reward(task, tmp_path, 0.55)
+    args = ["--model", str(task["base"]), "--sft-adapter", str(task["sft"]), "--reward-adapter", str(weak),
+            "--prompts", str(task["prompts"]), "--output-dir", str(tmp_path / "out"), "--refuse-weak-reward"]
+    capsys.readouterr()
+    code = main(["ppo", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not (tmp_path / "out").exists()
+    assert code == 2 and len(err) == 1 and err[0].startswith("lowrank ppo: error:"), err
+    assert str(weak) in err[0] and "55.0%" in err[0] and "threshold 60%" in err[0]
+
+
+def test_weak_reward_adapter_is_named_in_a_warning_and_the_run_goes_on(task, tmp_path, caplog):
+    import logging
+
+    from lowrank.ppo import train_ppo
+
+    weak = _weak_reward(task, tmp_path, 0.55)
+    with caplog.at_level(logging.WARNING, logger="lowrank.ppo"):
+        out = train_ppo(_config(task, tmp_path / "out", reward_adapter=str(weak), steps=1))
+    warnings = [r.getMessage() for r in caplog.records if "ranks only 55.0%" in r.getMessage()]
+    assert len(warnings) == 1 and "--refuse-weak-reward" in warnings[0], warnings
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_reward_adapter_at_the_threshold_passes_quietly(task, tmp_path, caplog):
+    import logging
+
+    from lowrank.rollout import check_reward_accuracy
+    from lowrank.runrecord import read_adapter
+
+    log = logging.getLogger("test_weak_reward")
+    for accuracy, threshold in ((0.6, 0.6), (0.55, 0.0)):  # at the threshold; the check turned off
+        weak = _weak_reward(task, tmp_path / f"{accuracy}-{threshold}", accuracy)
+        with caplog.at_level(logging.WARNING, logger="test_weak_reward"):
+            check_reward_accuracy(read_adapter(weak, stage="reward"), weak, threshold, True, log)
+    assert not caplog.records
+
+
+def test_missing_eos_penalty_lowers_only_the_responses_that_never_ended():
+    from types import SimpleNamespace
+
+    from lowrank.ppo_step import penalised_scores
+
+    rollout = SimpleNamespace(scores=torch.tensor([1.0, 2.0, 3.0]), ended=torch.tensor([True, False, True]))
+    config = SimpleNamespace(score_clip=0.0, missing_eos_penalty=10.0)
+    assert penalised_scores(rollout, config).tolist() == [1.0, -8.0, 3.0]
+    config.score_clip = 2.5  # clipped first, then penalised
+    assert penalised_scores(rollout, config).tolist() == [1.0, -8.0, 2.5]
+    config.missing_eos_penalty = 0.0
+    assert penalised_scores(rollout, config).tolist() == [1.0, 2.0, 2.5]

@@ -404,3 +404,52 @@ def test_leave_one_out_refuses_groups_of_one_and_ragged_batches():
         rl.leave_one_out(torch.ones(4), 1)
     with pytest.raises(ValueError, match="do not split"):
         rl.leave_one_out(torch.ones(5), 2)
+
+
+def test_step_size_alarm_waits_for_a_window_and_reads_its_mean():
+    from lowrank.rollout import step_size_alarm
+
+    assert step_size_alarm([0.5, 0.5, 0.5]) is None  # too few steps after the first to say
+    assert step_size_alarm([0.5, 0.01, 0.01, 0.01]) is None  # the first step (Adam's first update) is left out
+    assert "0.023 nats a token" in step_size_alarm([0.0, 0.01, 0.01, 0.05])  # above the default limit, 0.02
+    assert step_size_alarm([0.0, 0.01, 0.01, 0.05], limit=0.025) is None
+    message = step_size_alarm([0.0, 0.5, 0.01, 0.03, 0.05], limit=0.025)  # the last 3: mean 0.03
+    assert "0.030 nats a token" in message and "lower --learning-rate" in message
+
+
+def test_length_alarm_on_collapse():
+    from lowrank.rollout import length_alarm
+
+    assert length_alarm([9.0, 9.0, 9.0, 2.0, 2.0], 24) is None  # fewer than two windows of steps
+    assert "collapsed: 9.0 -> 2.0" in length_alarm([9.0, 9.0, 9.0, 2.0, 2.0, 2.0], 24)
+    assert "collapsed" in length_alarm([1.2] * 6, 24)  # under 1.5 tokens, whatever the start
+
+
+def test_length_alarm_on_explosion():
+    from lowrank.rollout import length_alarm
+
+    assert length_alarm([4.0] * 3 + [12.0] * 3, 64) is None  # 3x the start is the edge
+    assert "exploded: 4.0 -> 12.5" in length_alarm([4.0] * 3 + [12.5] * 3, 64)
+    assert "exploded" in length_alarm([20.0] * 3 + [22.0] * 3, 24)  # most responses at the limit
+
+
+def test_length_alarm_is_quiet_on_a_length_that_drifts():
+    from lowrank.rollout import length_alarm
+
+    assert length_alarm([7.0, 7.2, 7.4, 8.0, 6.5, 9.0], 24) is None
+
+
+def test_each_alarm_is_logged_when_it_starts_and_again_only_after_a_quiet_step():
+    import logging
+
+    from lowrank.rollout import warn_new_alarms
+
+    log = logging.getLogger("test_alarms")
+    seen = []
+    log.warning = lambda fmt, *args: seen.append(fmt % args)
+    active = warn_new_alarms(log, 1, {"length": None, "step size": "too far 0.05"}, set())
+    active = warn_new_alarms(log, 2, {"length": "collapsed", "step size": "too far 0.06"}, active)
+    active = warn_new_alarms(log, 3, {"length": None, "step size": None}, active)
+    active = warn_new_alarms(log, 4, {"length": None, "step size": "too far 0.07"}, active)
+    assert seen == ["step 1: too far 0.05", "step 2: collapsed", "step 4: too far 0.07"]
+    assert warn_new_alarms(None, 5, {"length": "collapsed"}, set()) == {"length"}  # counted, not written
