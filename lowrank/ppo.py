@@ -170,7 +170,8 @@ def train_ppo(config: PPOConfig, on_step: Callable[[dict], None] | None = None) 
         next(order)
     generator = torch.Generator()
     lengths = [r["response_length"] for r in metrics_log.records if "response_length" in r]
-    step_sizes = [r["approx_kl"] for r in metrics_log.records if "approx_kl" in r]
+    step_sizes = [r["approx_kl"] for r in metrics_log.records  # the policy's steps, as in the loop below
+                  if "approx_kl" in r and r.get("step", 0) > config.value_warmup_steps]
     alarms: set[str] = set()
     for step in range(start + 1, config.steps + 1):
         seed = config.seed * 100003 + step

@@ -188,7 +188,7 @@ def signal_alarm(zero_std_shares: list[float], *, window: int = 3) -> str | None
 # The PPO literature keeps the old-to-new policy divergence of one update near 0.01 nats (the
 # "target_kl" that SB3 and Spinning Up stop their epochs at); far above it the clipped ratio no
 # longer bounds the step. On the demo's reverse task a learning rate of 3e-4 gave 0.04 a token and
-# PPO gained 9 points over SFT, 1e-4 gave 0.006 and 21 points (docs/benchmarks.md).
+# PPO gained 8.8 points over SFT; 1e-4 gave 0.006 and 20.5 points (docs/benchmarks.md).
 STEP_SIZE_LIMIT = 0.02
 
 
@@ -197,8 +197,8 @@ def step_size_alarm(approx_kls: list[float], *, window: int = 3, limit: float = 
     of 0.5 * (new - old log-prob)^2 over an update's minibatches) of the last ``window`` steps is
     above ``limit``. Such a policy wanders instead of climbing: the samples that earned the reward
     are forgotten by the next batch. The first step is left out: Adam's first update moves every
-    weight by about the learning rate, whatever its gradient (0.07 a token on the demo at 1e-4,
-    against 0.006 after it). Returns None while fewer than ``window`` later steps are known."""
+    weight by about the learning rate, whatever its gradient (up to 0.066 a token on the demo's
+    reverse task at 1e-4, against 0.003-0.009 after it). Returns None while fewer than ``window`` later steps are known."""
     later = approx_kls[1:]
     if len(later) < window:
         return None
