@@ -198,7 +198,8 @@ def step_size_alarm(approx_kls: list[float], *, window: int = 3, limit: float = 
     above ``limit``. Such a policy wanders instead of climbing: the samples that earned the reward
     are forgotten by the next batch. The first step is left out: Adam's first update moves every
     weight by about the learning rate, whatever its gradient (up to 0.066 a token on the demo's
-    reverse task at 1e-4, against 0.003-0.009 after it). Returns None while fewer than ``window`` later steps are known."""
+    reverse task at 1e-4, against 0.003-0.009 after it). Returns None while fewer than ``window``
+    later steps are known."""
     later = approx_kls[1:]
     if len(later) < window:
         return None

@@ -386,17 +386,23 @@ def test_minibatch_larger_than_the_rollouts_of_a_step_is_refused(task, tmp_path,
     assert code == 2 and len(err) == 1 and "rollouts per step (4" in err[0]
 
 
-def test_reward_adapter_of_another_base_is_refused(task, tiny_model_factory, tmp_path, capsys):
+def _reward_recording(task, out_dir, edit):
+    """A copy of the module's reward adapter in ``out_dir`` whose lowrank.json ``edit`` changed in place."""
     import shutil
 
+    shutil.copytree(task["reward"], out_dir)
+    meta = json.loads((out_dir / "lowrank.json").read_text())
+    edit(meta)
+    (out_dir / "lowrank.json").write_text(json.dumps(meta))
+    return out_dir
+
+
+def test_reward_adapter_of_another_base_is_refused(task, tiny_model_factory, tmp_path, capsys):
     from lowrank.models import model_digest
 
     other = tiny_model_factory(tokenizer="spm", num_layers=1)
-    foreign = tmp_path / "foreign_reward"
-    shutil.copytree(task["reward"], foreign)
-    meta = json.loads((foreign / "lowrank.json").read_text())
-    meta["base"] = {"id": str(other), "digest": model_digest(str(other))}
-    (foreign / "lowrank.json").write_text(json.dumps(meta))
+    foreign = _reward_recording(task, tmp_path / "foreign_reward", lambda meta: meta.update(
+        base={"id": str(other), "digest": model_digest(str(other))}))
     code, err = _run_cli(task, tmp_path, capsys, **{"--reward-adapter": str(foreign)})
     assert code == 2 and len(err) == 1
     assert err[0].startswith("lowrank ppo: error:") and str(foreign) in err[0] and "base" in err[0]
@@ -444,14 +450,8 @@ def test_the_step_size_alarm_is_quiet_at_a_learning_rate_ppo_can_bound(task, tra
 
 def _weak_reward(task, tmp_path, accuracy: float):
     """The module's reward adapter, recorded as ranking ``accuracy`` of its held-out pairs right."""
-    import shutil
-
-    weak = tmp_path / "weak_reward"
-    shutil.copytree(task["reward"], weak)
-    meta = json.loads((weak / "lowrank.json").read_text())
-    meta["metrics"]["eval_accuracy"] = accuracy
-    (weak / "lowrank.json").write_text(json.dumps(meta))
-    return weak
+    return _reward_recording(task, tmp_path / "weak_reward",
+                             lambda meta: meta["metrics"].update(eval_accuracy=accuracy))
 
 
 def test_weak_reward_adapter_is_refused_when_asked(task, tmp_path, capsys):
